@@ -139,11 +139,12 @@ class TinyVLMConfig:
 PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
     # The real TinyGPT-V: EVA ViT-g/14, BLIP-2 (flan-t5-xxl) Q-Former, Phi-2 2.7B.
     "tinygptv": lambda: TinyVLMConfig(),
-    # The same architecture shrunk to train on a laptop CPU in minutes (the built-in shapes world, 64 px images).
+    # The same architecture shrunk to train on a laptop CPU in minutes: the built-in shapes world, 64 px images,
+    # and its 613-token tokenizer (data.py).
     "tiny": lambda: TinyVLMConfig(
         vit=ViTConfig(image_size=64, patch_size=8, width=128, num_layers=4, num_heads=4, mlp_dim=512),
         qformer=QFormerConfig(num_queries=16, hidden=128, num_layers=2, num_heads=4, mlp_dim=512, vision_width=128),
-        phi=PhiConfig(vocab_size=2048, hidden=192, num_layers=4, num_heads=4, mlp_dim=768, rotary_dim=20,
+        phi=PhiConfig(vocab_size=640, hidden=192, num_layers=4, num_heads=4, mlp_dim=768, rotary_dim=20,
                       max_positions=512, qk_norm=True, post_attn_norm=True),
         lora=LoRAConfig(rank=8, alpha=2.0, dropout=0.05),  # alpha / rank = 0.25, as in TinyGPT-V
         proj_dim=256),

@@ -1,0 +1,816 @@
+"""
+data.py: everything that turns files into batches for tinyvlm, and a built-in "shapes world" that needs no download.
+
+    images      open_image (pillow, EXIF orientation, RGB) -> preprocess (square bicubic resize, CLIP mean / std)
+    text        Tokenizer (Phi-2's tokenizer.json through the tokenizers library, HF's decode clean-up)
+    prompts     TinyGPT-V's layouts per stage, the six task identifiers, boxes as {<x1><y1><x2><y2>} on 0..100
+    encode      a sample -> input_ids (IMAGE_TOKEN where the image goes) and labels (-100 outside the answers)
+    formats     webdataset caption shards, JSON / JSONL captions, cc_sbu_align, LLaVA conversations, VQA, RefCOCO
+    mixing      one dataset per iteration, chosen by sample ratio, as the original does
+    world       ShapesWorld: procedurally drawn shapes with captions, descriptions, and all six tasks + free VQA
+
+Run `python data.py --preview` to see the built-in data (writes shapes_preview.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import random
+import re
+import tarfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from tinyvlm import IGNORE_INDEX, IMAGE_TOKEN
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)    # BLIP-2 and TinyGPT-V normalise with CLIP's statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, corrupt or truncated. The message names the file."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB pillow image with its EXIF orientation applied (phone photos are often stored sideways)."""
+    try:
+        with Image.open(path) as img:
+            img.load()                  # decode now, so that a truncated file fails here and not in a worker
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) float tensor: square bicubic resize (no crop, no augmentation), scale to [0, 1], then
+    normalise per channel. The same numbers as BLIP-2's image processor."""
+    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = np.asarray(img, dtype=np.float32) / 255.0                        # (H, W, 3)
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+def unnormalize(pixels: torch.Tensor) -> Image.Image:
+    """The inverse of preprocess, for pictures of what the model saw."""
+    x = pixels.detach().float().cpu().numpy().transpose(1, 2, 0) * np.array(CLIP_STD) + np.array(CLIP_MEAN)
+    return Image.fromarray((x.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text
+
+EOS = "<|endoftext|>"     # Phi-2: bos = eos = unk = <|endoftext|>, no pad (we pad with it)
+
+
+class Tokenizer:
+    """Phi-2's byte-level BPE through the tokenizers library: encode adds no special tokens, decode applies HF's
+    clean-up of spaces before punctuation (Phi-2's tokenizer_config sets clean_up_tokenization_spaces)."""
+
+    def __init__(self, tok, clean_up_spaces: bool = True):
+        self.tok = tok
+        self.clean_up_spaces = clean_up_spaces
+        self.eos_id = tok.token_to_id(EOS)
+        if self.eos_id is None:
+            raise ValueError(f"the tokenizer has no {EOS} token")
+        self.bos_id = self.eos_id
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """A tokenizer.json, or a folder holding one (a Hugging Face model folder such as microsoft/phi-2)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        text = self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_spaces(text) if self.clean_up_spaces else text
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization: undo the spaces a word-level tokenizer would put before punctuation."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def phi2_whitespace_tokens() -> list[str]:
+    """The 38 tokens Phi-2 adds to GPT-2's 50257 (ids 50257..50294): runs of 31 down to 2 spaces, 9 down to 2 tabs."""
+    return [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+
+
+def build_phi2_tokenizer(encoder_json: str | Path, vocab_bpe: str | Path):
+    """Phi-2's tokenizer (a tokenizers.Tokenizer, 50295 tokens) from GPT-2's encoder.json and vocab.bpe."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tok = HFTokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                          fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOS, special=True)])
+    tok.add_tokens([AddedToken(t, normalized=True, special=False) for t in phi2_whitespace_tokens()])
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts (TinyGPT-V / MiniGPT-v2 layouts)
+
+IMAGE_MARKER = "<ImageHere>"
+IMAGE_PROMPT = "<Img><ImageHere></Img>"
+TASKS = ("[vqa]", "[caption]", "[refer]", "[identify]", "[grounding]", "[detection]")
+MAX_TEXT_LEN = {1: 32, 2: 32, 3: 160, 4: 1024}      # text tokens per sample (image slots not counted)
+END = {1: "\n", 2: "\n", 3: "###", 4: "###"}       # what closes an answer
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built: unknown task identifier, or too long for the stage."""
+
+
+def clean_caption(caption: str, max_words: int = 50) -> str:
+    """MiniGPT-4's caption cleaning for stages 1-2: lowercase, .!"()*#:;~ become spaces, runs of spaces collapse,
+    at most max_words words."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    return " ".join(caption.split(" ")[:max_words])
+
+
+def with_task(task: str | None, instruction: str) -> str:
+    if task is None:
+        return instruction
+    if task not in TASKS:
+        raise PromptError(f"unknown task identifier {task!r}; expected one of {', '.join(TASKS)}")
+    return f"{task} {instruction}"
+
+
+def turn_prompt(stage: int, instruction: str, first: bool) -> str:
+    """The text before one answer. The image marker goes into the first turn only.
+
+    stage 1-2: nothing: [BOS][image][caption + "\\n"]
+    stage 3:   ###Human: <Img><ImageHere></Img> {instruction} ###Assistant:
+    stage 4:   [INST] <Img><ImageHere></Img> {[task] instruction} [/INST]
+    In stage 4 we put one space after [/INST], as stage 3 has after "###Assistant:": Phi-2's tokenizer adds no
+    prefix space, so the answer's first word is then the same token as anywhere else in running text."""
+    image = IMAGE_PROMPT + " " if first else ""
+    if stage in (1, 2):
+        return IMAGE_MARKER if first else ""
+    if stage == 3:
+        return f"###Human: {image}{instruction} ###Assistant: "
+    if stage == 4:
+        return f"[INST] {image}{instruction} [/INST] "
+    raise ValueError(f"stage must be 1-4, got {stage}")
+
+
+@dataclass
+class Sample:
+    """One training or evaluation example: an image (a path, a pillow image, or a Scene of the shapes world) and
+    one or more (instruction, answer) turns. meta carries what evaluation needs (all VQA answers, the true box)."""
+    image: object
+    turns: list[tuple[str, str]]
+    task: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
+           max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """input_ids and labels of one sample. The image marker becomes num_image_tokens IMAGE_TOKEN slots; labels are
+    IGNORE_INDEX everywhere but the answers and their end symbols. Text longer than max_len (the stage's, by
+    default) is cut from the right of the last answer; the prompt and the image slots are never cut, and a prompt
+    that alone leaves no room for an answer is an error."""
+    max_len = MAX_TEXT_LEN[stage] if max_len is None else max_len
+    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    for i, (instruction, answer) in enumerate(sample.turns):
+        instruction = with_task(sample.task, instruction) if i == 0 and stage == 4 else instruction
+        prompt = turn_prompt(stage, instruction, first=(i == 0))
+        for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
+            if j:
+                ids += [IMAGE_TOKEN] * num_image_tokens
+                labels += [IGNORE_INDEX] * num_image_tokens
+            piece_ids = tokenizer.encode(piece) if piece else []
+            ids += piece_ids
+            labels += [IGNORE_INDEX] * len(piece_ids)
+        answer_ids = tokenizer.encode(answer + END[stage])
+        ids += answer_ids
+        labels += answer_ids
+    n_text = sum(1 for t in ids if t != IMAGE_TOKEN)
+    if n_text > max_len:
+        n_answer = len(tokenizer.encode(sample.turns[-1][1] + END[stage]))
+        cut = n_text - max_len
+        if cut >= n_answer:
+            raise PromptError(f"prompt of {n_text - n_answer} text tokens leaves no room for an answer within the "
+                              f"stage-{stage} limit of {max_len} tokens")
+        ids, labels = ids[:-cut], labels[:-cut]
+    return ids, labels
+
+
+def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
+                  task: str | None = None) -> list[int]:
+    """The ids to generate from: everything of a sample up to where the answer starts."""
+    prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True)
+    ids = [tokenizer.bos_id]
+    for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
+        if j:
+            ids += [IMAGE_TOKEN] * num_image_tokens
+        ids += tokenizer.encode(piece) if piece else []
+    return ids
+
+
+# Boxes: {<x1><y1><x2><y2>}, integers 0..100 relative to the image size (MiniGPT-v2's grid)
+
+def format_box(box: Sequence[float], width: float = 1.0, height: float = 1.0) -> str:
+    """box (x1, y1, x2, y2) in pixels of a width x height image (or in fractions, the default) -> text."""
+    x1, y1, x2, y2 = (round(100 * v / s) for v, s in zip(box, (width, height, width, height)))
+    x1, y1, x2, y2 = (min(max(v, 0), 100) for v in (x1, y1, x2, y2))
+    return f"{{<{x1}><{y1}><{x2}><{y2}>}}"
+
+
+_BOX = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")
+
+
+def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
+    """Every well-formed {<x1><y1><x2><y2>} in generated text, as 0..100 integers; malformed ones are skipped."""
+    return [b for b in (tuple(int(v) for v in m.groups()) for m in _BOX.finditer(text))
+            if all(0 <= v <= 100 for v in b) and b[0] <= b[2] and b[1] <= b[3]]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data formats. Each reader returns a list of Samples; image paths are relative to image_root.
+
+def _read_json_records(path: str | Path) -> list[dict]:
+    """A JSON list (or {"annotations": [...]}) or JSONL file of objects."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: neither JSON nor JSONL ({e})") from None
+    if isinstance(data, dict) and "annotations" in data:
+        data = data["annotations"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of objects")
+    return data
+
+
+def _field(record: dict, key: str, path, i: int):
+    if key not in record:
+        raise ValueError(f"{path}: record {i} has no {key!r} field (fields: {sorted(record)})")
+    return record[key]
+
+
+CAPTION_INSTRUCTION = ""          # stages 1-2 captions have no instruction
+
+
+def read_captions(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
+    """Image-caption pairs: a JSON / JSONL list of {"image", "caption"}, or webdataset .tar shards."""
+    path = Path(path)
+    if path.suffix == ".tar" or path.is_dir() and any(path.glob("*.tar")):
+        return read_caption_shards(sorted(path.glob("*.tar")) if path.is_dir() else [path])
+    root = Path(image_root)
+    return [Sample(root / _field(r, "image", path, i), [(CAPTION_INSTRUCTION, str(_field(r, "caption", path, i)))],
+                   meta={"source": str(path)})
+            for i, r in enumerate(_read_json_records(path))]
+
+
+def read_caption_shards(shards: Sequence[str | Path]) -> list[Sample]:
+    """webdataset-style shards as LAION / CC / SBU are distributed: {key}.jpg (or .png / .jpeg / .webp) next to
+    {key}.txt, or {key}.json with a "caption". The image bytes are kept in memory, decoded when used."""
+    samples = []
+    for shard in shards:
+        groups: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.rpartition(".")
+                    groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        for key, files in sorted(groups.items()):
+            image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+            if "txt" in files:
+                caption = files["txt"].decode("utf-8").strip()
+            elif "json" in files:
+                caption = json.loads(files["json"]).get("caption")
+            else:
+                caption = None
+            if image is None or not caption:
+                raise ValueError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(files)})")
+            samples.append(Sample(EncodedImage(f"{shard}:{key}", image), [(CAPTION_INSTRUCTION, caption)],
+                                  meta={"source": str(shard)}))
+    return samples
+
+
+@dataclass
+class EncodedImage:
+    """Image bytes held in memory (from a tar shard), with a name for error messages."""
+    name: str
+    data: bytes
+
+
+def read_cc_sbu_align(folder: str | Path, instruction: str = "Describe this image in detail.") -> list[Sample]:
+    """MiniGPT-4's cc_sbu_align: image/{image_id}.jpg and filter_cap.json {"annotations": [{image_id, caption}]}."""
+    folder = Path(folder)
+    records = _read_json_records(folder / "filter_cap.json")
+    return [Sample(folder / "image" / f"{_field(r, 'image_id', folder, i)}.jpg",
+                   [(instruction, _field(r, "caption", folder, i))], meta={"source": str(folder)})
+            for i, r in enumerate(records)]
+
+
+def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
+    """LLaVA conversations: {"image", "conversations": [{"from": "human" | "gpt", "value"}, ...]}; the "<image>"
+    marker is removed from the text (our prompt template places the image)."""
+    path, root, samples = Path(path), Path(image_root), []
+    for i, r in enumerate(_read_json_records(path)):
+        conv = _field(r, "conversations", path, i)
+        turns = []
+        for q, a in zip(conv[::2], conv[1::2]):
+            if q.get("from") != "human" or a.get("from") != "gpt":
+                raise ValueError(f"{path}: record {i}: turns must alternate human / gpt")
+            turns.append((q["value"].replace("<image>", "").strip(), a["value"].strip()))
+        if not turns:
+            raise ValueError(f"{path}: record {i} has no human / gpt turn")
+        samples.append(Sample(root / _field(r, "image", path, i), turns, meta={"source": str(path)}))
+    return samples
+
+
+def read_vqa(path: str | Path, image_root: str | Path = ".",
+             template: str = "Based on the image, respond to this question with a short answer: {}") -> list[Sample]:
+    """VQA records {"image", "question", "answer"} or {"answers": [...]} (VQAv2 / GQA style). Training uses the most
+    frequent answer; evaluation scores against all of them (meta["answers"])."""
+    path, root, samples = Path(path), Path(image_root), []
+    for i, r in enumerate(_read_json_records(path)):
+        answers = r.get("answers")
+        if answers is None:
+            answers = [_field(r, "answer", path, i)]
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+        if not answers:
+            raise ValueError(f"{path}: record {i} has an empty answer list")
+        best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
+        samples.append(Sample(root / _field(r, "image", path, i),
+                              [(template.format(_field(r, "question", path, i)), best)], task="[vqa]",
+                              meta={"answers": answers, "source": str(path)}))
+    return samples
+
+
+def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = False) -> list[Sample]:
+    """Referring expressions (RefCOCO style): {"image", "bbox": [x, y, w, h] in pixels, "sentence"}, plus the
+    image's "width" and "height" (read from the image when absent). inverse=True makes [identify] samples
+    (box -> phrase) instead of [refer] (phrase -> box)."""
+    path, root, samples = Path(path), Path(image_root), []
+    for i, r in enumerate(_read_json_records(path)):
+        image = root / _field(r, "image", path, i)
+        x, y, w, h = _field(r, "bbox", path, i)
+        if "width" in r and "height" in r:
+            W, H = r["width"], r["height"]
+        else:
+            W, H = open_image(image).size
+        box = format_box((x, y, x + w, y + h), W, H)
+        phrase = str(_field(r, "sentence", path, i))
+        meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
+        turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
+        samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))
+    return samples
+
+
+def load_image(sample: Sample) -> Image.Image:
+    image = sample.image
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, Scene):
+        return image.render()
+    if isinstance(image, EncodedImage):
+        try:
+            with Image.open(io.BytesIO(image.data)) as img:
+                img.load()
+                return ImageOps.exif_transpose(img).convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{image.name}: cannot read image ({e})") from None
+    return open_image(image)
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Samples -> model inputs. With skip_bad, an unreadable image makes __getitem__ return None (the collate
+    function drops it) and is counted in .skipped and reported; without it, the ImageError stops the run."""
+
+    def __init__(self, samples: Sequence[Sample], tokenizer: Tokenizer, stage: int, image_size: int,
+                 num_image_tokens: int, max_len: int | None = None, skip_bad: bool = False):
+        self.samples, self.tokenizer, self.stage = list(samples), tokenizer, stage
+        self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
+        self.skip_bad = skip_bad
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict | None:
+        sample = self.samples[i]
+        try:
+            pixels = preprocess(load_image(sample), self.image_size)
+        except ImageError as e:
+            if not self.skip_bad:
+                raise
+            self.skipped.append(str(e))
+            print(f"skipping sample {i}: {e}")
+            return None
+        ids, labels = encode(sample, self.tokenizer, self.stage, self.num_image_tokens, self.max_len)
+        return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
+
+
+def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
+    """Right-pad a batch (pad = eos, as TinyGPT-V does); attention_mask marks the real tokens."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    T = max(len(it["input_ids"]) for it in items)
+    B = len(items)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[b, :n] = torch.tensor(it["input_ids"])
+        labels[b, :n] = torch.tensor(it["labels"])
+        mask[b, :n] = 1
+    return {"pixels": torch.stack([it["pixels"] for it in items]), "input_ids": ids, "labels": labels,
+            "attention_mask": mask, "index": [it["index"] for it in items]}
+
+
+class Mixture:
+    """Several datasets mixed by sample ratio: each iteration draws one dataset (probability proportional to its
+    ratio) and a batch from it, as TinyGPT-V's runner does; each dataset is shuffled and cycled on its own."""
+
+    def __init__(self, datasets: dict[str, torch.utils.data.Dataset], ratios: dict[str, float], batch_size: int,
+                 seed: int = 42, pad_id: int = 0):
+        if set(datasets) != set(ratios):
+            raise ValueError(f"ratios {sorted(ratios)} do not match datasets {sorted(datasets)}")
+        self.datasets, self.batch_size, self.pad_id = datasets, batch_size, pad_id
+        self.names = sorted(datasets)
+        total = sum(ratios.values())
+        self.weights = [ratios[n] / total for n in self.names]
+        self.rng = random.Random(seed)
+        self.orders = {n: [] for n in self.names}
+
+    def _next_indices(self, name: str) -> list[int]:
+        order = self.orders[name]
+        while len(order) < self.batch_size:
+            perm = list(range(len(self.datasets[name])))
+            self.rng.shuffle(perm)
+            order.extend(perm)
+        batch, self.orders[name] = order[:self.batch_size], order[self.batch_size:]
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        while True:
+            name = self.rng.choices(self.names, self.weights)[0]
+            batch = collate([self.datasets[name][i] for i in self._next_indices(name)], self.pad_id)
+            if batch is not None:
+                yield name, batch
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "orders": self.orders}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.orders = {k: list(v) for k, v in state["orders"].items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shapes world: a deterministic, procedurally drawn world that exercises every task
+
+KINDS = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+           "purple": (140, 60, 180), "orange": (245, 130, 20)}
+SIZES = {"small": 0.2, "large": 0.34}          # side of the shape's box, as a fraction of the image
+NUMBERS = ("zero", "one", "two", "three", "four")
+BACKGROUND = (232, 232, 232)
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    box: tuple[float, float, float, float]     # x1, y1, x2, y2 as fractions of the image
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def region(self) -> str:
+        x, y = self.centre
+        v = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else "middle"
+        h = "left" if x < 1 / 3 else "right" if x > 2 / 3 else "centre"
+        if (v, h) == ("middle", "centre"):
+            return "in the centre"
+        if v == "middle":
+            return f"on the {h}"
+        return f"at the {v}" if h == "centre" else f"at the {v} {h}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+    size: int = 64                 # pixels the scene is rendered at
+
+    def key(self) -> str:
+        """A canonical description: two scenes with the same key are the same picture."""
+        return ";".join(f"{s.kind},{s.colour},{s.size},{','.join(f'{v:.3f}' for v in s.box)}" for s in self.shapes)
+
+    def render(self, size: int | None = None) -> Image.Image:
+        """Drawn at 4x and downsampled, so edges are anti-aliased and the picture is the same on every machine."""
+        size = size or self.size
+        big = 4 * size
+        img = Image.new("RGB", (big, big), BACKGROUND)
+        draw = ImageDraw.Draw(img)
+        for s in self.shapes:
+            x1, y1, x2, y2 = (v * big for v in s.box)
+            colour = COLOURS[s.colour]
+            if s.kind == "circle":
+                draw.ellipse((x1, y1, x2, y2), fill=colour)
+            elif s.kind == "square":
+                draw.rectangle((x1, y1, x2, y2), fill=colour)
+            elif s.kind == "triangle":
+                draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour)
+            elif s.kind == "diamond":
+                cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+                draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=colour)
+        return img.resize((size, size), Image.BOX)
+
+
+def _plural(kind: str, n: int) -> str:
+    return kind if n == 1 else kind + "s"
+
+
+def _list_phrase(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+class ShapesWorld:
+    """From one seed: scenes of 1-4 shapes (each colour-kind pair at most once, so every shape has a unique name),
+    routed to train / val / test by a hash of the picture itself, so the splits never share a scene."""
+
+    SPLITS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
+
+    def __init__(self, seed: int = 0, image_size: int = 64):
+        self.seed, self.image_size = seed, image_size
+
+    def _random_scene(self, rng: random.Random) -> Scene:
+        n = rng.randint(1, 4)
+        pairs = rng.sample([(k, c) for k in KINDS for c in COLOURS], n)
+        shapes: list[Shape] = []
+        for kind, colour in pairs:
+            for _ in range(100):          # rejection sampling: no overlaps, a small gap between shapes
+                size = rng.choice(list(SIZES))
+                side = SIZES[size]
+                x, y = rng.uniform(0.02, 0.98 - side), rng.uniform(0.02, 0.98 - side)
+                box = (round(x, 3), round(y, 3), round(x + side, 3), round(y + side, 3))
+                if all(box[2] + 0.03 < o.box[0] or o.box[2] + 0.03 < box[0] or box[3] + 0.03 < o.box[1]
+                       or o.box[3] + 0.03 < box[1] for o in shapes):
+                    shapes.append(Shape(kind, colour, size, box))
+                    break
+        shapes.sort(key=lambda s: (s.centre[0], s.centre[1]))     # left to right: captions read in that order
+        return Scene(tuple(shapes), self.image_size)
+
+    def scenes(self, split: str, n: int) -> list[Scene]:
+        """The first n scenes of a split; the same seed always gives the same scenes."""
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {sorted(self.SPLITS)}")
+        buckets = self.SPLITS[split]
+        rng = random.Random(f"shapes-world-{self.seed}")
+        out: list[Scene] = []
+        while len(out) < n:
+            scene = self._random_scene(rng)
+            if int(hashlib.sha256(scene.key().encode()).hexdigest(), 16) % 10 in buckets:
+                out.append(scene)
+        return out
+
+    # ---- texts
+
+    @staticmethod
+    def caption(scene: Scene, rng: random.Random) -> str:
+        """A short caption (stages 1-2): the shapes from left to right."""
+        names = [f"a {s.size} {s.name}" for s in scene.shapes]
+        template = rng.choice(["{}", "a picture of {}", "an image with {}", "{} on a grey background"])
+        return template.format(_list_phrase(names))
+
+    @staticmethod
+    def description(scene: Scene) -> str:
+        """A detailed description (stage 3): how many shapes, then each with its size, colour and place."""
+        n = len(scene.shapes)
+        head = "There is one shape in the image." if n == 1 else f"There are {NUMBERS[n]} shapes in the image."
+        parts = [f"A {s.size} {s.name} {s.region()}." for s in scene.shapes]
+        return " ".join([head] + parts)
+
+    @staticmethod
+    def vqa(scene: Scene, rng: random.Random) -> tuple[str, str]:
+        """One free-form question: colour, shape, count, existence (yes / no) or relative position (yes / no)."""
+        shapes = scene.shapes
+        kinds = [s.kind for s in shapes]
+        colours = [s.colour for s in shapes]
+        options = ["count", "count_kind", "exists"]
+        if any(kinds.count(k) == 1 for k in kinds):
+            options.append("colour")
+        if any(colours.count(c) == 1 for c in colours):
+            options.append("shape")
+        if len(shapes) >= 2:
+            options.append("position")
+        q = rng.choice(options)
+        if q == "count":
+            return "how many shapes are there?", str(len(shapes))
+        if q == "count_kind":
+            kind = rng.choice(KINDS)
+            return f"how many {kind}s are there?", str(kinds.count(kind))
+        if q == "exists":
+            if rng.random() < 0.5:
+                s = rng.choice(shapes)
+                return f"is there a {s.name}?", "yes"
+            absent = [(k, c) for k in KINDS for c in COLOURS if (k, c) not in {(s.kind, s.colour) for s in shapes}]
+            k, c = rng.choice(absent)
+            return f"is there a {c} {k}?", "no"
+        if q == "colour":
+            s = rng.choice([s for s in shapes if kinds.count(s.kind) == 1])
+            return f"what color is the {s.kind}?", s.colour
+        if q == "shape":
+            s = rng.choice([s for s in shapes if colours.count(s.colour) == 1])
+            return f"what shape is the {s.colour} one?", s.kind
+        a, b = rng.sample(list(shapes), 2)
+        relation = rng.choice(["left of", "right of", "above", "below"])
+        (ax, ay), (bx, by) = a.centre, b.centre
+        truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+        return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no"
+
+    def task_sample(self, scene: Scene, task: str, rng: random.Random) -> Sample:
+        """A stage-4 sample for one of the six task identifiers."""
+        s = rng.choice(scene.shapes)
+        if task == "[vqa]":
+            q, a = self.vqa(scene, rng)
+            return Sample(scene, [(q, a)], task, {"answers": [a]})
+        if task == "[caption]":
+            return Sample(scene, [("briefly describe the image", self.caption(scene, rng))], task)
+        if task == "[refer]":
+            return Sample(scene, [(f"give me the location of the {s.name}", format_box(s.box))], task,
+                          {"box": parse_boxes(format_box(s.box))[0]})
+        if task == "[identify]":
+            return Sample(scene, [(f"what object is in this location {format_box(s.box)}", s.name)], task,
+                          {"answers": [s.name]})
+        if task == "[grounding]":
+            text = " and ".join(f"<p>a {t.size} {t.name}</p> {format_box(t.box)}" for t in scene.shapes)
+            return Sample(scene, [("describe the image", text)], task)
+        if task == "[detection]":
+            boxes = "<delim>".join(format_box(t.box) for t in scene.shapes if t.kind == s.kind)
+            return Sample(scene, [(f"{s.kind}s", f"<p>{s.kind}</p> {boxes}")], task)
+        raise PromptError(f"unknown task identifier {task!r}; expected one of {', '.join(TASKS)}")
+
+    # ---- data sets per stage
+
+    def samples(self, stage: int, split: str, n: int, seed: int = 0) -> list[Sample]:
+        """n samples for a stage: captions (1-2), detailed descriptions (3), the six tasks mixed (4)."""
+        rng = random.Random(f"{self.seed}-{stage}-{split}-{seed}")
+        out = []
+        for scene in self.scenes(split, n):
+            if stage in (1, 2):
+                out.append(Sample(scene, [(CAPTION_INSTRUCTION, self.caption(scene, rng))]))
+            elif stage == 3:
+                instruction = rng.choice(["Describe this image in detail.", "Tell me what you see in this picture.",
+                                          "Give a detailed description of the image."])
+                out.append(Sample(scene, [(instruction, self.description(scene))]))
+            elif stage == 4:
+                out.append(self.task_sample(scene, rng.choice(TASKS), rng))
+            else:
+                raise ValueError(f"stage must be 1-4, got {stage}")
+        return out
+
+    def task_samples(self, task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
+        """n stage-4 samples of one task (for evaluation per task)."""
+        rng = random.Random(f"{self.seed}-{task}-{split}-{seed}")
+        return [self.task_sample(scene, task, rng) for scene in self.scenes(split, n)]
+
+    def text_corpus(self, split: str, n: int, seed: int = 0) -> list[str]:
+        """Text only, for pretraining the tiny language model: every kind of sentence of the world, written the way
+        the stages will use it (the templates included), but with no image."""
+        rng = random.Random(f"{self.seed}-text-{split}-{seed}")
+        lines = []
+        for scene in self.scenes(split, n):
+            q, a = self.vqa(scene, rng)
+            task = self.task_sample(scene, rng.choice(TASKS), rng)
+            (ti, ta), = task.turns
+            lines.append(self.caption(scene, rng) + "\n")
+            lines.append(f"###Human: {IMAGE_PROMPT} Describe this image in detail. ###Assistant: "
+                         f"{self.description(scene)}###")
+            lines.append(f"[INST] {IMAGE_PROMPT} [vqa] {q} [/INST] {a}###")
+            lines.append(f"[INST] {IMAGE_PROMPT} {task.task} {ti} [/INST] {ta}###")
+        return lines
+
+
+def train_shapes_tokenizer(world: ShapesWorld, vocab_size: int = 1024):
+    """A small byte-level BPE for the shapes world (tokenizers), with <|endoftext|> as bos = eos, as Phi-2 has."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    tok = HFTokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = world.text_corpus("train", 4000)
+    for stage in (1, 3, 4):
+        corpus += [" ".join(f"{q} {a}" for q, a in s.turns) for s in world.samples(stage, "train", 1000)]
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+SHAPES_TOKENIZER = ASSETS / "shapes_tokenizer.json"
+
+
+def shapes_tokenizer() -> Tokenizer:
+    """The shipped tokenizer of the shapes world (rebuild it with `python data.py --build-tokenizer`)."""
+    return Tokenizer.from_file(SHAPES_TOKENIZER)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preview
+
+def preview(path: str | Path, n: int = 12, stage: int = 4, seed: int = 0, scale: int = 3) -> Path:
+    """A grid of samples with their texts and boxes drawn, so a student can see the data."""
+    world = ShapesWorld(seed)
+    samples = world.samples(stage, "train", n)
+    cell_w, text_h = 64 * scale, 84
+    cols = 4
+    rows = (n + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (cell_w + 8), rows * (cell_w + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, s in enumerate(samples):
+        x0, y0 = (i % cols) * (cell_w + 8), (i // cols) * (cell_w + text_h)
+        img = s.image.render().resize((cell_w, cell_w), Image.NEAREST)
+        d = ImageDraw.Draw(img)
+        question, answer = s.turns[0]
+        for box in parse_boxes(question + " " + answer):
+            d.rectangle([v * cell_w / 100 for v in box], outline=(0, 0, 0), width=2)
+        sheet.paste(img, (x0, y0))
+        text = f"{s.task or ''} {question}\n-> {answer}".strip()
+        wrapped = "\n".join(textwrap.wrap(text, 32, replace_whitespace=False, drop_whitespace=True)[:6])
+        draw.multiline_text((x0 + 2, y0 + cell_w + 2), wrapped, fill=(0, 0, 0))
+    sheet.save(path)
+    return Path(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preview", nargs="?", const="shapes_preview.png", help="write a grid of samples to this PNG")
+    p.add_argument("--stage", type=int, default=4, help="which stage's samples to preview (1-4)")
+    p.add_argument("--build-tokenizer", action="store_true", help=f"retrain and write {SHAPES_TOKENIZER.name}")
+    args = p.parse_args()
+    if args.build_tokenizer:
+        ASSETS.mkdir(exist_ok=True)
+        train_shapes_tokenizer(ShapesWorld()).save(str(SHAPES_TOKENIZER))
+        print(f"wrote {SHAPES_TOKENIZER} ({len(shapes_tokenizer())} tokens)")
+    if args.preview:
+        print(f"wrote {preview(args.preview, stage=args.stage)}")
+    if not (args.build_tokenizer or args.preview):
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()

