@@ -468,8 +468,11 @@ def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
         ids[b, :n] = torch.tensor(it["input_ids"])
         labels[b, :n] = torch.tensor(it["labels"])
         mask[b, :n] = 1
-    return {"pixels": torch.stack([it["pixels"] for it in items]), "input_ids": ids, "labels": labels,
-            "attention_mask": mask, "index": [it["index"] for it in items]}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "index": [it["index"] for it in items]}
+    for key in ("pixels", "features"):          # features: precomputed visual features (a trainer's cache)
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
+    return out
 
 
 class Mixture:
@@ -537,6 +540,20 @@ class Shape:
     @property
     def centre(self) -> tuple[float, float]:
         return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def contains(self, x: float, y: float) -> bool:
+        """Is the point (fractions of the image) inside the drawn shape?"""
+        x1, y1, x2, y2 = self.box
+        if not (x1 <= x <= x2 and y1 <= y <= y2):
+            return False
+        u, v = (x - x1) / (x2 - x1), (y - y1) / (y2 - y1)          # 0..1 inside the box
+        if self.kind == "circle":
+            return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+        if self.kind == "triangle":
+            return abs(u - 0.5) <= v / 2
+        if self.kind == "diamond":
+            return abs(u - 0.5) + abs(v - 0.5) <= 0.5
+        return True
 
     def region(self) -> str:
         x, y = self.centre

@@ -142,11 +142,11 @@ PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
     # The same architecture shrunk to train on a laptop CPU in minutes: the built-in shapes world, 64 px images,
     # and its 613-token tokenizer (data.py).
     "tiny": lambda: TinyVLMConfig(
-        vit=ViTConfig(image_size=64, patch_size=8, width=128, num_layers=4, num_heads=4, mlp_dim=512),
-        qformer=QFormerConfig(num_queries=16, hidden=128, num_layers=2, num_heads=4, mlp_dim=512, vision_width=128),
+        vit=ViTConfig(image_size=64, patch_size=16, width=128, num_layers=4, num_heads=4, mlp_dim=512),
+        qformer=QFormerConfig(num_queries=16, hidden=128, num_layers=4, num_heads=4, mlp_dim=512, vision_width=128),
         phi=PhiConfig(vocab_size=640, hidden=192, num_layers=4, num_heads=4, mlp_dim=768, rotary_dim=20,
                       max_positions=512, qk_norm=True, post_attn_norm=True),
-        lora=LoRAConfig(rank=8, alpha=2.0, dropout=0.05),  # alpha / rank = 0.25, as in TinyGPT-V
+        lora=LoRAConfig(rank=32, alpha=8.0, dropout=0.05),  # alpha / rank = 0.25, as in TinyGPT-V
         proj_dim=256),
 }
 
@@ -177,6 +177,14 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """A LayerNorm that computes in its parameters' dtype. TinyGPT-V trains Phi's norm weights in fp32 while the
+    frozen model runs in half precision; CPU autocast does not cover layer_norm, so the cast is done here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -258,8 +266,9 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.cls_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_positions, cfg.width))
+        # learned embeddings start as N(0, 0.02), as in EVA / BLIP-2 (zeros would make every position the same)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.width)) if cfg.cls_token else None
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, cfg.num_positions, cfg.width))
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps) if cfg.ln_vision else nn.Identity()
@@ -355,7 +364,9 @@ class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.cfg = cfg
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.hidden))
+        # N(0, 0.02) as BLIP-2: identical (e.g. zero) queries would stay identical, and LayerNorm of a zero vector
+        # with eps 1e-12 has enormous gradients
+        self.query_tokens = nn.Parameter(0.02 * torch.randn(1, cfg.num_queries, cfg.hidden))
         self.layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)   # BERT's embeddings LayerNorm, on the queries
         self.layers = nn.ModuleList(QFormerLayer(cfg, cross_attention=(i % cfg.cross_attention_every == 0))
                                     for i in range(cfg.num_layers))
@@ -407,8 +418,8 @@ class PhiAttention(nn.Module):
         if cfg.qk_norm:
             # TinyGPT-V's QK-norm: one LayerNorm(head_dim) shared by all heads, on q and k before RoPE. It bounds the
             # attention logits; without it the paper saw gradients vanish at once.
-            self.q_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
-            self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
+            self.q_layernorm = LayerNorm(cfg.head_dim, eps=cfg.eps)
+            self.k_layernorm = LayerNorm(cfg.head_dim, eps=cfg.eps)
         self.dense = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -435,7 +446,7 @@ class PhiBlock(nn.Module):
 
     def __init__(self, cfg: PhiConfig, layer: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.input_layernorm = LayerNorm(cfg.hidden, eps=cfg.eps)
         self.self_attn = PhiAttention(cfg, layer)
         # TinyGPT-V's checkpoints call this "post_layernorm"; it is an RMSNorm on the attention output only.
         self.post_attn_norm = RMSNorm(cfg.hidden, cfg.post_attn_norm_eps) if cfg.post_attn_norm else nn.Identity()
@@ -453,8 +464,9 @@ class Phi(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)       # GPT-2 / Phi's init, for training from scratch
         self.layers = nn.ModuleList(PhiBlock(cfg, i) for i in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.final_layernorm = LayerNorm(cfg.hidden, eps=cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)    # with a bias, not tied to the embeddings
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -586,14 +598,21 @@ class TinyVLM(nn.Module):
         if cfg.lora is not None:
             apply_lora(self.phi, cfg.lora)
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, num_image_tokens, phi.hidden): what the LLM reads as 'the image'."""
+    def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen half of the image path: (B, 3, H, W) -> Q-Former queries (B, 32, 768), or the ViT tokens for
+        the MLP connector. Frozen in every stage, so a trainer may compute it once per image and reuse it."""
         feats = self.vit(pixels)                                       # (B, 257, 1408)
+        return feats if self.cfg.connector == "mlp" else self.qformer(feats)   # (B, 32, 768)
+
+    def connect(self, features: torch.Tensor) -> torch.Tensor:
+        """The trained half: visual features -> (B, num_image_tokens, phi.hidden), what the LLM reads as 'the image'."""
         if self.cfg.connector == "mlp":
-            return self.mlp_proj(feats.to(self.mlp_proj[0].weight.dtype))
-        queries = self.qformer(feats)                                  # (B, 32, 768)
-        x = self.llama_proj(queries.to(self.llama_proj.weight.dtype))  # (B, 32, 4096)
+            return self.mlp_proj(features.to(self.mlp_proj[0].weight.dtype))
+        x = self.llama_proj(features.to(self.llama_proj.weight.dtype))  # (B, 32, 4096)
         return self.llama_proj2(x)                                     # (B, 32, 2560)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.connect(self.visual_features(pixels))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, C), with the positions that hold IMAGE_TOKEN replaced, in order, by the image
@@ -610,12 +629,17 @@ class TinyVLM(nn.Module):
                              f"(IMAGE_TOKEN) for {image_embeds.shape[0]} images; found {n_slots.tolist()}")
         return x.masked_scatter(slots[..., None], image_embeds.to(x.dtype))
 
+    def image_embeds(self, pixels: torch.Tensor | None, features: torch.Tensor | None) -> torch.Tensor | None:
+        if features is not None:
+            return self.connect(features)
+        return self.encode_image(pixels) if pixels is not None else None
+
     def forward(self, pixels: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                labels: torch.Tensor | None = None, features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given labels (B, T) with IGNORE_INDEX outside the answer, the mean
-        next-token cross-entropy over the answer tokens."""
-        image_embeds = self.encode_image(pixels) if pixels is not None else None
-        x = self.embed(input_ids, image_embeds)
+        next-token cross-entropy over the answer tokens. features: precomputed visual_features instead of pixels."""
+        x = self.embed(input_ids, self.image_embeds(pixels, features))
         position_ids = None
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -628,15 +652,16 @@ class TinyVLM(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, pixels: torch.Tensor | None, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None, **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        attention_mask: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                        **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (tokens (B,), active (B,)) per step; see generate_stream() below for the sampling options."""
-        x = self.embed(input_ids, self.encode_image(pixels) if pixels is not None else None)
+        x = self.embed(input_ids, self.image_embeds(pixels, features))
         yield from generate_stream(self.phi, x, attention_mask, **sampling)
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **sampling) -> list[list[int]]:
-        return collect(self.generate_stream(pixels, input_ids, attention_mask, **sampling), input_ids.shape[0])
+                 features: torch.Tensor | None = None, **sampling) -> list[list[int]]:
+        return collect(self.generate_stream(pixels, input_ids, attention_mask, features, **sampling), input_ids.shape[0])
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TinyVLM":
@@ -1353,11 +1378,12 @@ def tinygptv_checkpoint_map(cfg: TinyVLMConfig, peft: bool) -> KeyMap:
     }
 
 
-def load_checkpoint(model: TinyVLM, path: str | os.PathLike) -> TinyVLM:
+def load_checkpoint(model: TinyVLM, path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> TinyVLM:
     """Load a partial checkpoint (projections, norms, LoRA) on top of the base weights: a TinyGPT-V stage .pth, or
-    one of ours (.safetensors, our names). Every tensor of the file must land on a parameter of the right shape."""
+    one of ours (.safetensors, our names). Every tensor of the file must land on a parameter of the right shape,
+    except those whose name contains one of `ignore` (e.g. the norms an ablation removed)."""
     path = Path(path)
-    tensors = read_weights(path)
+    tensors = {k: t for k, t in read_weights(path).items() if not any(p in k for p in ignore)}
     params = dict(model.named_parameters())
     if path.suffix == ".safetensors":
         key_map = {k: k for k in tensors}
@@ -1386,24 +1412,35 @@ def load_checkpoint(model: TinyVLM, path: str | os.PathLike) -> TinyVLM:
 
 
 def save_checkpoint(model: TinyVLM, path: str | os.PathLike, only_trainable: bool = True,
-                    metadata: dict | None = None) -> Path:
+                    metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the (trainable) tensors as safetensors, with the config as metadata; atomically: a temp file in the
     same folder, fsync'd, then renamed over the target, so a crash leaves the previous file whole."""
     from safetensors.torch import save_file
     path = Path(path)
-    state = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad or not only_trainable}
+    state = {k: p.detach().to(dtype or p.dtype).contiguous() for k, p in model.named_parameters()
+             if p.requires_grad or not only_trainable}
     meta = {"format": "tinyvlm", "config": json.dumps(model.cfg.to_dict()), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temp file beside path, fsync it, then rename it over path: a crash at any point leaves
+    either the old file or the new one, never half of one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=meta)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600 files; a checkpoint is an ordinary file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> TinyVLMConfig:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import data
@@ -324,3 +323,20 @@ def test_shipped_tokenizer_is_the_one_the_world_trains():
 def test_preview(tmp_path):
     path = data.preview(tmp_path / "p.png", n=4)
     assert Image.open(path).size[0] > 400
+
+
+def test_shape_geometry_matches_the_drawing():
+    """Shape.contains (used for dense labels) agrees with the rendered pixels away from the edges."""
+    world = data.ShapesWorld()
+    agree = total = 0
+    for scene in world.scenes("val", 20):
+        img = np.asarray(scene.render(128))
+        for y in range(1, 127, 3):
+            for x in range(1, 127, 3):
+                if np.ptp(img[y - 1:y + 2, x - 1:x + 2].astype(int), axis=(0, 1)).max() > 10:
+                    continue          # an anti-aliased edge: its colour is a blend
+                inside = [s for s in scene.shapes if s.contains((x + 0.5) / 128, (y + 0.5) / 128)]
+                expected = data.COLOURS[inside[0].colour] if inside else data.BACKGROUND
+                agree += int(np.abs(img[y, x].astype(int) - expected).max() < 30)
+                total += 1
+    assert agree / total > 0.999, agree / total

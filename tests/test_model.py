@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import tinyvlm as tv
-from conftest import randomize_, tiny_hf_blip2
+from conftest import randomize_
 
 TOL = 1e-4   # fp32, max abs difference of logits / features
 
@@ -260,7 +260,6 @@ def test_lavis_pickles(hf_blip2_dir, tmp_path):
     vit_sd, blip2_sd = lavis_layout(ref)
     torch.save(vit_sd, tmp_path / "eva_vit_g.pth")
     torch.save(blip2_sd, tmp_path / "blip2_pretrained_flant5xxl.pth")
-    vc, qc = ref.config.vision_config, ref.config.qformer_config
     vit = tv.ViT.from_pretrained(tmp_path / "eva_vit_g.pth", ln_vision=tmp_path / "blip2_pretrained_flant5xxl.pth",
                                  image_size=56, width=48, num_layers=3, num_heads=4, mlp_dim=96, ln_vision_eps=1e-6).eval()
     qformer = tv.load_qformer(tmp_path / "blip2_pretrained_flant5xxl.pth", cfg=tv.QFormerConfig(
@@ -473,6 +472,7 @@ def test_vlm_generation_with_cache_equals_without():
 
 def test_mlp_connector():
     model = tiny_vlm(connector="mlp")
-    assert not hasattr(model, "qformer") and model.cfg.num_image_tokens == 65
+    n = (64 // model.cfg.vit.patch_size) ** 2 + 1                  # every ViT token, CLS included
+    assert not hasattr(model, "qformer") and model.cfg.num_image_tokens == n
     with torch.no_grad():
-        assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 65, model.cfg.phi.hidden)
+        assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, n, model.cfg.phi.hidden)

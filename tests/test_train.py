@@ -1,0 +1,219 @@
+"""train.py: trainable sets (real sizes, on the meta device), the schedule, a short run where the loss drops,
+checkpoints and exact resume, NaN handling, the metrics, real-format weights and data, and two-process DDP."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import tinyvlm as tv
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainable_parameter_counts_at_real_size():
+    with torch.device("meta"):
+        model = tv.TinyVLM(tv.PRESETS["tinygptv"]())
+    counts = train.set_trainable(model, 1)
+    assert counts == {"projections": 13_638_144, "norms": 171_520, "lora": 0}
+    assert sum(counts.values()) == 13_809_664
+    for stage in (2, 3, 4):
+        assert sum(train.set_trainable(model, stage).values()) == 45_266_944
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 45_266_944
+    # biases of the norms are not trained; nothing of the ViT, Q-Former or the LLM's matrices is
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith("layernorm.bias") or n.startswith(("vit.", "qformer.")) for n in trainable)
+
+
+def test_learning_rate_schedule():
+    cfg = train.TrainConfig(max_iters=1000, warmup_iters=100, lr=1e-4, min_lr=8e-5, warmup_lr=1e-6)
+    assert train.lr_at(0, cfg) == pytest.approx(1e-6)
+    assert train.lr_at(50, cfg) == pytest.approx((1e-6 + 1e-4) / 2)
+    assert train.lr_at(100, cfg) == pytest.approx(1e-4)
+    assert train.lr_at(550, cfg) == pytest.approx(9e-5)          # half-way down the cosine
+    assert train.lr_at(1000, cfg) == pytest.approx(8e-5)
+
+
+def test_cli_is_generated_from_the_config():
+    parser = train.argparse.ArgumentParser()
+    train.add_config_args(parser, train.TrainConfig)
+    cfg = train.config_from_args(train.TrainConfig, parser.parse_args(["--stage", "3", "--no-qk-norm", "--lr", "0.5"]))
+    assert (cfg.stage, cfg.qk_norm, cfg.lr, cfg.post_attn_norm) == (3, False, 0.5, True)
+
+
+def test_answer_normalisation_and_scores():
+    assert train.normalize_answer("Two.") == "2" and train.normalize_answer("the Red Circle!") == "red circle"
+    assert train.vqa_score("2", ["two", "2", "2", "3"]) == pytest.approx(1.0)       # 3 annotators agree
+    assert train.vqa_score("3", ["two", "2", "2", "3"]) == pytest.approx(1 / 3)
+    assert train.vqa_score("yes", ["Yes"]) == 1.0 and train.vqa_score("no", ["yes"]) == 0.0
+    refer = data.Sample(None, [("q", "{<10><10><30><30>}")], "[refer]", {"box": (10, 10, 30, 30)})
+    assert train.score(refer, "{<10><10><30><30>}") == {"iou": 1.0, "iou>=0.5": 1.0}
+    assert train.score(refer, "{<20><10><40><30>}")["iou"] == pytest.approx(1 / 3)
+    assert train.score(refer, "no box here") == {"iou": 0.0, "iou>=0.5": 0.0}
+    detection = data.Sample(None, [("circles", "<p>circle</p> {<0><0><20><20>}<delim>{<50><50><70><70>}")], "[detection]")
+    assert train.score(detection, "<p>circle</p> {<1><1><21><21>}") == {"box recall": 0.5, "extra boxes": 0}
+    assert train.score(detection, "{<50><50><70><70>} {<0><0><20><20>} {<9><9><9><9>}") == {"box recall": 1.0,
+                                                                                          "extra boxes": 1}
+
+
+def tiny_cfg(tmp_path, **kw) -> train.TrainConfig:
+    base = dict(out_dir=str(tmp_path), train_scenes=96, eval_samples=8, batch_size=8, log_interval=5,
+                ckpt_interval=10, warmup_iters=2)
+    return train.TrainConfig(**(base | kw))
+
+
+def test_short_stage_run_loss_drops_and_chains(tmp_path):
+    r1 = train.train(tiny_cfg(tmp_path, stage=1, max_iters=40, lr=3e-3))
+    losses = [h["loss"] for h in r1["history"]]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    stage1 = tmp_path / "stage1"
+    for name in ("model.safetensors", "state.pt", "log.csv", "report.json"):
+        assert (stage1 / name).exists(), name
+    from safetensors.torch import load_file
+    saved = set(load_file(stage1 / "model.safetensors"))
+    assert any(k.startswith("llama_proj") for k in saved) and not any("lora" in k or k.startswith("vit.") for k in saved)
+    # stage 2 starts from stage 1's output by default, and adds LoRA
+    r2 = train.train(tiny_cfg(tmp_path, stage=2, max_iters=5))
+    assert r2["history"][0]["loss"] < losses[0]
+    assert any("lora_B" in k for k in load_file(tmp_path / "stage2" / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """Stage 2 (LoRA dropout draws random numbers): an interrupted and resumed run has the same losses."""
+    train.train(tiny_cfg(tmp_path / "s1", stage=1, max_iters=2, eval_samples=2))
+    init = str(tmp_path / "s1" / "stage1" / "model.safetensors")
+    full = train.train(tiny_cfg(tmp_path / "a", stage=2, init=init, max_iters=20, eval_samples=4))
+    # the same run, interrupted at iteration 13 (its last checkpoint is at 10), then resumed
+    real_lr_at = train.lr_at
+
+    def interrupt(it, cfg):
+        if it == 13:
+            raise KeyboardInterrupt
+        return real_lr_at(it, cfg)
+
+    monkeypatch.setattr(train, "lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path / "b", stage=2, init=init, max_iters=20, eval_samples=4))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    resumed = train.train(tiny_cfg(tmp_path / "b", stage=2, init=init, max_iters=20, eval_samples=4, resume=True))
+    a = [h["loss"] for h in full["history"]]
+    b = [h["loss"] for h in resumed["history"]]
+    assert len(b) == 20 and b[10:] == a[10:]
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
+    real = train.micro_step
+
+    def poisoned(model, batch, device, cfg, world, n_tokens):
+        loss, n = real(model, batch, device, cfg, world, n_tokens)
+        return (loss * float("nan") if poisoned.calls >= 12 else loss), n
+    poisoned.calls = 0
+
+    def counting(*a, **k):
+        poisoned.calls += 1
+        return poisoned(*a, **k)
+
+    monkeypatch.setattr(train, "micro_step", counting)
+    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at iteration 11 .*stage1[/\\]model\.safetensors"):
+        train.train(tiny_cfg(tmp_path, stage=1, max_iters=30))
+
+
+def test_interrupted_state_save_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    train.atomic_torch_save({"iter": 1}, path)
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_torch_save({"iter": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iter": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_evaluation_on_user_data_in_public_formats(tmp_path):
+    """--eval-only on a VQA file with real image files (the non-cached path: pixels through the whole model)."""
+    world = data.ShapesWorld()
+    records = []
+    for i, s in enumerate(world.task_samples("[vqa]", "test", 6)):
+        s.image.render().save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "question": s.turns[0][0], "answer": s.turns[0][1]})
+    (tmp_path / "vqa.json").write_text(json.dumps(records))
+    ckpt = tmp_path / "out" / "stage1"
+    train.train(tiny_cfg(tmp_path / "out", stage=1, max_iters=2))
+    result = train.train(train.TrainConfig(stage=4, eval_only=True, out_dir=str(tmp_path / "out"),
+                                           init=str(ckpt / "model.safetensors"), val_data=f"vqa:{tmp_path / 'vqa.json'}",
+                                           image_root=str(tmp_path), image_size=64))
+    assert result["metrics"]["[vqa]"]["n"] == 6 and 0.0 <= result["metrics"]["[vqa]"]["accuracy"] <= 1.0
+
+
+def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
+    """--phi / --blip2 folders in the public layout, frozen weights in bf16, trainable ones in fp32, a caption file
+    on disk: a few stage-2 steps run and the loss is finite."""
+    from transformers import PhiConfig, PhiForCausalLM
+    from conftest import randomize_
+    phi = randomize_(PhiForCausalLM(PhiConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, partial_rotary_factor=0.4, qk_layernorm=True)))
+    phi.save_pretrained(tmp_path / "phi")
+    world = data.ShapesWorld()
+    caps = []
+    for i, s in enumerate(world.samples(1, "train", 12)):
+        s.image.render(56).save(tmp_path / f"{i}.jpg")
+        caps.append({"image": f"{i}.jpg", "caption": s.turns[0][1]})
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(c) for c in caps))
+    cfg = train.TrainConfig(stage=1, phi=str(tmp_path / "phi"), blip2=str(hf_blip2_dir[1]),
+                            tokenizer=str(data.SHAPES_TOKENIZER), data=f"captions:{tmp_path / 'caps.jsonl'}",
+                            image_root=str(tmp_path), out_dir=str(tmp_path / "out"), max_iters=3, batch_size=4,
+                            image_size=56, lora_rank=4, eval_samples=2, log_interval=1)
+    for stage in (1, 2):                  # stage 2 starts from stage 1's output and adds LoRA
+        cfg = dataclasses.replace(cfg, stage=stage)
+        result = train.train(cfg)
+        assert all(math.isfinite(h["loss"]) for h in result["history"])
+    ckpt = tmp_path / "out" / "stage2" / "model.safetensors"
+    model = tv.TinyVLM.from_pretrained(tmp_path / "phi", hf_blip2_dir[1], cfg=tv.read_checkpoint_config(ckpt),
+                                       checkpoint=ckpt)
+    assert model.cfg.phi.num_layers == 2 and model.cfg.lora.rank == 4
+    assert torch.count_nonzero(model.phi.layers[0].self_attn.qkv.lora_B) > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 on the CPU (gloo): each rank takes half of every global batch; the losses are
+    those of one process with the same global batch."""
+    args = ["--stage", "1", "--max-iters", "6", "--train-scenes", "64", "--batch-size", "8", "--eval-samples", "4",
+            "--log-interval", "1", "--warmup-iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                          str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    read = lambda d: [float(r.split(",")[1]) for r in (d / "stage1" / "log.csv").read_text().splitlines()[1:]]
+    a, b = read(tmp_path / "one"), read(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
+    backbones = tmp_path / "backbones.safetensors"
+    report = train.train(train.TrainConfig(stage=0, backbones=str(backbones), max_iters=4, train_scenes=64,
+                                           batch_size=8, log_interval=2))
+    assert backbones.exists() and "slot kind @64" in report["vision"] and math.isfinite(report["text_val_loss"])
+    from safetensors.torch import load_file
+    keys = set(load_file(backbones))
+    assert any(k.startswith("vit.") for k in keys) and any(k.startswith("qformer.") for k in keys)
+    assert not any(k.startswith("llama_proj") or "lora_" in k for k in keys)
+    result = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, backbones=str(backbones)))
+    assert len(result["history"]) == 2

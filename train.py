@@ -1,0 +1,928 @@
+"""
+train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tiny backbones).
+
+    python train.py --stage 1            # the built-in shapes world and the tiny preset, on a laptop CPU
+    python train.py --stage 2            # ... each stage starts from the previous stage's output
+    python train.py --stage 0            # rebuild the shipped pretrained tiny backbones (assets/stage0.safetensors)
+    python train.py --stage 1 --phi phi-2/ --blip2 blip2-flan-t5-xxl/ --data captions.jsonl --image-root images/
+    torchrun --nproc_per_node=2 train.py --stage 1      # DistributedDataParallel, one data shard per rank
+
+    stage  trains                                   data (built-in world)                 TinyGPT-V's data
+    1      projections + norm weights               captions                              LAION, CC3M, SBU
+    2      + LoRA on qkv and dense                  captions                              LAION, CC3M, SBU
+    3      + LoRA                                   detailed descriptions, ###Human       cc_sbu_align
+    4      + LoRA, larger images                    the six tasks and free VQA, [INST]    LLaVA, RefCOCO, VQAv2, GQA...
+
+Every flag is a field of TrainConfig below; `python train.py --help` lists them with the stage's recipe values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import tinyvlm as tv
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+STAGE0 = ASSETS / "stage0.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration: one dataclass; the command line is generated from it
+
+@dataclass
+class TrainConfig:
+    stage: int = 1                  # 0 (tiny backbones), 1 warm-up, 2 pre-train, 3 instruction, 4 multi-task
+    preset: str = "tiny"            # model sizes when no public weights are given: "tiny" (or "tinygptv")
+    backbones: str = str(STAGE0)    # the tiny pretrained ViT, Q-Former and LM: stage 0 writes it, stages 1-4 read it
+    out_dir: str = "out"            # stage N writes out_dir/stageN/
+    init: str = ""                  # trainable weights to start from; default: out_dir/stage{N-1}/model.safetensors
+    # real weights and data (empty: the built-in tiny backbones and shapes world)
+    phi: str = ""                   # microsoft/phi-2 folder
+    blip2: str = ""                 # Salesforce/blip2-* folder (or LAVIS blip2_pretrained_*.pth with --vit)
+    vit: str = ""                   # LAVIS eva_vit_g.pth, when --blip2 is a LAVIS pickle
+    checkpoint: str = ""            # a TinyGPT-V stage .pth to start from (instead of --init)
+    tokenizer: str = ""             # tokenizer.json (default: the phi folder's, or the shapes world's)
+    data: str = ""                  # FORMAT:PATH[:RATIO],... formats: captions llava vqa refer identify cc_sbu_align
+    image_root: str = "."
+    val_data: str = ""              # same syntax; default: a held-out slice of --data
+    skip_bad: bool = True           # skip (and count) unreadable images instead of stopping
+    # recipe (0 = the stage's default, printed by --help)
+    batch_size: int = 0
+    grad_accum: int = 1
+    max_iters: int = 0
+    warmup_iters: int = -1
+    lr: float = 0.0                 # the peak ("init") learning rate
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    image_size: int = 0
+    train_scenes: int = 0           # built-in world: how many training scenes
+    # the paper's ablation (workshop flags): switch a TinyGPT-V addition off and watch what happens
+    qk_norm: bool = True
+    post_attn_norm: bool = True
+    input_norm: bool = True         # train the input LayerNorm's weight (off: it stays frozen)
+    lora: bool = True               # stages 2-4
+    lora_rank: int = 0              # 0: the preset's (64 for TinyGPT-V)
+    # running
+    device: str = "auto"            # auto | cpu | cuda
+    dtype: str = "auto"             # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    frozen_dtype: str = "bfloat16"  # real weights: the frozen parts' dtype (trainable tensors are always fp32)
+    seed: int = 42
+    log_interval: int = 25
+    eval_interval: int = 200        # validation loss and a few generated answers every N iterations (0: at the end only)
+    eval_samples: int = 200         # held-out samples per task in the final report
+    ckpt_interval: int = 200
+    resume: bool = False            # continue out_dir/stageN exactly where it stopped
+    eval_only: bool = False         # evaluate --init / the stage's output on the validation data and exit
+    cache_features: bool = True     # compute the frozen ViT + Q-Former once per image (built-in world)
+
+
+@dataclass
+class Recipe:
+    batch_size: int
+    max_iters: int
+    warmup_iters: int
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    image_size: int
+    train_scenes: int = 0
+
+
+# TinyGPT-V's recipes (spec section 4), and ours for the tiny preset on a CPU. The iteration counts of the real
+# recipe are epochs x iterations per epoch. Their stage-4 config has min_lr 8e-5 above the 1e-5 peak (the lr rises
+# over the stage); we keep the numbers as published.
+RECIPES: dict[str, dict[int, Recipe]] = {
+    "tinygptv": {
+        1: Recipe(64, 17 * 1000, 1000, 1e-4, 8e-5, 1e-6, 224),
+        2: Recipe(64, 4 * 5000, 1000, 1e-4, 8e-5, 1e-6, 224),
+        3: Recipe(6, 5 * 200, 200, 3e-5, 1e-5, 1e-6, 224),
+        4: Recipe(2, 50 * 1000, 1000, 1e-5, 8e-5, 1e-6, 448),
+    },
+    "tiny": {
+        0: Recipe(48, 800, 50, 2e-3, 2e-4, 1e-5, 64, 8000),
+        1: Recipe(32, 600, 50, 3e-3, 1e-3, 1e-5, 64, 4000),
+        2: Recipe(32, 600, 50, 2e-3, 5e-4, 1e-5, 64, 4000),
+        3: Recipe(16, 300, 30, 1e-3, 3e-4, 1e-5, 64, 4000),
+        4: Recipe(32, 2000, 100, 2e-3, 2e-4, 1e-5, 96, 4000),
+    },
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, help_defaults: dict | None = None) -> None:
+    """One --flag per dataclass field (underscores become dashes; booleans get --x / --no-x)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        shown = (help_defaults or {}).get(f.name, default)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"default: {shown!r}")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the fields left at 0 from the stage's recipe."""
+    recipes = RECIPES["tinygptv" if cfg.phi else cfg.preset]
+    if cfg.stage not in recipes:
+        raise SystemExit(f"stage {cfg.stage} has no recipe for preset {cfg.preset!r} (stages: {sorted(recipes)})")
+    r = recipes[cfg.stage]
+    fill = {k: getattr(r, k) for k in ("batch_size", "max_iters", "lr", "min_lr", "warmup_lr", "image_size",
+                                        "train_scenes") if not getattr(cfg, k)}
+    if cfg.warmup_iters < 0:
+        fill["warmup_iters"] = r.warmup_iters
+    return dataclasses.replace(cfg, **fill)
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from warmup_lr to lr, then cosine from lr to min_lr:
+    lr = min + (init - min) * 0.5 * (1 + cos(pi * t / T))."""
+    if it < cfg.warmup_iters:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * it / max(1, cfg.warmup_iters)
+    t, T = it - cfg.warmup_iters, max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, T) / T))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What each stage trains
+
+NORM_WEIGHTS = ("input_layernorm.weight", "self_attn.q_layernorm.weight", "self_attn.k_layernorm.weight",
+                "post_attn_norm.weight")
+
+
+def set_trainable(model: tv.TinyVLM, stage: int, input_norm: bool = True, lora: bool = True) -> dict[str, int]:
+    """Freeze everything, then unfreeze the stage's set; returns the parameter count per group.
+    All stages: the projections and the weights (not the biases) of every norm in Phi. Stages 2-4: + LoRA."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups: dict[str, list[nn.Parameter]] = {"projections": [], "norms": [], "lora": []}
+    for name, p in model.named_parameters():
+        if name.startswith(("llama_proj", "mlp_proj")):
+            groups["projections"].append(p)
+        elif name.startswith("phi.") and (name.endswith(NORM_WEIGHTS) or name == "phi.final_layernorm.weight"):
+            if input_norm or not name.endswith("input_layernorm.weight"):
+                groups["norms"].append(p)
+        elif ".lora_" in name and stage >= 2 and lora:
+            groups["lora"].append(p)
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(True)
+    return {k: sum(p.numel() for p in v) for k, v in groups.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building the model
+
+def model_config(cfg: TrainConfig) -> tv.TinyVLMConfig:
+    """The preset's model config (TinyGPT-V's sizes with public weights, else --preset) with the run's switches:
+    the ablation flags and the LoRA rank (alpha scaled with it, keeping alpha / rank)."""
+    mcfg = tv.PRESETS["tinygptv" if cfg.phi else cfg.preset]()
+    phi = dataclasses.replace(mcfg.phi, qk_norm=cfg.qk_norm, post_attn_norm=cfg.post_attn_norm)
+    lora = mcfg.lora if cfg.lora else None
+    if lora is not None and cfg.lora_rank:
+        lora = dataclasses.replace(lora, rank=cfg.lora_rank, alpha=cfg.lora_rank * lora.alpha / lora.rank)
+    return dataclasses.replace(mcfg, phi=phi, lora=lora)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str]:
+    """The model for a stage, and where its starting trainable weights came from."""
+    if cfg.phi:
+        mcfg = model_config(cfg)
+        model = tv.TinyVLM.from_pretrained(cfg.phi, cfg.blip2, vit=cfg.vit or None, checkpoint=cfg.checkpoint or None,
+                                           cfg=mcfg, dtype=getattr(torch, cfg.frozen_dtype))
+        source = cfg.checkpoint or "fresh projections"
+    else:
+        model = tv.TinyVLM(model_config(cfg))
+        if not Path(cfg.backbones).exists():
+            raise SystemExit(f"{cfg.backbones} is missing: run `python train.py --stage 0` first")
+        # an ablation that removes a norm leaves its stage-0 weights unused, deliberately
+        removed = tuple(n for n, on in (("q_layernorm.", cfg.qk_norm), ("k_layernorm.", cfg.qk_norm),
+                                        ("post_attn_norm.", cfg.post_attn_norm)) if not on)
+        tv.load_checkpoint(model, cfg.backbones, ignore=removed)
+        source = "stage-0 backbones"
+    init = cfg.init or (str(Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors") if cfg.stage >= 2 else "")
+    if cfg.checkpoint and not cfg.init:
+        init = ""
+    if init:
+        if not Path(init).exists():
+            raise SystemExit(f"{init} not found: run stage {cfg.stage - 1} first, or pass --init")
+        tv.load_checkpoint(model, init)
+        source = init
+    return model.to(device), source
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+def build_tokenizer(cfg: TrainConfig) -> data.Tokenizer:
+    if cfg.tokenizer:
+        return data.Tokenizer.from_file(cfg.tokenizer)
+    if cfg.phi:
+        return data.Tokenizer.from_file(cfg.phi)
+    return data.shapes_tokenizer()
+
+
+READERS = {
+    "captions": lambda path, root: data.read_captions(path, root),
+    "cc_sbu_align": lambda path, root: data.read_cc_sbu_align(path),
+    "llava": lambda path, root: data.read_llava(path, root),
+    "vqa": lambda path, root: data.read_vqa(path, root),
+    "refer": lambda path, root: data.read_refs(path, root),
+    "identify": lambda path, root: data.read_refs(path, root, inverse=True),
+}
+
+
+def parse_data_spec(spec: str, image_root: str) -> dict[str, tuple[list[data.Sample], float]]:
+    """"captions:laion.jsonl:3,vqa:vqav2.json:1" -> {name: (samples, ratio)}."""
+    out = {}
+    for i, part in enumerate(p for p in spec.split(",") if p):
+        fields = part.split(":")
+        if len(fields) not in (2, 3) or fields[0] not in READERS:
+            raise SystemExit(f"--data entry {part!r}: expected FORMAT:PATH[:RATIO] with FORMAT in {sorted(READERS)}")
+        ratio = float(fields[2]) if len(fields) == 3 else 1.0
+        samples = READERS[fields[0]](fields[1], image_root)
+        if fields[0] == "captions":
+            samples = [dataclasses.replace(s, turns=[(q, data.clean_caption(a))]) for s, (q, a) in
+                       ((s, s.turns[0]) for s in samples)]
+        out[f"{fields[0]}{i}"] = (samples, ratio)
+    return out
+
+
+def world_samples(cfg: TrainConfig, split: str, n: int) -> dict[str, tuple[list[data.Sample], float]]:
+    """The built-in world's data for the stage. Stage 4 repeats each scene with several tasks."""
+    world = data.ShapesWorld(seed=0, image_size=cfg.image_size)
+    if cfg.stage in (1, 2, 3):
+        return {"world": (world.samples(cfg.stage, split, n), 1.0)}
+    if split != "train":                     # held out: n samples of every task, so each row of the report means something
+        return {task: (world.task_samples(task, split, n), 1.0) for task in data.TASKS}
+    return {"world": ([s for k in range(6) for s in world.samples(4, split, n, seed=k)], 1.0)}
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """A VLMDataset whose images were replaced by their (frozen) visual features, computed once."""
+
+    def __init__(self, base: data.VLMDataset, features: torch.Tensor, feature_index: list[int]):
+        self.base, self.features, self.feature_index = base, features, feature_index
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.base.samples[i]
+        ids, labels = data.encode(s, self.base.tokenizer, self.base.stage, self.base.num_image_tokens, self.base.max_len)
+        return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
+
+
+@torch.no_grad()
+def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, cache_dir: Path | None) -> torch.Tensor:
+    """Visual features of the scenes, cached on disk under a key of (the scenes, the image size, a fingerprint of
+    the frozen ViT and Q-Former weights), so stages 1-3 share one computation and new backbones never reuse it."""
+    key = hashlib.sha256(json.dumps([image_size, [s.key() for s in scenes]]).encode()
+                         + b"".join(p.detach().cpu().float().numpy().tobytes()[:4096] for p in model.vit.parameters())
+                         + b"".join(p.detach().cpu().float().numpy().tobytes()[:4096] for p in model.qformer.parameters())
+                         ).hexdigest()[:16]
+    path = cache_dir / f"features-{image_size}-{key}.pt" if cache_dir else None
+    if path and path.exists():
+        return torch.load(path, weights_only=True)
+    model.eval()
+    feats = []
+    for i in range(0, len(scenes), 128):
+        pixels = torch.stack([data.preprocess(s.render(image_size), image_size) for s in scenes[i:i + 128]])
+        feats.append(model.visual_features(pixels.to(device)).float().cpu())
+    out = torch.cat(feats)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(out, path)
+    return out
+
+
+def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, split: str, n: int,
+                  device) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
+    nq = model.cfg.num_image_tokens
+    if cfg.data or cfg.val_data:
+        spec = cfg.val_data if (split != "train" and cfg.val_data) else cfg.data
+        sources = parse_data_spec(spec, cfg.image_root)
+        if split != "train" and not cfg.val_data:          # a held-out slice of each training set
+            sources = {k: (s[-max(1, len(s) // 20):], r) for k, (s, r) in sources.items()}
+        elif split == "train" and not cfg.val_data:
+            sources = {k: (s[:len(s) - max(1, len(s) // 20)] or s, r) for k, (s, r) in sources.items()}
+        return {k: (data.VLMDataset(s, tok, cfg.stage, cfg.image_size, nq, skip_bad=cfg.skip_bad), r)
+                for k, (s, r) in sources.items()}
+    out = {}
+    for name, (samples, ratio) in world_samples(cfg, split, n).items():
+        base = data.VLMDataset(samples, tok, cfg.stage, cfg.image_size, nq)
+        if cfg.cache_features:
+            scenes, index = [], {}
+            for s in samples:
+                index.setdefault(s.image.key(), len(scenes))
+                if index[s.image.key()] == len(scenes):
+                    scenes.append(s.image)
+            feats = compute_features(model, scenes, cfg.image_size, device, Path(cfg.out_dir) / "cache")
+            out[name] = (FeatureDataset(base, feats, [index[s.image.key()] for s in samples]), ratio)
+        else:
+            out[name] = (base, ratio)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#]")
+
+
+def normalize_answer(answer: str) -> str:
+    """The official VQA answer normalisation, in short: lowercase, punctuation out (a period only when it is not
+    a decimal point), number words to digits, articles out, whitespace collapsed."""
+    a = answer.lower().replace("\n", " ").replace("\t", " ").strip()
+    a = _PUNCT.sub("", a)
+    a = re.sub(r"(?!<=\d)(\.)(?!\d)", "", a)
+    words = [_NUMBERS.get(w, w) for w in a.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_score(prediction: str, answers: list[str]) -> float:
+    """min(#annotators who gave the prediction / 3, 1) with several answers; exact match with one."""
+    p = normalize_answer(prediction)
+    truth = [normalize_answer(a) for a in answers]
+    if len(truth) == 1:
+        return float(p == truth[0])
+    return min(truth.count(p) / 3.0, 1.0)
+
+
+# new tokens to generate per answer in evaluation: captions, detailed descriptions, task answers (TinyGPT-V's
+# own evaluation uses 20, enough for short VQA answers and one box)
+EVAL_NEW_TOKENS = {1: 32, 2: 32, 3: 96, 4: 48}
+
+
+def answer_text(tok: data.Tokenizer, tokens: list[int], stage: int) -> str:
+    text = tok.decode(tokens, skip_special_tokens=True)
+    return text.split(data.END[stage])[0].strip() if data.END[stage].strip() else text.split("\n")[0].strip()
+
+
+@torch.no_grad()
+def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int, device,
+                     max_new_tokens: int = 20, batch_size: int = 64, limit: int | None = None) -> list[str]:
+    """Greedy answers to the first turn of every sample, or of the first `limit` (left-padded batches, KV cache)."""
+    model.eval()
+    answers = []
+    samples = dataset.base.samples if isinstance(dataset, FeatureDataset) else dataset.samples
+    samples = samples[:limit]
+    for i in range(0, len(samples), batch_size):
+        idx = list(range(i, min(i + batch_size, len(samples))))
+        prompts = [data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens, samples[j].task)
+                   for j in idx]
+        T = max(map(len, prompts))
+        ids = torch.full((len(idx), T), tok.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+        if isinstance(dataset, FeatureDataset):
+            kw = {"features": torch.stack([dataset.features[dataset.feature_index[j]] for j in idx]).to(device)}
+        else:
+            kw = {"pixels": torch.stack([data.preprocess(data.load_image(samples[j]), dataset.image_size)
+                                         for j in idx]).to(device)}
+        out = model.generate(kw.get("pixels"), ids.to(device), mask.to(device), features=kw.get("features"),
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
+                             stop_strings=(data.END[stage],), decode=tok.decode)
+        answers += [answer_text(tok, t, stage) for t in out]
+    return answers
+
+
+def score(sample: data.Sample, prediction: str) -> dict[str, float]:
+    """The metrics of one prediction, by task."""
+    if sample.task == "[refer]":
+        boxes = data.parse_boxes(prediction)
+        iou = data.box_iou(boxes[0], sample.meta["box"]) if boxes else 0.0
+        return {"iou": iou, "iou>=0.5": float(iou >= 0.5)}
+    if sample.task in ("[vqa]", "[identify]") or "answers" in sample.meta:
+        return {"accuracy": vqa_score(prediction, sample.meta.get("answers") or [sample.turns[0][1]])}
+    truth = sample.turns[0][1]
+    if sample.task in ("[detection]", "[grounding]"):     # every true box found (IoU >= 0.5 with a predicted one)
+        boxes = data.parse_boxes(prediction)
+        found = [any(data.box_iou(t, p) >= 0.5 for p in boxes) for t in data.parse_boxes(truth)]
+        out = {"box recall": sum(found) / max(1, len(found)), "extra boxes": max(0, len(boxes) - len(found))}
+        if sample.task == "[grounding]" and isinstance(sample.image, data.Scene):
+            names = {s.name for s in sample.image.shapes}
+            out["shape recall"] = len({n for n in names if n in prediction}) / len(names)
+        return out
+    if isinstance(sample.image, data.Scene):      # captions and descriptions of the world: which shapes are named
+        names = {s.name for s in sample.image.shapes}
+        said = {f"{c} {k}" for c in data.COLOURS for k in data.KINDS if f"{c} {k}" in prediction}
+        return {"shape recall": len(names & said) / len(names), "exact": float(prediction.strip() == truth.strip())}
+    return {"exact": float(normalize_answer(prediction) == normalize_answer(truth))}
+
+
+def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: int, device,
+             max_new_tokens: int = 20) -> dict[str, dict[str, float]]:
+    """Per-task tables: every metric averaged over the held-out samples of that task."""
+    table: dict[str, dict[str, list[float]]] = {}
+    examples = []
+    for name, ds in datasets.items():
+        samples = ds.base.samples if isinstance(ds, FeatureDataset) else ds.samples
+        preds = generate_answers(model, tok, ds, stage, device, max_new_tokens)
+        for i, (s, p) in enumerate(zip(samples, preds)):
+            row = table.setdefault(s.task or name, {})
+            for k, v in score(s, p).items():
+                row.setdefault(k, []).append(v)
+            if isinstance(s.image, data.Scene) and stage in (1, 2, 3):
+                # chance level: the same prediction scored against another image of the set
+                other = samples[(i + 1) % len(samples)]
+                row.setdefault("shape recall (wrong image)", []).append(score(other, p)["shape recall"])
+        examples += [(s.task or name, s.turns[0][0], s.turns[0][1], p) for s, p in list(zip(samples, preds))[:3]]
+    metrics = {task: {k: sum(v) / len(v) for k, v in row.items()} | {"n": len(next(iter(row.values())))}
+               for task, row in sorted(table.items())}
+    return {"metrics": metrics, "examples": examples}
+
+
+def print_report(result: dict) -> None:
+    print("\nheld-out evaluation")
+    for task, row in result["metrics"].items():
+        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {int(v)}" for k, v in row.items()))
+    print("examples (task | question | truth | model):")
+    for task, q, truth, pred in result["examples"][:8]:
+        print(f"  {task} | {q[:60]} | {truth[:60]} | {pred[:60]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: trainable tensors in safetensors (+ config), optimizer and loop state in a .pt; both atomic
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tv.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_training_state(model, optimizer, mixture, it: int, history: list, cfg: TrainConfig, stage_dir: Path) -> Path:
+    """The state first, then the weights that name it: a crash between the two leaves a pair that does not match,
+    which --resume refuses, instead of weights from one step and an optimizer from another."""
+    token = f"{it}-{time.time_ns()}"
+    state = {"iter": it, "token": token, "optimizer": optimizer.state_dict(), "mixture": json.dumps(mixture.state_dict()),
+             "torch_rng": torch.get_rng_state(), "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg))}
+    atomic_torch_save(state, stage_dir / "state.pt")
+    return tv.save_checkpoint(model, stage_dir / "model.safetensors",
+                              metadata={"stage": cfg.stage, "iter": it, "token": token})
+
+
+def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int, list]:
+    from safetensors import safe_open
+    state = torch.load(stage_dir / "state.pt", weights_only=True)
+    with safe_open(str(stage_dir / "model.safetensors"), framework="pt") as f:
+        token = json.loads(f.metadata().get("token", "null"))
+    if token != state["token"]:
+        raise SystemExit(f"{stage_dir}: model.safetensors and state.pt come from different saves (interrupted "
+                         f"between the two?); cannot resume exactly")
+    tv.load_checkpoint(model, stage_dir / "model.safetensors")
+    optimizer.load_state_dict(state["optimizer"])
+    mixture.load_state_dict(json.loads(state["mixture"]))
+    torch.set_rng_state(state["torch_rng"])
+    return state["iter"], json.loads(state["history"])
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed (torchrun): each rank takes its slice of every global batch; rank 0 writes
+
+def dist_setup(device_type: str) -> tuple[int, int]:
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x)
+    return x
+
+
+def shard(batch: dict, rank: int, world: int) -> dict:
+    return {k: v[rank::world] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA, and wherever the frozen weights are bf16 (real weights); fp32 for the tiny model on
+    a CPU, where bf16 matmuls are not faster without AMX."""
+    half_weights = bool(cfg.phi) and cfg.frozen_dtype != "float32"
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" or half_weights else None, "float32": None,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW weight decay on matrices only; biases and 1-D parameters (norm weights) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """Sum of the answer tokens' losses / the global number of answer tokens: summed over ranks and micro-batches
+    this is exactly the mean loss of the global batch, whatever the split."""
+    labels = batch["labels"].to(device)
+    with autocast(cfg, device):
+        pixels, features = batch.get("pixels"), batch.get("features")
+        logits, _ = model(pixels.to(device) if pixels is not None else None, batch["input_ids"].to(device),
+                          batch["attention_mask"].to(device), features=features.to(device) if features is not None else None)
+    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=tv.IGNORE_INDEX, reduction="sum")
+    return loss_sum * world / n_tokens, int((labels[:, 1:] != tv.IGNORE_INDEX).sum())
+
+
+def train(cfg: TrainConfig) -> dict:
+    cfg = resolve(cfg)
+    if cfg.stage == 0:
+        return pretrain_backbones(cfg)
+    device = pick_device(cfg)
+    rank, world = dist_setup(device.type)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    stage_dir = Path(cfg.out_dir) / f"stage{cfg.stage}"
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(cfg)
+    model, source = build_model(cfg, device)
+    counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
+    # trainable tensors in fp32 whatever the frozen ones are (as TinyGPT-V); a norm with a trainable weight is kept
+    # in fp32 whole (its frozen bias too), since tv.LayerNorm computes in its parameters' dtype
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, tv.RMSNorm)) and any(p.requires_grad for p in m.parameters()):
+            m.float()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
+    log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
+    t0 = time.time()
+    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device)
+    val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device).items()}
+    mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
+                           cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id)
+    log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
+
+    if cfg.eval_only:
+        weights = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
+        if not weights.exists():
+            raise SystemExit(f"--eval-only: {weights} not found (pass --init)")
+        tv.load_checkpoint(model, weights)
+        result = evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage])
+        print_report(result)
+        return result
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    start, history = 0, []
+    if cfg.resume:
+        start, history = load_training_state(model, optimizer, mixture, stage_dir)
+        log(f"resumed at iteration {start}")
+    batches = iter(mixture)
+    last_good = None
+    t_start, tokens_seen = time.time(), 0
+    for it in range(start, cfg.max_iters):
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ddp_model.train()
+        micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
+        n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
+        loss_total = torch.zeros((), device=device)
+        for k, batch in enumerate(micro):
+            part = shard(batch, rank, world)
+            sync = nullcontext() if (world == 1 or k == len(micro) - 1) else ddp_model.no_sync()
+            with sync:
+                loss, _ = micro_step(ddp_model, part, device, cfg, world, n_tokens)
+                loss.backward()
+            loss_total += loss.detach() / world
+            tokens_seen += int(part["attention_mask"].sum())
+        loss_value = float(all_reduce_sum(loss_total, world))
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss became {loss_value} at iteration {it} (stage {cfg.stage}); the last good "
+                                f"checkpoint is {last_good or 'none (nothing saved yet)'}")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"iter": it, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
+        if rank == 0 and (it % cfg.log_interval == 0 or it == cfg.max_iters - 1):
+            elapsed = time.time() - t_start
+            done = it - start + 1
+            eta = elapsed / done * (cfg.max_iters - it - 1)
+            log(f"iter {it:5d} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                f"{tokens_seen * world / elapsed:,.0f} tok/s | {elapsed:.0f} s, ETA {eta:.0f} s")
+        if cfg.eval_interval and it > start and it % cfg.eval_interval == 0 and rank == 0:
+            history[-1]["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
+            log(f"iter {it:5d} | val loss {history[-1]['val_loss']:.4f}")
+            show_samples(model, tok, val_sets, cfg.stage, device, log)
+        if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1):
+            last_good = save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
+    train_time = time.time() - t_start
+    result = {"train_seconds": train_time}
+    if rank == 0:
+        result["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
+        result.update(evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage]))
+        log(f"\nstage {cfg.stage} done: {cfg.max_iters - start} iterations in {train_time:.0f} s "
+            f"({time.time() - t0:.0f} s with data and evaluation) | val loss {result['val_loss']:.4f}")
+        print_report(result)
+        write_logs(history, result, cfg, stage_dir)
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    result["history"] = history
+    return result
+
+
+def show_samples(model, tok, val_sets, stage: int, device, log, n: int = 2) -> None:
+    """A few held-out answers next to the truth, to watch what the model learns."""
+    for name, ds in list(val_sets.items())[:3]:
+        samples = ds.base.samples if isinstance(ds, FeatureDataset) else ds.samples
+        for s, p in zip(samples, generate_answers(model, tok, ds, stage, device, EVAL_NEW_TOKENS[stage], limit=n)):
+            log(f"    {s.task or name} | {s.turns[0][0][:50]} | truth: {s.turns[0][1][:50]} | model: {p[:50]}")
+
+
+@torch.no_grad()
+def validation_loss(model, val_sets, cfg: TrainConfig, device, tok) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for ds in val_sets.values():
+        for i in range(0, min(len(ds), 256), 64):
+            batch = data.collate([ds[j] for j in range(i, min(i + 64, len(ds)))], tok.eos_id)
+            if batch is None:
+                continue
+            n = int((batch["labels"][:, 1:] != tv.IGNORE_INDEX).sum())
+            loss, _ = micro_step(model, batch, device, cfg, 1, n)
+            total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+def write_logs(history: list, result: dict, cfg: TrainConfig, stage_dir: Path) -> None:
+    """log.csv and report.json always; loss.png when matplotlib is installed."""
+    with open(stage_dir / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["iter", "loss", "lr", "grad_norm", "val_loss"])
+        writer.writeheader()
+        writer.writerows(history)
+    report = {k: v for k, v in result.items() if k != "history"} | {"config": dataclasses.asdict(cfg)}
+    (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: no loss.png (the curve is in {stage_dir / 'log.csv'})")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["iter"] for h in history], [h["loss"] for h in history], lw=0.8, label="train")
+    val = [(h["iter"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set(xlabel="iteration", ylabel="loss", title=f"stage {cfg.stage}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stage_dir / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 0 (tiny preset only): pretrain the backbones the way the real ones were, each on an objective of its own.
+# TinyGPT-V freezes a ViT and a Q-Former pretrained on images and an LLM pretrained on text; frozen random weights
+# would teach nothing, so the tiny ones are pretrained here first and shipped (assets/stage0.safetensors).
+
+class VisionPretrainHeads(nn.Module):
+    """The vision side's objectives, in BLIP-2's order (image encoder first, then the Q-Former on its frozen
+    output), both with linear heads, as the projections that will read the features are linear:
+    - ViT patches (dense): every patch names the colour, kind and box of the shape under its centre (or
+      background). A dense signal teaches the ViT in a few hundred steps.
+    - Q-Former slots: query j owns cell j of a sqrt(Q) x sqrt(Q) grid and describes the shape whose centre lies in
+      it: colour (or none), kind, size and box. The assignment is spatial, so there is nothing to match, and the 16
+      image tokens the LLM reads become 16 places in the picture. Learned queries route slowly (thousands of
+      steps), which is affordable because the frozen ViT's tokens are computed once."""
+
+    COLOURS, KINDS = list(data.COLOURS), list(data.KINDS)
+
+    def __init__(self, num_queries: int, qformer_hidden: int, vit_width: int):
+        super().__init__()
+        self.grid = math.isqrt(num_queries)
+        nc, nk = len(self.COLOURS), len(self.KINDS)
+        self.slot = nn.Linear(qformer_hidden, (nc + 1) + nk + 1 + 4)
+        self.patch = nn.Linear(vit_width, (nc + 1) + (nk + 1) + 4)
+
+    def targets(self, scenes: list, patch_grid: int) -> dict[str, torch.Tensor]:
+        B, Q, P, nc, nk = len(scenes), self.grid ** 2, patch_grid ** 2, len(self.COLOURS), len(self.KINDS)
+        t = {"colour": torch.full((B, Q), nc), "kind": torch.zeros(B, Q, dtype=torch.long), "large": torch.zeros(B, Q),
+             "box": torch.zeros(B, Q, 4), "patch_colour": torch.full((B, P), nc), "patch_kind": torch.full((B, P), nk),
+             "patch_box": torch.zeros(B, P, 4)}
+        for b, scene in enumerate(scenes):
+            for s in scene.shapes:
+                cx, cy = s.centre
+                j = min(int(cy * self.grid), self.grid - 1) * self.grid + min(int(cx * self.grid), self.grid - 1)
+                if t["colour"][b, j] == nc:        # two centres in one cell is rare; the first one keeps it
+                    t["colour"][b, j], t["kind"][b, j] = self.COLOURS.index(s.colour), self.KINDS.index(s.kind)
+                    t["large"][b, j], t["box"][b, j] = float(s.size == "large"), torch.tensor(s.box)
+            for p in range(P):
+                x, y = ((p % patch_grid) + 0.5) / patch_grid, ((p // patch_grid) + 0.5) / patch_grid
+                for s in scene.shapes:
+                    if s.contains(x, y):
+                        t["patch_colour"][b, p], t["patch_kind"][b, p] = self.COLOURS.index(s.colour), self.KINDS.index(s.kind)
+                        t["patch_box"][b, p] = torch.tensor(s.box)
+        return t
+
+    def patch_loss(self, vit_tokens: torch.Tensor, t: dict) -> tuple[torch.Tensor, dict]:
+        nc, nk = len(self.COLOURS), len(self.KINDS)
+        p = self.patch(vit_tokens[:, -t["patch_colour"].shape[1]:])     # the patch tokens (after any CLS)
+        covered = t["patch_colour"] < nc
+        loss = F.cross_entropy(p[..., :nc + 1].flatten(0, 1), t["patch_colour"].flatten()) \
+            + F.cross_entropy(p[..., nc + 1:nc + nk + 2].flatten(0, 1), t["patch_kind"].flatten())
+        if covered.any():
+            loss = loss + 10 * (p[..., -4:][covered] - t["patch_box"][covered]).abs().mean()
+        with torch.no_grad():
+            metrics = {"patch colour": float((p[..., :nc + 1].argmax(-1) == t["patch_colour"]).float().mean()),
+                       "patch kind": float((p[..., nc + 1:nc + nk + 2].argmax(-1) == t["patch_kind"]).float().mean())}
+        return loss, metrics
+
+    def slot_loss(self, queries: torch.Tensor, t: dict) -> tuple[torch.Tensor, dict]:
+        nc, nk = len(self.COLOURS), len(self.KINDS)
+        o = self.slot(queries)                                           # (B, Q, ...)
+        present = t["colour"] < nc
+        loss = F.cross_entropy(o[..., :nc + 1].flatten(0, 1), t["colour"].flatten())
+        if present.any():
+            loss = loss + F.cross_entropy(o[..., nc + 1:nc + 1 + nk][present], t["kind"][present]) \
+                + F.binary_cross_entropy_with_logits(o[..., nc + 1 + nk][present], t["large"][present]) \
+                + 10 * (o[..., -4:][present] - t["box"][present]).abs().mean()
+        with torch.no_grad():
+            metrics = {"slot colour": float((o[..., :nc + 1].argmax(-1) == t["colour"]).float().mean()),
+                       "slot kind": float((o[..., nc + 1:nc + 1 + nk].argmax(-1)[present] == t["kind"][present]).float().mean()),
+                       "slot box L1": float((o[..., -4:][present] - t["box"][present]).abs().mean())}
+        return loss, metrics
+
+
+def pretrain_backbones(cfg: TrainConfig) -> dict:
+    if cfg.phi or cfg.preset != "tiny":
+        raise SystemExit("stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model = tv.TinyVLM(model_config(dataclasses.replace(cfg, qk_norm=True, post_attn_norm=True))).to(device)
+    world = data.ShapesWorld(seed=0)
+    tok = data.shapes_tokenizer()
+    t0 = time.time()
+
+    # 1) the ViT on dense patch labels, at 64 and 96 px (stage 4's size: its positions are interpolated)
+    heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden, model.cfg.vit.width).to(device)
+    patch = model.cfg.vit.patch_size
+    scenes = world.scenes("train", cfg.train_scenes)
+    rng = random.Random(cfg.seed)
+    params = list(model.vit.parameters()) + list(heads.patch.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vit_iters = cfg.max_iters // 2
+    print(f"stage 0 | ViT: {sum(p.numel() for p in model.vit.parameters()):,} parameters, {len(scenes):,} scenes")
+    for it in range(vit_iters):
+        lr = lr_at(it, dataclasses.replace(cfg, max_iters=vit_iters))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = rng.sample(scenes, cfg.batch_size)
+        size = 96 if it % 4 == 3 else 64
+        pixels = torch.stack([data.preprocess(s.render(size), size) for s in batch]).to(device)
+        loss, metrics = heads.patch_loss(model.vit(pixels), {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()})
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == vit_iters - 1:
+            print(f"vit iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
+
+    # 2) the Q-Former on the frozen ViT's tokens, computed once per scene and size
+    model.vit.eval()
+    cached = {}
+    for size, n in ((64, len(scenes)), (96, len(scenes) // 2)):
+        with torch.no_grad():
+            tokens = torch.cat([model.vit(torch.stack([data.preprocess(s.render(size), size) for s in scenes[i:min(i + 256, n)]]).to(device))
+                                for i in range(0, n, 256)])
+        cached[size] = (tokens, heads.targets(scenes[:n], size // patch))
+    params = list(model.qformer.parameters()) + list(heads.slot.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    qf_iters = cfg.max_iters * 8
+    print(f"stage 0 | Q-Former: {sum(p.numel() for p in model.qformer.parameters()):,} parameters, "
+          f"ViT tokens cached ({time.time() - t0:.0f} s)")
+    for it in range(qf_iters):
+        lr = lr_at(it, dataclasses.replace(cfg, max_iters=qf_iters))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tokens, targets = cached[96 if it % 4 == 3 else 64]
+        idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
+        loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
+        step(opt, loss, params, cfg.grad_clip)
+        if it % (4 * cfg.log_interval) == 0 or it == qf_iters - 1:
+            print(f"q-former iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
+    vision_report = evaluate_vision(model, heads, world, device)
+    print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in vision_report.items()))
+
+    # 2) the language model on the world's text alone (captions, descriptions, questions, boxes, templates)
+    lines = world.text_corpus("train", cfg.train_scenes)
+    val_lines = world.text_corpus("val", 200)
+    seqs = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in lines]
+    params = list(model.phi.parameters())
+    opt = torch.optim.AdamW(param_groups(model.phi, cfg.weight_decay), lr=cfg.lr)
+    print(f"stage 0 | language: {sum(p.numel() for p in params):,} parameters, {len(seqs):,} lines")
+    lm_iters = cfg.max_iters // 2          # the world's text is repetitive: the LM converges quickly
+    for it in range(lm_iters):
+        lr = lr_at(it, dataclasses.replace(cfg, max_iters=lm_iters))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = lm_loss(model.phi, rng.sample(seqs, cfg.batch_size), tok.eos_id, device)
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == lm_iters - 1:
+            print(f"text iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
+    with torch.no_grad():
+        val = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in val_lines]
+        text_val = float(lm_loss(model.phi.eval(), val, tok.eos_id, device))
+    print(f"language held-out loss {text_val:.4f}")
+
+    # ship the backbones (no projections, no LoRA: those belong to stages 1-4), in bf16 to keep the repo small
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("vit.", "qformer.", "phi.")) and ".lora_" not in name)
+    out = Path(cfg.backbones)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tv.save_checkpoint(model, out, dtype=torch.bfloat16,
+                       metadata={"stage": 0, "vision": vision_report, "text_val_loss": text_val})
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
+    return {"vision": vision_report, "text_val_loss": text_val}
+
+
+def lm_loss(phi: tv.Phi, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), tv.IGNORE_INDEX, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = labels[b, :len(s)] = torch.tensor(s)
+    logits = phi(ids.to(device))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device), ignore_index=tv.IGNORE_INDEX)
+
+
+def step(opt, loss, params, clip):
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, float]:
+    scenes = world.scenes("val", n)
+    out = {}
+    for size in (64, 96):
+        pixels = torch.stack([data.preprocess(s.render(size), size) for s in scenes]).to(device)
+        tokens = model.vit(pixels)
+        t = {k: v.to(device) for k, v in heads.targets(scenes, size // model.cfg.vit.patch_size).items()}
+        metrics = heads.patch_loss(tokens, t)[1] | heads.slot_loss(model.qformer(tokens), t)[1]
+        out.update({f"{k} @{size}": v for k, v in metrics.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, TrainConfig)
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    try:
+        train(cfg)
+    except NonFiniteLoss as e:
+        raise SystemExit(f"stopped: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
