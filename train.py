@@ -13,7 +13,8 @@ train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tin
     3      + LoRA                                   detailed descriptions, ###Human       cc_sbu_align
     4      + LoRA, larger images                    the six tasks and free VQA, [INST]    LLaVA, RefCOCO, VQAv2, GQA...
 
-Every flag is a field of TrainConfig below; `python train.py --help` lists them with the stage's recipe values.
+Every flag is a field of TrainConfig below; `python train.py --help` lists them, and the recipes that fill the
+fields left at 0.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class Recipe:
 
 
 # TinyGPT-V's recipes (spec section 4), and ours for the tiny preset on a CPU. The iteration counts of the real
-# recipe are epochs x iterations per epoch. Their stage-4 config has min_lr 8e-5 above the 1e-5 peak (the lr rises
-# over the stage); we keep the numbers as published.
+# recipe are epochs x iterations per epoch; its warm-up lengths are ours (the spec gives the rates, not the
+# lengths). Their stage-4 config has min_lr 8e-5 above the 1e-5 peak (the lr rises over the stage); we keep the
+# numbers as published.
 RECIPES: dict[str, dict[int, Recipe]] = {
     "tinygptv": {
         1: Recipe(64, 17 * 1000, 1000, 1e-4, 8e-5, 1e-6, 224),
@@ -127,16 +129,24 @@ RECIPES: dict[str, dict[int, Recipe]] = {
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, help_defaults: dict | None = None) -> None:
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     """One --flag per dataclass field (underscores become dashes; booleans get --x / --no-x)."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        shown = (help_defaults or {}).get(f.name, default)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"default: {shown!r}")
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default: {f.default!r}")
+
+
+def recipe_table() -> str:
+    """The recipes as text, for --help: what the fields left at 0 become."""
+    lines = ["recipes (fields left at 0 / -1 take these):", "  preset    stage  batch  iters  warmup  lr -> min (from)    image"]
+    for preset, stages in RECIPES.items():
+        for stage, r in stages.items():
+            lines.append(f"  {preset:<9} {stage:>5}  {r.batch_size:>5}  {r.max_iters:>5}  {r.warmup_iters:>6}  "
+                         f"{r.lr:.0e} -> {r.min_lr:.0e} ({r.warmup_lr:.0e})  {r.image_size:>5}")
+    return "\n".join(lines)
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -656,6 +666,10 @@ def train(cfg: TrainConfig) -> dict:
             last_good = save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
     train_time = time.time() - t_start
     result = {"train_seconds": train_time}
+    skipped = {k: len(ds.skipped) for k, (ds, _) in train_sets.items() if getattr(ds, "skipped", None)}
+    if skipped:
+        result["skipped_images"] = skipped
+        log("skipped unreadable images: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
     if rank == 0:
         result["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
         result.update(evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage]))
@@ -915,7 +929,8 @@ def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_table(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, TrainConfig)
     cfg = config_from_args(TrainConfig, parser.parse_args(argv))
     try:
