@@ -1,0 +1,346 @@
+"""
+quantize.py: weight-only int8 and int4 for tinyvlm, written directly in PyTorch (no bitsandbytes).
+
+    int8  symmetric, one scale per output channel:        w ~= q * s[n]                      q in -127..127
+    int4  asymmetric, groups of 128 along the input:      w ~= q * s[n, g] + m[n, g]          q in 0..15
+
+Decoding one token reads every weight once, so it is bound by memory bandwidth: a quarter of the bytes (int8 vs
+fp32) is up to four times the tokens per second. Each layer has a readable reference forward (dequantize, then
+matmul: slow, but obviously right) and, where this torch has them, fast private kernels:
+    int8 decode   torch.ops.aten._weight_int8pack_mm (bf16 activations)
+    int8 prefill  torch._int_mm on per-token-quantized activations, with LLM.int8's outlier split: activation
+                  columns above a threshold (6.0) stay in floating point
+    int4          torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations), on CPU
+Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
+
+    python quantize.py --mode int8 --out out/int8.safetensors     # the trained tiny model of train.py, stage 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tinyvlm as tv
+
+
+def _has(op: str) -> bool:
+    return hasattr(torch.ops.aten, op)
+
+
+FAST_INT8 = _has("_weight_int8pack_mm")
+FAST_INT4 = _has("_convert_weight_to_int4pack_for_cpu") and _has("_weight_int4pack_mm_for_cpu")
+FAST_INT_MM = hasattr(torch, "_int_mm")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The number formats
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K) and fp32 scales (N,): symmetric, per output channel."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> uint8 codes 0..15 (N, K), scales and minima (N, K / group): asymmetric per group."""
+    N, K = w.shape
+    if K % group:
+        raise ValueError(f"int4 needs in_features ({K}) divisible by the group size ({group})")
+    wg = w.float().view(N, K // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(N, K)
+    return q, scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int) -> torch.Tensor:
+    N, K = q.shape
+    return (q.view(N, K // group, group).float() * scale[..., None] + lo[..., None]).view(N, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 with one scale per output row. path: "auto" (fast kernels where present),
+    or "reference" (dequantize then matmul)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, outlier_threshold: float = 6.0, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.outlier_threshold = outlier_threshold
+        self.path = "auto"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, outlier_threshold: float = 6.0) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, outlier_threshold,
+                    device=linear.weight.device)
+        layer.weight, layer.scales = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().float().clone()
+        return layer
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int8(self.weight, self.scales)
+        return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
+
+    def forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
+        """A few rows: the packed kernel reads int8 weights and wants bf16 activations (fp32 ones are ~15x slower)."""
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
+
+    def forward_prefill(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows: int8 x int8 -> int32 with per-token activation scales. LLM.int8's decomposition: activation
+        columns holding any value above the threshold are taken out and multiplied in floating point."""
+        x2 = x2.float()
+        outliers = (x2.abs() > self.outlier_threshold).any(0)                      # (K,) feature columns
+        y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32, device=x2.device)
+        if outliers.any():
+            y += x2[:, outliers] @ (self.weight[:, outliers].float() * self.scales[:, None]).T
+            x2 = x2.masked_fill(outliers, 0.0)
+        sx = x2.abs().amax(1).clamp(min=1e-8) / 127                                 # (M,) per token
+        xq = torch.round(x2 / sx[:, None]).clamp(-127, 127).to(torch.int8)
+        return y + torch._int_mm(xq, self.weight.t()).float() * sx[:, None] * self.scales[None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "reference":
+            return self.forward_reference(x)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= 32 and FAST_INT_MM:
+            y = self.forward_prefill(x2)
+        elif FAST_INT8 and x2.device.type == "cpu":
+            y = self.forward_decode(x2)
+        else:
+            return self.forward_reference(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is 4-bit codes in groups of `group` inputs, each group with its scale and minimum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: int = 128, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        # stored portable: two codes per byte, low nibble first; the CPU kernel's own layout is made at first use
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group, device=device))
+        self.register_buffer("minima", torch.zeros(out_features, in_features // group, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.path = "auto"
+        self._packed = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = 128) -> "Int4Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, device=linear.weight.device)
+        q, layer.scales, layer.minima = quantize_int4(linear.weight.detach(), group)
+        layer.weight = q[:, 0::2] | (q[:, 1::2] << 4)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().float().clone()
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return torch.stack((self.weight & 15, self.weight >> 4), dim=-1).view(self.out_features, self.in_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int4(self.codes(), self.scales, self.minima, self.group)
+        return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
+
+    def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            # the kernel computes w = (q - 8) * scale + zero: our minimum m is zero - 8 * scale
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            zero = self.minima + 8 * self.scales
+            self._scales_zeros = torch.stack((self.scales, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed, self.group,
+                                                          self._scales_zeros).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "reference" or not FAST_INT4 or x.device.type != "cpu":
+            return self.forward_reference(x)
+        y = self.forward_fast(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole models
+
+PARTS = ("phi", "vit", "qformer", "projections")
+PROJECTIONS = ("llama_proj", "llama_proj2", "mlp_proj")
+
+
+def _replace_linears(model: tv.TinyVLM, parts, make) -> None:
+    """Replace every nn.Linear of the chosen parts by make(linear), in place."""
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+        names = [n for n in PROJECTIONS if hasattr(model, n)] if part == "projections" else [part]
+        for root_name in names:
+            for name, linear in list(model.get_submodule(root_name).named_modules()):
+                if isinstance(linear, nn.Linear):
+                    full = f"{root_name}.{name}" if name else root_name
+                    parent, _, child = full.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, make(linear))
+
+
+def _layer_for(linear: nn.Linear, recipe: dict, empty: bool) -> nn.Module:
+    """The quantized replacement of one Linear: int4 where the input width fits the group, int8 otherwise."""
+    if recipe["mode"] not in ("int8", "int4"):
+        raise ValueError(f"mode must be int8 or int4, got {recipe['mode']!r}")
+    args = (linear.in_features, linear.out_features, linear.bias is not None)
+    if recipe["mode"] == "int4" and linear.in_features % recipe["group"] == 0:
+        return Int4Linear(*args, group=recipe["group"]) if empty else Int4Linear.from_linear(linear, recipe["group"])
+    return Int8Linear(*args, recipe["outlier_threshold"]) if empty else \
+        Int8Linear.from_linear(linear, recipe["outlier_threshold"])
+
+
+def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...] = ("phi",), group: int = 128,
+                   outlier_threshold: float = 6.0) -> tv.TinyVLM:
+    """Replace the Linear layers of the chosen parts by int8 / int4 ones, in place. LoRA is merged first (a
+    quantized model is for inference). Layers whose input width is not a multiple of the int4 group stay int8."""
+    recipe = {"mode": mode, "parts": list(parts), "group": group, "outlier_threshold": outlier_threshold}
+    for layer in tv.lora_layers(model):
+        layer.merge()
+    _replace_linears(model, parts, lambda linear: _layer_for(linear, recipe, empty=False))
+    model.quantization = recipe
+    return model
+
+
+def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, lora=None)
+
+
+def save_quantized(model: tv.TinyVLM, path: str | Path) -> Path:
+    """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config and the quantization
+    recipe in its metadata. LoRA is already merged, so the saved config has none."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
+    meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
+            "quantization": json.dumps(model.quantization)}
+    tv.atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return Path(path)
+
+
+def load_quantized(path: str | Path) -> tv.TinyVLM:
+    """Build the model on the meta device, swap in the quantized layers, then take the file's tensors as they are
+    (memory-mapped): the full-precision model is never built, so peak memory stays near the quantized size."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "tinyvlm-quantized":
+        raise tv.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint")
+    cfg = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
+    recipe = json.loads(meta["quantization"])
+    with torch.device("meta"):
+        model = tv.TinyVLM(cfg)
+        _replace_linears(model, recipe["parts"], lambda linear: _layer_for(linear, recipe, empty=True))
+    tensors = tv.read_weights(path)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise tv.CheckpointError(f"{path}: missing {missing[:3]} unexpected {unexpected[:3]} for its own recipe")
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise tv.CheckpointError(f"{path}: key '{k}' has shape {tuple(t.shape)} but the model expects "
+                                     f"{tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, assign=True)
+    model.quantization = recipe
+    return model
+
+
+def part_bytes(model: tv.TinyVLM) -> dict[str, int]:
+    """Bytes of every tensor (parameters and buffers) per part of the model."""
+    out: dict[str, int] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        part = name.split(".")[0]
+        part = "projections" if part in ("llama_proj", "llama_proj2", "mlp_proj") else part
+        out[part] = out.get(part, 0) + t.numel() * t.element_size()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: quantize a trained model and say what it costs
+
+@torch.no_grad()
+def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> dict[str, float]:
+    """Teacher-forced logits of both models on the same held-out batches, at the answer positions."""
+    max_err, sum_err, n, agree = 0.0, 0.0, 0, 0
+    for batch in batches:
+        kw = {"features": batch.get("features"), "attention_mask": batch["attention_mask"]}
+        a, _ = reference(batch.get("pixels"), batch["input_ids"], **kw)
+        b, _ = quantized(batch.get("pixels"), batch["input_ids"], **kw)
+        at = batch["labels"][:, 1:] != tv.IGNORE_INDEX
+        a, b = a[:, :-1][at].float(), b[:, :-1][at].float()
+        max_err = max(max_err, float((a - b).abs().max()))
+        sum_err += float((a - b).abs().mean(-1).sum())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    return {"max |logit error|": max_err, "mean |logit error|": sum_err / n, "top-1 agreement": agree / n}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import copy
+
+    import data
+    import train
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/stage4/model.safetensors", help="a stage checkpoint of train.py")
+    p.add_argument("--stage", type=int, default=4, help="the stage the checkpoint is from (its prompts and data)")
+    p.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    p.add_argument("--parts", default="phi", help=f"comma-separated, from {','.join(PARTS)}")
+    p.add_argument("--group", type=int, default=128, help="int4 group size")
+    p.add_argument("--outlier-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold")
+    p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task")
+    p.add_argument("--out", default="", help="write the quantized model here (safetensors)")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        raise SystemExit(f"{args.checkpoint} not found: train it first (python train.py --stage {args.stage})")
+    cfg = train.resolve(train.TrainConfig(stage=args.stage, init=args.checkpoint, eval_samples=args.eval_samples))
+    reference, _ = train.build_model(cfg, torch.device("cpu"))
+    reference.eval()
+    quantized = quantize_model(copy.deepcopy(reference), args.mode, tuple(args.parts.split(",")), args.group,
+                               args.outlier_threshold).eval()
+    before, after = part_bytes(reference), part_bytes(quantized)
+    print(f"{args.mode} ({args.parts}) of {args.checkpoint}\n\n| part | before | after | ratio |\n|---|---|---|---|")
+    for part in before:
+        print(f"| {part} | {before[part] / 1e6:.2f} MB | {after[part] / 1e6:.2f} MB | {before[part] / after[part]:.2f}x |")
+    print(f"| all | {sum(before.values()) / 1e6:.2f} MB | {sum(after.values()) / 1e6:.2f} MB | "
+          f"{sum(before.values()) / sum(after.values()):.2f}x |")
+    tok = train.build_tokenizer(cfg)
+    val = {k: ds for k, (ds, _) in train.make_datasets(cfg, reference, tok, "val", args.eval_samples, "cpu").items()}
+    batches = [data.collate([ds[i] for i in range(j, min(j + 32, len(ds)))], tok.eos_id)
+               for ds in val.values() for j in range(0, len(ds), 32)]
+    print("\nquality against the unquantized model (held-out, teacher-forced, answer positions):")
+    for k, v in logit_agreement(reference, quantized, batches).items():
+        print(f"  {k}: {v:.4f}")
+    print("\nheld-out task metrics, unquantized -> quantized:")
+    ref_metrics = train.evaluate(reference, tok, val, args.stage, "cpu", train.EVAL_NEW_TOKENS[args.stage])["metrics"]
+    q_metrics = train.evaluate(quantized, tok, val, args.stage, "cpu", train.EVAL_NEW_TOKENS[args.stage])["metrics"]
+    for task, row in ref_metrics.items():
+        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items() if k != "n"))
+    if args.out:
+        print(f"\nwrote {save_quantized(quantized, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
