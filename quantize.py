@@ -19,6 +19,7 @@ Private ops change between torch versions: each is detected once, and the refere
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -226,7 +227,6 @@ def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...]
 
 
 def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
-    import dataclasses
     return dataclasses.replace(cfg, lora=None)
 
 

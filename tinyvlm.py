@@ -1214,12 +1214,12 @@ def phi_config_from_hf(config: dict, **overrides) -> PhiConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def phi_key_map(cfg: PhiConfig, tensors: dict[str, torch.Tensor], prefix: str = "") -> tuple[KeyMap, str]:
+def phi_key_map(cfg: PhiConfig, tensors: dict[str, torch.Tensor]) -> tuple[KeyMap, str]:
     """The key map for whichever of the three Phi layouts the file uses, and its name."""
     layers = range(cfg.num_layers)
-    if prefix + "transformer.embd.wte.weight" in tensors:
+    if "transformer.embd.wte.weight" in tensors:
         return {**PHI_MSFT_TOP, **_expand(PHI_MSFT_LAYER, "layers.{i}.", "transformer.h.{i}.", layers)}, "phi-msft"
-    if prefix + "model.layers.0.self_attn.query_key_value.weight" in tensors:
+    if "model.layers.0.self_attn.query_key_value.weight" in tensors:
         return {**PHI_HF_TOP, **_expand(PHI_TINYGPTV_LAYER, "layers.{i}.", "model.layers.{i}.", layers)}, "tinygptv"
     return {**PHI_HF_TOP, **_expand(PHI_HF_LAYER, "layers.{i}.", "model.layers.{i}.", layers)}, "hf"
 

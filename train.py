@@ -562,7 +562,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_tokens: int) -> tuple[torch.Tensor, int]:
+def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_tokens: int) -> torch.Tensor:
     """Sum of the answer tokens' losses / the global number of answer tokens: summed over ranks and micro-batches
     this is exactly the mean loss of the global batch, whatever the split."""
     labels = batch["labels"].to(device)
@@ -572,7 +572,7 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
                           batch["attention_mask"].to(device), features=features.to(device) if features is not None else None)
     loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=tv.IGNORE_INDEX, reduction="sum")
-    return loss_sum * world / n_tokens, int((labels[:, 1:] != tv.IGNORE_INDEX).sum())
+    return loss_sum * world / n_tokens
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -639,7 +639,7 @@ def train(cfg: TrainConfig) -> dict:
             part = shard(batch, rank, world)
             sync = nullcontext() if (world == 1 or k == len(micro) - 1) else ddp_model.no_sync()
             with sync:
-                loss, _ = micro_step(ddp_model, part, device, cfg, world, n_tokens)
+                loss = micro_step(ddp_model, part, device, cfg, world, n_tokens)
                 loss.backward()
             loss_total += loss.detach() / world
             tokens_seen += int(part["attention_mask"].sum())
@@ -702,7 +702,7 @@ def validation_loss(model, val_sets, cfg: TrainConfig, device, tok) -> float:
             if batch is None:
                 continue
             n = int((batch["labels"][:, 1:] != tv.IGNORE_INDEX).sum())
-            loss, _ = micro_step(model, batch, device, cfg, 1, n)
+            loss = micro_step(model, batch, device, cfg, 1, n)
             total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 

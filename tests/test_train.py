@@ -113,8 +113,8 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
     real = train.micro_step
 
     def poisoned(model, batch, device, cfg, world, n_tokens):
-        loss, n = real(model, batch, device, cfg, world, n_tokens)
-        return (loss * float("nan") if poisoned.calls >= 12 else loss), n
+        loss = real(model, batch, device, cfg, world, n_tokens)
+        return loss * float("nan") if poisoned.calls >= 12 else loss
     poisoned.calls = 0
 
     def counting(*a, **k):
