@@ -230,13 +230,15 @@ def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
     return dataclasses.replace(cfg, lora=None)
 
 
-def save_quantized(model: tv.TinyVLM, path: str | Path) -> Path:
-    """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config and the quantization
-    recipe in its metadata. LoRA is already merged, so the saved config has none."""
+def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_size: int | None = None) -> Path:
+    """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config, the quantization recipe,
+    and the stage and image size it was trained for (its prompt template and input) in its metadata. LoRA is
+    already merged, so the saved config has none."""
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
     meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
-            "quantization": json.dumps(model.quantization)}
+            "quantization": json.dumps(model.quantization), "stage": json.dumps(stage),
+            "image_size": json.dumps(image_size or model.cfg.vit.image_size)}
     tv.atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     return Path(path)
 
@@ -265,6 +267,8 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
                                      f"{tuple(expected[k].shape)}")
     model.load_state_dict(tensors, assign=True)
     model.quantization = recipe
+    model.trained_for = {"stage": json.loads(meta.get("stage", "4")),
+                         "image_size": json.loads(meta.get("image_size", str(cfg.vit.image_size)))}
     return model
 
 
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     for task, row in ref_metrics.items():
         print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items() if k != "n"))
     if args.out:
-        print(f"\nwrote {save_quantized(quantized, args.out)}")
+        print(f"\nwrote {save_quantized(quantized, args.out, args.stage, cfg.image_size)}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     assert after["phi"] < before["phi"] / (3 if mode == "int8" else 4)
     path = q.save_quantized(model, tmp_path / f"{mode}.safetensors")
     loaded = q.load_quantized(path)
+    assert loaded.trained_for == {"stage": 4, "image_size": 64} and loaded.quantization["mode"] == mode
     ids = torch.randint(0, 600, (2, 9))
     with torch.no_grad():
         assert torch.equal(model.phi(ids), loaded.phi(ids))

@@ -1,0 +1,42 @@
+"""`python tinyvlm.py --image ...`: on a real photo, with boxes drawn, the attention picture and int8, and the
+clear errors for a corrupt image and an unknown task identifier."""
+
+import pytest
+import torch
+from PIL import Image
+
+import tinyvlm as tv
+import train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    train.train(train.TrainConfig(stage=1, out_dir=str(out), max_iters=2, train_scenes=32, eval_samples=2, batch_size=4))
+    return out / "stage1" / "model.safetensors"
+
+
+def test_real_photo_with_drawing_attention_and_int8(checkpoint, tmp_path, capsys):
+    from skimage import data as photos
+    Image.fromarray(photos.chelsea()).save(tmp_path / "cat.jpg")
+    tv.main(["--image", str(tmp_path / "cat.jpg"), "--checkpoint", str(checkpoint), "--max-new-tokens", "8",
+             "--draw", str(tmp_path / "boxes.png"), "--attention", str(tmp_path / "attention.png"), "--quantize", "int8"])
+    out = capsys.readouterr()
+    assert out.out.strip() and "wrote" in out.err
+    assert Image.open(tmp_path / "boxes.png").size == (451, 300)
+    assert Image.open(tmp_path / "attention.png").size[0] > 300
+
+
+def test_qformer_attention_is_a_distribution():
+    model = tv.TinyVLM.from_preset("tiny").eval()
+    attn = tv.qformer_attention(model, torch.randn(2, 3, 64, 64))
+    assert attn.shape == (2, 16, 17) and torch.allclose(attn.sum(-1), torch.ones(2, 16), atol=1e-5)
+
+
+def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(SystemExit, match="broken.jpg: cannot read image"):
+        tv.main(["--image", str(tmp_path / "broken.jpg"), "--checkpoint", str(checkpoint), "what is it?"])
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    with pytest.raises(SystemExit, match=r"unknown task identifier '\[vqaa\]'"):
+        tv.main(["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
