@@ -596,6 +596,11 @@ class Scene:
         return img.resize((size, size), Image.BOX)
 
 
+def pixels_of(scenes: Sequence["Scene"], size: int) -> torch.Tensor:
+    """A batch of scenes rendered at size px and preprocessed: (B, 3, size, size)."""
+    return torch.stack([preprocess(s.render(size), size) for s in scenes])
+
+
 def _plural(kind: str, n: int) -> str:
     return kind if n == 1 else kind + "s"
 

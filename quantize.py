@@ -179,9 +179,6 @@ class Int4Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-QUANTIZED = (Int8Linear, Int4Linear)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole models
 
@@ -277,7 +274,7 @@ def part_bytes(model: tv.TinyVLM) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         part = name.split(".")[0]
-        part = "projections" if part in ("llama_proj", "llama_proj2", "mlp_proj") else part
+        part = "projections" if part in PROJECTIONS else part
         out[part] = out.get(part, 0) + t.numel() * t.element_size()
     return out
 

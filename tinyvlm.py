@@ -1511,7 +1511,6 @@ def qformer_attention(model: TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import sys
     import data
     import train
     p = argparse.ArgumentParser(description="Ask tinyvlm about an image (streams the answer).")

@@ -319,7 +319,7 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
     model.eval()
     feats = []
     for i in range(0, len(scenes), 128):
-        pixels = torch.stack([data.preprocess(s.render(image_size), image_size) for s in scenes[i:i + 128]])
+        pixels = data.pixels_of(scenes[i:i + 128], image_size)
         feats.append(model.visual_features(pixels.to(device)).float().cpu())
     out = torch.cat(feats)
     if path:
@@ -832,7 +832,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
             g["lr"] = lr
         batch = rng.sample(scenes, cfg.batch_size)
         size = 96 if it % 4 == 3 else 64
-        pixels = torch.stack([data.preprocess(s.render(size), size) for s in batch]).to(device)
+        pixels = data.pixels_of(batch, size).to(device)
         loss, metrics = heads.patch_loss(model.vit(pixels), {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()})
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == vit_iters - 1:
@@ -844,7 +844,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     cached = {}
     for size, n in ((64, len(scenes)), (96, len(scenes) // 2)):
         with torch.no_grad():
-            tokens = torch.cat([model.vit(torch.stack([data.preprocess(s.render(size), size) for s in scenes[i:min(i + 256, n)]]).to(device))
+            tokens = torch.cat([model.vit(data.pixels_of(scenes[i:min(i + 256, n)], size).to(device))
                                 for i in range(0, n, 256)])
         cached[size] = (tokens, heads.targets(scenes[:n], size // patch))
     params = list(model.qformer.parameters()) + list(heads.slot.parameters())
@@ -920,7 +920,7 @@ def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, floa
     scenes = world.scenes("val", n)
     out = {}
     for size in (64, 96):
-        pixels = torch.stack([data.preprocess(s.render(size), size) for s in scenes]).to(device)
+        pixels = data.pixels_of(scenes, size).to(device)
         tokens = model.vit(pixels)
         t = {k: v.to(device) for k, v in heads.targets(scenes, size // model.cfg.vit.patch_size).items()}
         metrics = heads.patch_loss(tokens, t)[1] | heads.slot_loss(model.qformer(tokens), t)[1]
