@@ -202,6 +202,17 @@ def set_trainable(model: tv.TinyVLM, stage: int, input_norm: bool = True, lora: 
     return {k: sum(p.numel() for p in v) for k, v in groups.items()}
 
 
+def trainable_in_fp32(model: nn.Module) -> None:
+    """Trainable tensors in fp32 whatever the frozen ones are (as TinyGPT-V). A norm with a trainable weight is
+    kept in fp32 whole (its frozen bias too), since tv.LayerNorm computes in its parameters' dtype."""
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, tv.RMSNorm)) and any(p.requires_grad for p in m.parameters()):
+            m.float()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building the model
 
@@ -589,14 +600,7 @@ def train(cfg: TrainConfig) -> dict:
     tok = build_tokenizer(cfg)
     model, source = build_model(cfg, device)
     counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
-    # trainable tensors in fp32 whatever the frozen ones are (as TinyGPT-V); a norm with a trainable weight is kept
-    # in fp32 whole (its frozen bias too), since tv.LayerNorm computes in its parameters' dtype
-    for m in model.modules():
-        if isinstance(m, (nn.LayerNorm, tv.RMSNorm)) and any(p.requires_grad for p in m.parameters()):
-            m.float()
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    trainable_in_fp32(model)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")

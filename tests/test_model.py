@@ -476,3 +476,20 @@ def test_mlp_connector():
     assert not hasattr(model, "qformer") and model.cfg.num_image_tokens == n
     with torch.no_grad():
         assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, n, model.cfg.phi.hidden)
+
+
+def test_half_precision_linear_widens_many_rows_on_cpu():
+    """bf16 weights x many rows are computed in fp32 on a CPU (faster without bf16 instructions, and more exact);
+    a few rows, and anything that needs a gradient, keep the ordinary half-precision product."""
+    torch.manual_seed(0)
+    layer = tv.Linear(64, 48).to(torch.bfloat16)
+    w, b = layer.weight.float(), layer.bias.float()
+    many, few = torch.randn(40, 64).bfloat16(), torch.randn(2, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(many), F.linear(many.float(), w, b).bfloat16())
+        assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+    x = many.clone().requires_grad_()
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))       # training: the native product
+    y.sum().backward()
+    assert x.grad is not None

@@ -29,7 +29,8 @@ def test_int8_error_and_paths_agree(linear):
     reference1, reference64 = layer(x1), layer(x64)
     layer.path = "auto"
     assert rel_err(layer(x1), reference1) < 1e-2          # decode kernel (bf16 activations)
-    assert rel_err(layer(x64), reference64) < 2e-2        # int8 x int8 prefill (activations quantized too)
+    assert rel_err(layer(x64), reference64) < 1e-6        # many rows on a CPU: the reference itself
+    assert rel_err(layer.forward_prefill(x64) + layer.bias, reference64) < 2e-2   # int8 x int8 (activations too)
     print(f"int8: reference {rel_err(reference1, ref1):.1e}, decode kernel {q.FAST_INT8}, int_mm {q.FAST_INT_MM}")
 
 
@@ -38,9 +39,9 @@ def test_llm_int8_outlier_columns_stay_accurate(linear):
     x = torch.randn(64, 512)
     x[:, 7] = 60.0                                       # one outlier feature, as large transformers grow them
     ref = linear(x).detach()
-    with_split = rel_err(layer(x), ref)
+    with_split = rel_err(layer.forward_prefill(x) + layer.bias, ref)     # the int8 x int8 path (GPUs take it)
     layer.outlier_threshold = float("inf")               # no split: the outlier crushes every token's scale
-    without = rel_err(layer(x), ref)
+    without = rel_err(layer.forward_prefill(x) + layer.bias, ref)
     assert with_split < 2e-2 and without > 2 * with_split, (with_split, without)
 
 

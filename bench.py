@@ -1,0 +1,559 @@
+"""
+bench.py: speed and memory of the full-size TinyGPT-V on this machine, side by side with Hugging Face transformers
+on the same weight files, and against the memory-bandwidth limit measured in the same run.
+
+    python bench.py                          # everything (about 30 minutes on a 2-core CPU, 24 GB of RAM)
+    python bench.py --only bandwidth,inference --out bench.md
+    python bench.py --preset tiny --repeats 1 --prompt-tokens 16 --new-tokens 8 --stages 1 --stage-iters 2
+                                             # the same code on the tiny preset in seconds (the test runs this)
+
+What it does, section by section (--only picks some):
+  weights    random weights written once in the public layouts, into --cache (default: a folder under the
+             system's temp dir, reused by later runs): microsoft/phi-2 (fp16 shards + index, ~5.6 GB) and a
+             Salesforce/blip2-* folder (fp32 as published, ~4.4 GB; the ViT, ln_vision and the Q-Former: BLIP-2's
+             own OPT / Flan-T5 is left out, our loader ignores it anyway); then our int8 and int4 files from them.
+  bandwidth  a large streaming read (sum of a 1 GiB tensor), the best of 10: the limit of batch-1 decoding,
+             which reads every weight once per token.
+  inference  one process per configuration, so each peak RSS is its own: ours fp32, bf16, int8, int4 and
+             transformers' PhiForCausalLM + Blip2 vision model + Q-Former fp32 and bf16. Load time, image encode
+             (ViT + Q-Former), prefill (--prompt-tokens random ids) and decode (batch 1, KV cache,
+             --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
+             norm off) so the two compute the same thing: the fp32 logits and image features are compared.
+  train      one full-size stage-2 step (LoRA r64 on qkv and dense, frozen weights bf16, trainable fp32).
+  stages     the tiny default: `python train.py --stage N` with its default settings, N in --stages.
+
+Needs transformers (requirements-dev.txt): it is the reference here, never a dependency of tinyvlm itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import quantize
+import tinyvlm as tv
+import train
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("weights", "bandwidth", "inference", "train", "stages")
+OURS = ("fp32", "bf16", "int8", "int4")
+REFERENCE = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tinygptv"        # model sizes: "tinygptv" (the real ones) or "tiny" (a smoke test)
+    only: str = ",".join(SECTIONS)  # sections to run, comma-separated
+    cache: str = ""                 # where the random public-layout weights live (default: <tmp>/tinyvlm-bench-<preset>)
+    out: str = ""                   # also write the markdown table to this file
+    repeats: int = 3                # timed runs per figure, after one untimed warm-up; the median is reported
+    prompt_tokens: int = 256        # prefill length
+    new_tokens: int = 64            # decode steps
+    train_batch: int = 4            # samples in the full-size training step
+    train_text_tokens: int = 32     # text tokens per sample in it (stage 2's captions are short)
+    stages: str = "1,2,3,4"         # tiny default stages to time
+    stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
+    worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far. Linux's VmHWM, not getrusage's ru_maxrss: that one survives
+    execve, so a worker would report its parent's peak whenever it is the larger."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        unit = 1 if sys.platform == "darwin" else 1024            # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()                                           # warm-up: first-call allocations, int4 packing, lazy pages
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Random weights in the public layouts
+
+def public_configs(cfg: tv.TinyVLMConfig) -> tuple[dict, dict]:
+    """config.json of a phi-2 folder and of a blip2 folder with our config's sizes (TinyGPT-V's are Phi-2's and
+    BLIP-2's own)."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, PhiConfig
+    p, v, q = cfg.phi, cfg.vit, cfg.qformer
+    phi = PhiConfig(vocab_size=p.vocab_size, hidden_size=p.hidden, intermediate_size=p.mlp_dim,
+                    num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads,
+                    partial_rotary_factor=p.rotary_dim / p.head_dim, max_position_embeddings=p.max_positions,
+                    layer_norm_eps=p.eps, resid_pdrop=0.1, embd_pdrop=0.0, torch_dtype="float16")
+    vision = Blip2VisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.num_layers,
+                               num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                               layer_norm_eps=v.eps)
+    qformer = Blip2QFormerConfig(hidden_size=q.hidden, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                                 intermediate_size=q.mlp_dim, encoder_hidden_size=q.vision_width,
+                                 cross_attention_frequency=q.cross_attention_every, layer_norm_eps=q.eps)
+    # only its width matters (it sizes language_projection); the OPT weights themselves are not written
+    text = OPTConfig(hidden_size=p.hidden, word_embed_proj_dim=p.hidden, num_attention_heads=p.num_heads,
+                     num_hidden_layers=1, ffn_dim=4 * p.hidden)
+    blip2 = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                        num_query_tokens=q.num_queries)
+    return phi.to_dict(), blip2.to_dict()
+
+
+def public_shapes(phi_config: dict, blip2_config: dict) -> tuple[dict, dict]:
+    """{key: shape} of each public file, read off transformers' own classes built on the meta device (no memory)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, PhiConfig, PhiForCausalLM
+    with torch.device("meta"):
+        phi = PhiForCausalLM(PhiConfig.from_dict(phi_config))
+        blip2 = Blip2ForConditionalGeneration(Blip2Config.from_dict(blip2_config))
+    phi_shapes = {k: tuple(t.shape) for k, t in phi.state_dict().items()}
+    blip2_shapes = {k: tuple(t.shape) for k, t in blip2.state_dict().items() if not k.startswith("language_model.")}
+    return phi_shapes, blip2_shapes
+
+
+def random_tensor(key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A deterministic random value of a sane scale: norm weights near 1, everything else small."""
+    g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    t = torch.randn(shape, generator=g) * 0.02
+    if len(shape) == 1 and "norm" in key.lower() and key.endswith("weight"):
+        t += 1.0
+    return t.to(dtype)
+
+
+def write_folder(folder: Path, config: dict, shapes: dict, dtype: torch.dtype, shard_bytes: int) -> None:
+    """A Hugging Face folder: config.json, model.safetensors or shards named as the hub names them + the index."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    size = torch.empty((), dtype=dtype).element_size()
+    shards, current, nbytes = [], [], 0
+    for key, shape in shapes.items():
+        n = size * max(1, int(torch.tensor(shape).prod()) if shape else 1)
+        if current and nbytes + n > shard_bytes:
+            shards.append(current)
+            current, nbytes = [], 0
+        current.append(key)
+        nbytes += n
+    shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        tv.atomic_write(folder / name, lambda tmp: save_file({k: random_tensor(k, shapes[k], dtype) for k in keys},
+                                                            tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(size * int(torch.tensor(s).prod()) for s in shapes.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def inference_config(cfg: tv.TinyVLMConfig, blip2_config: dict) -> tv.TinyVLMConfig:
+    """Ours as the reference computes it: Phi-2 as published (no QK-norm, no post-attention norm), no LoRA (merged
+    away for inference), ln_vision with the folder's own eps."""
+    phi = dataclasses.replace(cfg.phi, qk_norm=False, post_attn_norm=False)
+    vit = dataclasses.replace(cfg.vit, ln_vision_eps=blip2_config["vision_config"]["layer_norm_eps"])
+    return dataclasses.replace(cfg, phi=phi, vit=vit, lora=None)
+
+
+def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
+    """Write (once) the public folders and our quantized files; returns their paths."""
+    cfg = tv.PRESETS[bc.preset]()
+    phi_config, blip2_config = public_configs(cfg)
+    paths = {"phi": cache / "phi-2", "blip2": cache / "blip2", "int8": cache / "int8.safetensors",
+             "int4": cache / "int4.safetensors"}
+    stamp, written = cache / "written.json", json.dumps([phi_config, blip2_config], sort_keys=True)
+    if stamp.exists() and stamp.read_text() == written:
+        print(f"weights: reusing {cache}", flush=True)
+        return paths
+    t = time.time()
+    phi_shapes, blip2_shapes = public_shapes(phi_config, blip2_config)
+    # microsoft/phi-2 ships fp16 shards; Salesforce/blip2-* ship fp32
+    write_folder(paths["phi"], phi_config, phi_shapes, torch.float16, shard_bytes=2_000_000_000)
+    write_folder(paths["blip2"], blip2_config, blip2_shapes, torch.float32, shard_bytes=2_000_000_000)
+    print(f"weights: wrote {cache} in {time.time() - t:.0f} s", flush=True)
+    for mode in ("int8", "int4"):                  # a separate process each: quantizing holds the bf16 model
+        run_worker({"kind": "quantize", "mode": mode}, bc, paths)
+    stamp.write_text(written)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Workers: one measurement per process
+
+def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
+    cfg = inference_config(tv.PRESETS[bc.preset](), json.loads((paths["blip2"] / "config.json").read_text()))
+    t = time.time()
+    model = tv.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=torch.bfloat16)
+    quantize.quantize_model(model, job["mode"], parts=quantize.PARTS)
+    quantize.save_quantized(model, paths[job["mode"]], stage=4, image_size=cfg.vit.image_size)
+    return {"seconds": time.time() - t, "bytes": paths[job["mode"]].stat().st_size}
+
+
+class Ours:
+    def __init__(self, dtype: str, bc: BenchConfig, paths: dict):
+        blip2_config = json.loads((paths["blip2"] / "config.json").read_text())
+        if dtype in ("int8", "int4"):
+            self.model = quantize.load_quantized(paths[dtype])
+            self.dtype = torch.bfloat16               # the quantized kernels take bf16 activations
+        else:
+            cfg = inference_config(tv.PRESETS[bc.preset](), blip2_config)
+            self.dtype = DTYPES[dtype]
+            self.model = tv.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=self.dtype)
+        self.model.eval()
+        self.phi = self.model.phi
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_features(pixels.to(self.dtype))       # (1, 32, 768)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.dtype))          # + the two projections
+
+    def prefill(self, ids: torch.Tensor, max_len: int):
+        mask = torch.ones_like(ids)
+        x = self.phi.embed_tokens(ids)
+        cache = tv.KVCache(self.phi.cfg, 1, max_len, ids.device, x.dtype)
+        return tv.prefill(self.phi, x, mask, cache), (cache, mask)
+
+    def decode(self, token: torch.Tensor, state):
+        cache, mask = state
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
+        return tv.decode_one_token(self.phi, token, mask, cache), (cache, mask)
+
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads: every tensor of Phi-2 but the embedding table (one row of it is read)."""
+        tensors = list(self.phi.parameters()) + list(self.phi.buffers())
+        embed = self.phi.embed_tokens.weight
+        return sum(t.numel() * t.element_size() for t in tensors if t is not embed)
+
+
+class Reference:
+    """What a transformers user writes: PhiForCausalLM.from_pretrained, and BLIP-2's vision model and Q-Former
+    (Blip2Model.from_pretrained would want the OPT / Flan-T5 weights too: the two towers are built from the
+    folder's config and given the file's tensors)."""
+
+    def __init__(self, dtype: str, bc: BenchConfig, paths: dict):
+        from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel, PhiForCausalLM
+        self.dtype = DTYPES[dtype]
+        self.phi = PhiForCausalLM.from_pretrained(paths["phi"], dtype=self.dtype).eval()
+        from safetensors import safe_open
+        config = Blip2Config.from_pretrained(paths["blip2"])
+        state = {}                                     # tensor by tensor, each converted as it is read
+        for f in sorted(paths["blip2"].glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                state.update({k: st.get_tensor(k).to(self.dtype) for k in st.keys()})
+        with torch.device("meta"):
+            self.vision = Blip2VisionModel(config.vision_config)
+            self.qformer = Blip2QFormerModel(config.qformer_config)
+        for module, prefix in ((self.vision, "vision_model."), (self.qformer, "qformer.")):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module.load_state_dict(sub, strict=False, assign=True)      # strict=False: the Q-Former's text parts
+            module.eval()
+        self.query_tokens = state["query_tokens"]
+        del state
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = self.vision(pixel_values=pixels.to(self.dtype)).last_hidden_state
+        return self.qformer(query_embeds=self.query_tokens, encoder_hidden_states=image).last_hidden_state
+
+    encode = features
+
+    def prefill(self, ids: torch.Tensor, max_len: int):
+        out = self.phi(input_ids=ids, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    def decode(self, token: torch.Tensor, cache):
+        out = self.phi(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+
+def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
+    t = time.perf_counter()
+    runner = (Ours if job["impl"] == "ours" else Reference)(job["dtype"], bc, paths)
+    result = {"load_s": time.perf_counter() - t, "load_rss_gb": peak_rss_gb()}
+    cfg = tv.PRESETS[bc.preset]()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, cfg.vit.image_size, cfg.vit.image_size, generator=g)
+    ids = torch.randint(cfg.phi.vocab_size, (1, bc.prompt_tokens), generator=g)
+    max_len = bc.prompt_tokens + bc.new_tokens + 1
+    with torch.inference_mode():
+        result["encode_s"] = median_seconds(lambda: runner.encode(pixels), bc.repeats)
+        result["prefill_tok_s"] = bc.prompt_tokens / median_seconds(lambda: runner.prefill(ids, max_len), bc.repeats)
+        logits, state = runner.prefill(ids, max_len)
+        steps, tokens = [], []
+        for _ in range(bc.new_tokens):
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            t = time.perf_counter()
+            logits, state = runner.decode(token, state)
+            steps.append(time.perf_counter() - t)
+        result["decode_tok_s"] = 1 / statistics.median(steps)
+        if isinstance(runner, Ours):
+            result["weight_bytes"] = runner.weight_bytes()
+        if job["dtype"] == "fp32":                     # for the parity check of the two implementations
+            first, _ = runner.prefill(ids, max_len)
+            torch.save({"logits": first.float(), "features": runner.features(pixels).float(), "tokens": tokens},
+                       Path(paths["phi"]).parent / f"parity-{job['impl']}.pt")
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+def worker_train(job: dict, bc: BenchConfig, paths: dict) -> dict:
+    """One stage-2 optimizer step at full size, as train.py takes it with --phi/--blip2 (frozen bf16, trainable
+    fp32, bf16 autocast), on random pixels and tokens."""
+    tcfg = train.resolve(train.TrainConfig(stage=2, phi=str(paths["phi"]), blip2=str(paths["blip2"])))
+    device = train.pick_device(tcfg)
+    t = time.perf_counter()
+    model = tv.TinyVLM.from_pretrained(tcfg.phi, tcfg.blip2, cfg=train.model_config(tcfg),
+                                       dtype=getattr(torch, tcfg.frozen_dtype)).to(device)
+    counts = train.set_trainable(model, tcfg.stage)
+    train.trainable_in_fp32(model)
+    load_s = time.perf_counter() - t
+    cfg = model.cfg
+    B, nq, T = bc.train_batch, cfg.num_image_tokens, bc.train_text_tokens
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(cfg.phi.vocab_size, (B, T), generator=g)
+    ids = torch.cat((torch.full((B, nq), tv.IMAGE_TOKEN), text), 1)
+    labels = torch.cat((torch.full((B, nq), tv.IGNORE_INDEX), text), 1)
+    batch = {"pixels": torch.randn(B, 3, cfg.vit.image_size, cfg.vit.image_size, generator=g), "input_ids": ids,
+             "labels": labels, "attention_mask": torch.ones_like(ids)}
+    n_tokens = int((labels[:, 1:] != tv.IGNORE_INDEX).sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(train.param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+    model.train()
+    times, losses = [], []
+    for _ in range(1 + bc.repeats // 2):               # the first step allocates the optimizer state
+        t = time.perf_counter()
+        loss = train.micro_step(model, batch, device, tcfg, 1, n_tokens)
+        train.step(opt, loss, params, tcfg.grad_clip)
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    return {"load_s": load_s, "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+            "samples": B, "tokens_per_sample": nq + T, "trainable": sum(counts.values()), "losses": losses,
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def worker_stage(job: dict, bc: BenchConfig, paths: dict) -> dict:
+    """`python train.py --stage N` with its defaults (or --stage-iters), into the run's own out folder."""
+    short = {"train_scenes": 64, "batch_size": 8, "eval_samples": 4, "eval_interval": 0} if bc.stage_iters else {}
+    cfg = train.TrainConfig(stage=job["stage"], out_dir=job["out_dir"], max_iters=bc.stage_iters, **short)
+    t = time.perf_counter()
+    result = train.train(cfg)
+    wall = time.perf_counter() - t
+    resolved = train.resolve(cfg)
+    return {"wall_s": wall, "train_s": result["train_seconds"], "iters": resolved.max_iters,
+            "examples_s": resolved.max_iters * resolved.batch_size / result["train_seconds"],
+            "peak_rss_gb": peak_rss_gb(), "val_loss": result.get("val_loss"),
+            "metrics": {k: v for k, v in result.get("metrics", {}).items()}}
+
+
+WORKERS = {"quantize": worker_quantize, "inference": worker_inference, "train": worker_train, "stage": worker_stage}
+RESULT = "BENCH-RESULT "
+
+
+def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
+    """Run one job in a fresh Python process (its peak RSS is then its own) and return what it printed."""
+    argv = [sys.executable, str(HERE / "bench.py"), "--worker", json.dumps(job)] + \
+        [arg for f in dataclasses.fields(BenchConfig) if f.name not in ("worker", "only", "out")
+         for arg in (f"--{f.name.replace('_', '-')}", str(getattr(bc, f.name)))]
+    label = " ".join(str(v) for v in job.values() if not str(v).startswith("/"))
+    print(f"  {label} ...", end=" ", flush=True)
+    t = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode or not lines:
+        print("failed")
+        raise RuntimeError(f"bench worker {job} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len(RESULT):])
+    print(f"{time.time() - t:.0f} s", flush=True)
+    return result
+
+
+def worker_main(bc: BenchConfig) -> None:
+    job = json.loads(bc.worker)
+    cache = Path(bc.cache)
+    paths = {"phi": cache / "phi-2", "blip2": cache / "blip2", "int8": cache / "int8.safetensors",
+             "int4": cache / "int4.safetensors"}
+    result = WORKERS[job["kind"]](job, bc, paths)
+    print(RESULT + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The machine's limit
+
+def streaming_read_gbs(n_bytes: int = 1 << 30, runs: int = 10) -> float:
+    """GB/s of summing a tensor far larger than the caches: each byte is read once from memory, as a decode step
+    reads each weight once. The best of the runs: the limit, against which decoding is compared."""
+    x = torch.ones(n_bytes // 4)
+    best = 0.0
+    for _ in range(runs):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, n_bytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+
+def ratio(ours: float | None, ref: float | None) -> str:
+    return f" ({ours / ref:.2f}x)" if ours is not None and ref else ""
+
+
+def table(results: dict, bc: BenchConfig) -> str:
+    import transformers
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    lines = [f"## bench: preset {bc.preset}, {time.strftime('%Y-%m-%d')}",
+             "",
+             f"{cpu}, {torch.get_num_threads()} threads, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, Python {platform.python_version()}", ""]
+    bw = results.get("bandwidth")
+    if bw:
+        lines += [f"Memory bandwidth (streaming read of 1 GiB, best of 10): **{bw:.1f} GB/s**", ""]
+    inf = results.get("inference", {})
+    if inf:
+        lines += [f"Inference: whole model (ViT + Q-Former + Phi-2), batch 1; prefill {bc.prompt_tokens} tokens, decode "
+                  f"{bc.new_tokens} greedy steps with a KV cache; medians of {bc.repeats} runs after a warm-up. "
+                  "In brackets: ours / transformers at the same precision (int8 and int4: / transformers bf16); "
+                  "for times and memory lower is better, for tokens/s higher.", "",
+                  "| model | load s | peak RSS GB | image encode s | prefill tok/s | decode tok/s | decode GB/s (of limit) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in inf.items():
+            impl, dtype = name.split()
+            ref = inf.get(f"transformers {dtype if dtype in REFERENCE else 'bf16'}") if impl == "ours" else None
+            ref = ref or {}
+            gbs = ""
+            if "weight_bytes" in r:
+                rate = r["weight_bytes"] * r["decode_tok_s"] / 1e9
+                gbs = f"{rate:.1f}" + (f" ({rate / bw:.0%})" if bw else "")
+            lines.append(f"| {name} | {r['load_s']:.1f}{ratio(r['load_s'], ref.get('load_s'))} "
+                         f"| {r['peak_rss_gb']:.2f}{ratio(r['peak_rss_gb'], ref.get('peak_rss_gb'))} "
+                         f"| {r['encode_s']:.3f}{ratio(r['encode_s'], ref.get('encode_s'))} "
+                         f"| {r['prefill_tok_s']:.1f}{ratio(r['prefill_tok_s'], ref.get('prefill_tok_s'))} "
+                         f"| {r['decode_tok_s']:.2f}{ratio(r['decode_tok_s'], ref.get('decode_tok_s'))} | {gbs} |")
+        if "parity" in results:
+            p = results["parity"]
+            lines += ["", f"Same weights, same inputs, fp32: prefill logits max |ours - transformers| = "
+                          f"{p['logits']:.2e}, image features (Q-Former output) {p['features']:.2e}; greedy tokens "
+                          f"{'identical' if p['tokens'] else 'differ'} over {bc.new_tokens} steps."]
+        lines += [""] + targets(inf, bw)
+    tr = results.get("train")
+    if tr:
+        lines += ["", f"Training, stage 2 at full size (frozen bf16, LoRA + projections + norms fp32 = "
+                      f"{tr['trainable']:,} trainable, bf16 autocast): batch {tr['samples']} x {tr['tokens_per_sample']} "
+                      f"tokens, **{tr['step_s']:.1f} s per step** ({tr['samples'] / tr['step_s']:.2f} samples/s), "
+                      f"**peak RSS {tr['peak_rss_gb']:.1f} GB** (load {tr['load_s']:.0f} s)."]
+    st = results.get("stages")
+    if st:
+        lines += ["", "The tiny default, `python train.py --stage N` with its settings (each in its own process):", "",
+                  "| stage | iterations | training s | wall s (with data, evaluation) | examples/s | peak RSS GB |",
+                  "|---|---|---|---|---|---|"]
+        for n, r in st.items():
+            lines.append(f"| {n} | {r['iters']} | {r['train_s']:.0f} | {r['wall_s']:.0f} | {r['examples_s']:.0f} "
+                         f"| {r['peak_rss_gb']:.2f} |")
+        lines.append(f"| all | | {sum(r['train_s'] for r in st.values()):.0f} | "
+                     f"{sum(r['wall_s'] for r in st.values()):.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(inf: dict, bw: float | None) -> list[str]:
+    """The issue's targets, each with the figure reached."""
+    def get(name, key):
+        return inf.get(name, {}).get(key)
+    checks = []
+    ref_bf16 = get("transformers bf16", "decode_tok_s")
+    for name, need in (("ours bf16", 1.5), ("ours int8", 3.0), ("ours int4", 5.0)):
+        ours = get(name, "decode_tok_s")
+        if ours and ref_bf16:
+            checks.append((f"{name} decode >= {need}x transformers bf16", ours / ref_bf16 >= need, f"{ours / ref_bf16:.2f}x"))
+    if bw and "ours bf16" in inf:
+        frac = inf["ours bf16"]["weight_bytes"] * inf["ours bf16"]["decode_tok_s"] / 1e9 / bw
+        checks.append(("ours bf16 decode >= 60% of the bandwidth limit", frac >= 0.6, f"{frac:.0%}"))
+    for name, limit in (("ours int8", 4.5), ("ours bf16", 8.0)):
+        if name in inf:
+            rss = inf[name]["peak_rss_gb"]
+            checks.append((f"{name} peak RSS <= {limit} GB", rss <= limit, f"{rss:.2f} GB"))
+    for dtype in REFERENCE:
+        ours, ref = get(f"ours {dtype}", "load_s"), get(f"transformers {dtype}", "load_s")
+        if ours and ref:
+            checks.append((f"ours {dtype} load <= half of transformers'", ours <= ref / 2, f"{ours / ref:.2f}x"))
+    return ["Targets:", ""] + [f"- {'met' if ok else 'MISSED'}: {what} ({figure})" for what, ok, figure in checks]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_config_args(parser, BenchConfig)
+    bc = train.config_from_args(BenchConfig, parser.parse_args(argv))
+    if bc.preset not in tv.PRESETS:
+        raise SystemExit(f"unknown preset {bc.preset!r}; choose from {sorted(tv.PRESETS)}")
+    bc = dataclasses.replace(bc, cache=bc.cache or str(Path(tempfile.gettempdir()) / f"tinyvlm-bench-{bc.preset}"))
+    if bc.worker:
+        return worker_main(bc)
+    sections = [s for s in bc.only.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    cache = Path(bc.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    save = lambda: (cache / "results.json").write_text(json.dumps(results, indent=1))   # after each section
+    paths = None
+    if {"weights", "inference", "train"} & set(sections):
+        paths = prepare_weights(bc, cache)
+    if "bandwidth" in sections:
+        results["bandwidth"] = streaming_read_gbs()
+        print(f"bandwidth: {results['bandwidth']:.1f} GB/s", flush=True)
+        save()
+    if "inference" in sections:
+        print("inference:", flush=True)
+        results["inference"] = {}
+        for impl, dtypes in (("ours", OURS), ("transformers", REFERENCE)):
+            for dtype in dtypes:
+                job = {"kind": "inference", "impl": "ours" if impl == "ours" else "reference", "dtype": dtype}
+                results["inference"][f"{impl} {dtype}"] = run_worker(job, bc, paths)
+                save()
+        parity = [cache / f"parity-{impl}.pt" for impl in ("ours", "reference")]
+        if all(p.exists() for p in parity):
+            a, b = (torch.load(p, weights_only=True) for p in parity)
+            results["parity"] = {"logits": float((a["logits"] - b["logits"]).abs().max()),
+                                 "features": float((a["features"] - b["features"]).abs().max()),
+                                 "tokens": a["tokens"] == b["tokens"]}
+    if "train" in sections:
+        print("train:", flush=True)
+        results["train"] = run_worker({"kind": "train"}, bc, paths)
+        save()
+    if "stages" in sections:
+        print("stages:", flush=True)
+        out_dir = tempfile.mkdtemp(prefix="tinyvlm-stages-")
+        results["stages"] = {int(n): run_worker({"kind": "stage", "stage": int(n), "out_dir": out_dir}, bc, {})
+                             for n in bc.stages.split(",") if n}
+    report = table(results, bc)
+    print("\n" + report)
+    if bc.out:
+        Path(bc.out).write_text(report)
+    save()
+
+
+if __name__ == "__main__":
+    main()
