@@ -3,12 +3,9 @@
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import bench
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
