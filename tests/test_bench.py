@@ -7,7 +7,6 @@ import re
 import bench
 
 
-
 def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     out = tmp_path / "bench.md"
     bench.main(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(out), "--repeats", "1",
