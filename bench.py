@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -146,7 +147,7 @@ def write_folder(folder: Path, config: dict, shapes: dict, dtype: torch.dtype, s
     size = torch.empty((), dtype=dtype).element_size()
     shards, current, nbytes = [], [], 0
     for key, shape in shapes.items():
-        n = size * max(1, int(torch.tensor(shape).prod()) if shape else 1)
+        n = size * math.prod(shape)
         if current and nbytes + n > shard_bytes:
             shards.append(current)
             current, nbytes = [], 0
@@ -159,7 +160,7 @@ def write_folder(folder: Path, config: dict, shapes: dict, dtype: torch.dtype, s
         tv.atomic_write(folder / name, lambda tmp: save_file({k: random_tensor(k, shapes[k], dtype) for k in keys},
                                                             tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(size * int(torch.tensor(s).prod()) for s in shapes.values())},
+        index = {"metadata": {"total_size": sum(size * math.prod(s) for s in shapes.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -172,12 +173,16 @@ def inference_config(cfg: tv.TinyVLMConfig, blip2_config: dict) -> tv.TinyVLMCon
     return dataclasses.replace(cfg, phi=phi, vit=vit, lora=None)
 
 
+def weight_paths(cache: Path) -> dict[str, Path]:
+    return {"phi": cache / "phi-2", "blip2": cache / "blip2", "int8": cache / "int8.safetensors",
+            "int4": cache / "int4.safetensors"}
+
+
 def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
     """Write (once) the public folders and our quantized files; returns their paths."""
     cfg = tv.PRESETS[bc.preset]()
     phi_config, blip2_config = public_configs(cfg)
-    paths = {"phi": cache / "phi-2", "blip2": cache / "blip2", "int8": cache / "int8.safetensors",
-             "int4": cache / "int4.safetensors"}
+    paths = weight_paths(cache)
     stamp, written = cache / "written.json", json.dumps([phi_config, blip2_config], sort_keys=True)
     if stamp.exists() and stamp.read_text() == written:
         print(f"weights: reusing {cache}", flush=True)
@@ -198,7 +203,7 @@ def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
 # Workers: one measurement per process
 
 def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
-    cfg = inference_config(tv.PRESETS[bc.preset](), json.loads((paths["blip2"] / "config.json").read_text()))
+    cfg = inference_config(tv.PRESETS[bc.preset](), tv.read_config(paths["blip2"]))
     t = time.time()
     model = tv.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=torch.bfloat16)
     quantize.quantize_model(model, job["mode"], parts=quantize.PARTS)
@@ -208,7 +213,7 @@ def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 class Ours:
     def __init__(self, dtype: str, bc: BenchConfig, paths: dict):
-        blip2_config = json.loads((paths["blip2"] / "config.json").read_text())
+        blip2_config = tv.read_config(paths["blip2"])
         if dtype in ("int8", "int4"):
             self.model = quantize.load_quantized(paths[dtype])
             self.dtype = torch.bfloat16               # the quantized kernels take bf16 activations
@@ -387,9 +392,7 @@ def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 def worker_main(bc: BenchConfig) -> None:
     job = json.loads(bc.worker)
-    cache = Path(bc.cache)
-    paths = {"phi": cache / "phi-2", "blip2": cache / "blip2", "int8": cache / "int8.safetensors",
-             "int4": cache / "int4.safetensors"}
+    paths = weight_paths(Path(bc.cache))
     result = WORKERS[job["kind"]](job, bc, paths)
     print(RESULT + json.dumps(result), flush=True)
 
