@@ -187,22 +187,66 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with one CPU special case. A CPU without bf16 / fp16 instructions (AVX2: most laptops and this
-    project's CI machine) multiplies half-precision matrices ~6x slower than fp32 ones (measured on a 2-core EPYC,
-    256 x 2560 @ 2560 x 10240: bf16 22 GFLOP/s, fp32 146), so for many rows the weight is widened to fp32 for the
-    product: the copy is one pass over the weight, which many rows amortise (bf16 prefill, image encoding). A few
-    rows (decoding) stay in half precision, where the weight's bytes are the cost. Only where no gradient is
-    needed: in training the widened weight would be kept for the backward pass."""
+class WidenedLinear(torch.autograd.Function):
+    """x @ W^T + b computed in fp32 from a frozen half-precision W (see Linear for why), widening W a block of
+    rows at a time: an 8 MB fp32 block is reused from the allocator and stays in cache, where a whole fp32 copy is
+    fresh pages to fault in (3.5x slower to make here: 52 ms vs 15 ms for 10240 x 2560) and up to 0.5 GB more
+    peak memory (Phi's 51200 x 2560 output layer). W is frozen, so backward needs only grad @ W; it widens W again
+    rather than keeping an fp32 copy of every weight alive from forward to backward."""
 
-    MIN_ROWS = 32        # the crossover measured above: 32 rows are 68 ms widened vs 77 ms in bf16
+    BLOCK_NUMEL = 1 << 21
+
+    @staticmethod
+    def row_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+        rows = max(1, WidenedLinear.BLOCK_NUMEL // weight.shape[1])
+        return [(i, min(i + rows, weight.shape[0])) for i in range(0, weight.shape[0], rows)]
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        x32 = x.float()
+        with torch.autocast("cpu", enabled=False):
+            y = torch.cat([F.linear(x32, weight[i:j].float(), None if bias is None else bias[i:j].float())
+                           for i, j in WidenedLinear.row_blocks(weight)], -1)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        g = grad.flatten(0, -2).float()                                   # (N, out)
+        grad_x = g.new_zeros(g.shape[0], weight.shape[1])                 # (N, in)
+        with torch.autocast("cpu", enabled=False):
+            for i, j in WidenedLinear.row_blocks(weight):
+                grad_x.addmm_(g[:, i:j], weight[i:j].float())
+        return grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with one CPU policy. A CPU without bf16 / fp16 instructions (AVX2: most laptops and this
+    project's CI machine) multiplies half-precision matrices far slower than fp32 ones (measured on a 2-core EPYC:
+    256 x 2560 @ (10240 x 2560)^T at 22 GFLOP/s in bf16 vs 146 in fp32; the backward's grad @ W 38 s vs 0.18 s), so
+    on a CPU the products run in fp32 and only the stored tensors are half precision:
+    - a frozen half-precision weight times many rows (prefill, image encoding, training) is widened to fp32 a
+      block at a time (WidenedLinear); a few rows (decoding) stay in half precision, where the weight's bytes, not
+      the arithmetic, are the cost;
+    - an fp32 weight under autocast (the trained projections) is not cast down.
+    The output has the dtype the plain layer would give (autocast's, else the input's), so the policy changes
+    speed and rounding, not the activations' dtype."""
+
+    MIN_ROWS = 16        # the crossover measured here: 16 rows x (10240 x 2560) take 18 ms widened vs 42 ms in bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and x.numel() >= self.MIN_ROWS * x.shape[-1]
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and not torch.is_autocast_enabled("cpu")):
-            return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+        w, b = self.weight, self.bias
+        if x.device.type != "cpu":
+            return super().forward(x)
+        out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        frozen = not w.requires_grad and (b is None or not b.requires_grad)
+        if w.dtype in (torch.bfloat16, torch.float16) and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
+            return WidenedLinear.apply(x, w, b, out_dtype)
+        if w.dtype == torch.float32 and out_dtype != torch.float32:
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(x.float(), w, b).to(out_dtype)
         return super().forward(x)
 
 
@@ -564,7 +608,10 @@ class LoRALinear(Linear):
         y = super().forward(x)
         if self.merged:
             return y
-        z = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
+        # The adapter computes in its own dtype (fp32 when training), outside CPU autocast: its products are small,
+        # and a CPU's half-precision ones take a slow path (256 x 7680 @ 7680 x 64: 190 ms in bf16 vs 2 ms in fp32 here).
+        with torch.autocast("cpu", enabled=False):
+            z = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
         return y + (z * self.scaling).to(y.dtype)
 
     @torch.no_grad()

@@ -478,18 +478,43 @@ def test_mlp_connector():
         assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, n, model.cfg.phi.hidden)
 
 
-def test_half_precision_linear_widens_many_rows_on_cpu():
-    """bf16 weights x many rows are computed in fp32 on a CPU (faster without bf16 instructions, and more exact);
-    a few rows, and anything that needs a gradient, keep the ordinary half-precision product."""
+def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
+    """A frozen bf16 weight x many rows is computed in fp32 on a CPU (faster without bf16 instructions, and more
+    exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a trainable
+    weight, keep the ordinary half-precision product."""
+    monkeypatch.setattr(tv.WidenedLinear, "BLOCK_NUMEL", 64 * 10)       # blocks of 10 rows: 5 for 48 rows
     torch.manual_seed(0)
-    layer = tv.Linear(64, 48).to(torch.bfloat16)
+    layer = tv.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
     w, b = layer.weight.float(), layer.bias.float()
     many, few = torch.randn(40, 64).bfloat16(), torch.randn(2, 64).bfloat16()
     with torch.no_grad():
         assert torch.equal(layer(many), F.linear(many.float(), w, b).bfloat16())
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
-    x = many.clone().requires_grad_()
+
+    x = many.clone().requires_grad_()                     # training through a frozen layer: grad @ W in fp32 too
     y = layer(x)
-    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))       # training: the native product
+    assert torch.equal(y, F.linear(many.float(), w, b).bfloat16())
+    grad = torch.randn(40, 48).bfloat16()
+    y.backward(grad)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, (grad.float() @ w).bfloat16())
+
+    x32 = many.float().requires_grad_()                   # under autocast: autocast's output dtype, fp32 numbers
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x32)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(x32.detach(), w, b).bfloat16())
+    y.backward(grad)
+    assert x32.grad.dtype == torch.float32
+    torch.testing.assert_close(x32.grad, grad.float() @ w, rtol=1e-6, atol=1e-6)   # blocks summed in their order
+
+    layer.weight.requires_grad_(True)                     # a trained weight: the native product and its gradient
+    y = layer(many)
+    assert torch.equal(y, F.linear(many, layer.weight, layer.bias))
     y.sum().backward()
-    assert x.grad is not None
+    assert layer.weight.grad is not None
+
+    trained = tv.Linear(64, 48)                           # an fp32 trained weight under autocast: not cast down
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = trained(many)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(many.float(), trained.weight, trained.bias).bfloat16())
+    y.float().sum().backward()
+    assert trained.weight.grad.dtype == torch.float32
