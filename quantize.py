@@ -1,8 +1,9 @@
 """
-quantize.py: weight-only int8 and int4 for tinyvlm, written directly in PyTorch (no bitsandbytes).
+quantize.py: weight-only int8 and int4 (and fp16) for tinyvlm, written directly in PyTorch (no bitsandbytes).
 
     int8  symmetric, one scale per output channel:        w ~= q * s[n]                      q in -127..127
     int4  asymmetric, groups of 128 along the input:      w ~= q * s[n, g] + m[n, g]          q in 0..15
+    fp16  the weight rounded to fp16 (exact for Phi-2, whose public weights are fp16), for its CPU kernel
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth: a quarter of the bytes (int8 vs
 fp32) is up to four times the tokens per second. Each layer has a readable reference forward (dequantize, then
@@ -12,6 +13,10 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
                   GPU: torch._int_mm on per-token-quantized activations, with LLM.int8's outlier split: activation
                   columns above a threshold (6.0) stay in floating point
     int4          torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations), on CPU
+    fp16          torch.ops.quantized.linear_dynamic_fp16 (FBGEMM: fp16 weights packed for AVX2, fp32 activations
+                  and sums), on CPU, any number of rows. It streams weights at 25 GB/s here where torch's bf16
+                  and fp16 matrix-vector products reach 19-20 (four Phi-2 layers, one row), because they convert
+                  each weight without F16C's hardware help; so on a CPU it is the fast half-precision model.
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
 
     python quantize.py --mode int8 --out out/int8.safetensors     # the trained tiny model of train.py, stage 4
@@ -38,6 +43,7 @@ def _has(op: str) -> bool:
 FAST_INT8 = _has("_weight_int8pack_mm")
 FAST_INT4 = _has("_convert_weight_to_int4pack_for_cpu") and _has("_weight_int4pack_mm_for_cpu")
 FAST_INT_MM = hasattr(torch, "_int_mm")
+FAST_FP16 = hasattr(torch.ops.quantized, "linear_prepack_fp16") and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,6 +198,43 @@ class Int4Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+class Fp16Linear(nn.Module):
+    """A Linear whose weight is fp16, for FBGEMM's packed fp16 kernel on a CPU (the reference elsewhere)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.path = "auto"
+        self._packed = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp16Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
+        layer.weight = linear.weight.detach().to(torch.float16)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().float().clone()
+        return layer
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+
+    def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:       # FBGEMM's own layout (same bytes), made at first use; the bias is added after
+            self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight, None)
+            tv.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
+        return torch.ops.quantized.linear_dynamic_fp16(x2.float(), self._packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "reference" or not FAST_FP16 or x.device.type != "cpu":
+            return self.forward_reference(x)
+        y = self.forward_fast(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole models
 
@@ -213,11 +256,16 @@ def _replace_linears(model: tv.TinyVLM, parts, make) -> None:
                     setattr(model.get_submodule(parent) if parent else model, child, make(linear))
 
 
+MODES = ("int8", "int4", "fp16")
+
+
 def _layer_for(linear: nn.Linear, recipe: dict, empty: bool) -> nn.Module:
-    """The quantized replacement of one Linear: int4 where the input width fits the group, int8 otherwise."""
-    if recipe["mode"] not in ("int8", "int4"):
-        raise ValueError(f"mode must be int8 or int4, got {recipe['mode']!r}")
+    """The quantized replacement of one Linear: int4 where the input width fits the group, int8 otherwise; fp16."""
+    if recipe["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {recipe['mode']!r}")
     args = (linear.in_features, linear.out_features, linear.bias is not None)
+    if recipe["mode"] == "fp16":
+        return Fp16Linear(*args) if empty else Fp16Linear.from_linear(linear)
     if recipe["mode"] == "int4" and linear.in_features % recipe["group"] == 0:
         return Int4Linear(*args, group=recipe["group"]) if empty else Int4Linear.from_linear(linear, recipe["group"])
     return Int8Linear(*args, recipe["outlier_threshold"]) if empty else \
@@ -226,7 +274,7 @@ def _layer_for(linear: nn.Linear, recipe: dict, empty: bool) -> nn.Module:
 
 def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...] = ("phi",), group: int = 128,
                    outlier_threshold: float = 6.0) -> tv.TinyVLM:
-    """Replace the Linear layers of the chosen parts by int8 / int4 ones, in place. LoRA is merged first (a
+    """Replace the Linear layers of the chosen parts by int8 / int4 / fp16 ones, in place. LoRA is merged first (a
     quantized model is for inference). Layers whose input width is not a multiple of the int4 group stay int8."""
     recipe = {"mode": mode, "parts": list(parts), "group": group, "outlier_threshold": outlier_threshold}
     for layer in tv.lora_layers(model):
@@ -320,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="out/stage4/model.safetensors", help="a stage checkpoint of train.py")
     p.add_argument("--stage", type=int, default=4, help="the stage the checkpoint is from (its prompts and data)")
-    p.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    p.add_argument("--mode", choices=MODES, default="int8")
     p.add_argument("--parts", default="phi", help=f"comma-separated, from {','.join(PARTS)}")
     p.add_argument("--group", type=int, default=128, help="int4 group size")
     p.add_argument("--outlier-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold")

@@ -1586,7 +1586,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat", action="store_true", help="multi-turn: read questions from the terminal")
     p.add_argument("--checkpoint", default="", help="a train.py checkpoint (default: the newest out/stageN)")
     p.add_argument("--quantized", default="", help="a quantize.py output to run instead")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize the language model on the fly")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp16"), help="quantize the language model on the fly")
     p.add_argument("--phi", default=""), p.add_argument("--blip2", default=""), p.add_argument("--tokenizer", default="")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (TinyGPT-V's demo: 1.0 with --top-p 0.9)")
