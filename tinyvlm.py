@@ -241,7 +241,7 @@ class Linear(nn.Linear):
         if x.device.type != "cpu":
             return super().forward(x)
         out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        frozen = not w.requires_grad and (b is None or not b.requires_grad)
+        frozen = not (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)))
         if w.dtype in (torch.bfloat16, torch.float16) and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
             return WidenedLinear.apply(x, w, b, out_dtype)
         if w.dtype == torch.float32 and out_dtype != torch.float32:

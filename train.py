@@ -559,7 +559,8 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on CUDA, and wherever the frozen weights are bf16 (real weights); fp32 for the tiny model on
-    a CPU, where bf16 matmuls are not faster without AMX."""
+    a CPU, where bf16 matmuls are not faster without AMX. (With real weights on a CPU, tv.Linear and the LoRA
+    adapters keep their products in fp32 all the same, for speed; autocast then gives bf16 activations.)"""
     half_weights = bool(cfg.phi) and cfg.frozen_dtype != "float32"
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" or half_weights else None, "float32": None,
              "bfloat16": torch.bfloat16}[cfg.dtype]

@@ -480,37 +480,48 @@ def test_mlp_connector():
 
 def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
     """A frozen bf16 weight x many rows is computed in fp32 on a CPU (faster without bf16 instructions, and more
-    exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a trainable
-    weight, keep the ordinary half-precision product."""
+    exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a weight
+    being trained, keep the ordinary half-precision product. (The numbers alone cannot tell the paths apart: the
+    native bf16 product also sums in fp32. So the widened calls are counted.)"""
     monkeypatch.setattr(tv.WidenedLinear, "BLOCK_NUMEL", 64 * 10)       # blocks of 10 rows: 5 for 48 rows
+    calls, apply = [], tv.WidenedLinear.apply
+    monkeypatch.setattr(tv.WidenedLinear, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def widened(fn):
+        calls.clear()
+        out = fn()
+        return bool(calls), out
+
     torch.manual_seed(0)
-    layer = tv.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    layer = tv.Linear(64, 48).to(torch.bfloat16)               # parameters require grad, as a loaded model's do
     w, b = layer.weight.float(), layer.bias.float()
     many, few = torch.randn(40, 64).bfloat16(), torch.randn(2, 64).bfloat16()
-    with torch.no_grad():
-        assert torch.equal(layer(many), F.linear(many.float(), w, b).bfloat16())
-        assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+    with torch.inference_mode():                               # inference: no gradient is computed
+        was, y = widened(lambda: layer(many))
+        assert was and torch.equal(y, F.linear(many.float(), w, b).bfloat16())
+        was, y = widened(lambda: layer(few))
+        assert not was and torch.equal(y, F.linear(few, layer.weight, layer.bias))
 
-    x = many.clone().requires_grad_()                     # training through a frozen layer: grad @ W in fp32 too
-    y = layer(x)
-    assert torch.equal(y, F.linear(many.float(), w, b).bfloat16())
+    was, y = widened(lambda: layer(many))                      # the weight is being trained: the native product
+    assert not was and torch.equal(y, F.linear(many, layer.weight, layer.bias))
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+    layer.requires_grad_(False)                                # training through a frozen layer: grad @ W in fp32
+    x = many.clone().requires_grad_()
+    was, y = widened(lambda: layer(x))
+    assert was and torch.equal(y, F.linear(many.float(), w, b).bfloat16())
     grad = torch.randn(40, 48).bfloat16()
     y.backward(grad)
     assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, (grad.float() @ w).bfloat16())
 
-    x32 = many.float().requires_grad_()                   # under autocast: autocast's output dtype, fp32 numbers
+    x32 = many.float().requires_grad_()                        # under autocast: autocast's output dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x32)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(x32.detach(), w, b).bfloat16())
+        was, y = widened(lambda: layer(x32))
+    assert was and y.dtype == torch.bfloat16 and torch.equal(y, F.linear(x32.detach(), w, b).bfloat16())
     y.backward(grad)
     assert x32.grad.dtype == torch.float32
     torch.testing.assert_close(x32.grad, grad.float() @ w, rtol=1e-6, atol=1e-6)   # blocks summed in their order
-
-    layer.weight.requires_grad_(True)                     # a trained weight: the native product and its gradient
-    y = layer(many)
-    assert torch.equal(y, F.linear(many, layer.weight, layer.bias))
-    y.sum().backward()
-    assert layer.weight.grad is not None
 
     trained = tv.Linear(64, 48)                           # an fp32 trained weight under autocast: not cast down
     with torch.autocast("cpu", dtype=torch.bfloat16):
