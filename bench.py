@@ -287,7 +287,7 @@ class Reference:
     encode = features
 
     def prefill(self, ids: torch.Tensor, max_len: int):
-        out = self.phi(input_ids=ids, use_cache=True)
+        out = self.phi(input_ids=ids, use_cache=True, logits_to_keep=1)      # as generate() does: the last logits
         return out.logits[:, -1], out.past_key_values
 
     def decode(self, token: torch.Tensor, cache):

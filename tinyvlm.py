@@ -534,9 +534,11 @@ class Phi(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). attention_mask (B, cached + T): 1 for real tokens, 0 for padding. position_ids
-        (B, T) default to cached .. cached + T - 1. With a cache, the new keys and values are appended to it."""
+        (B, T) default to cached .. cached + T - 1. With a cache, the new keys and values are appended to it.
+        last_only: the last position's logits only (B, 1, vocab), all that generating needs; the output layer over
+        a whole prompt is T x 51200 x 2560 multiply-adds, and their memory, for nothing."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, C)
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
@@ -548,6 +550,8 @@ class Phi(nn.Module):
             x = layer(x, cos, sin, mask, cache, start)
         if cache is not None:
             cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.final_layernorm(x))
 
     @classmethod
@@ -782,7 +786,7 @@ def left_pad(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def prefill(phi: Phi, x: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return phi(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache)[:, -1]   # (B, V)
+    return phi(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)[:, -1]  # (B, V)
 
 
 def decode_one_token(phi: Phi, token: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -355,6 +355,8 @@ def greedy_without_cache(phi, ids, n):
 def test_kv_cache_generation_equals_no_cache(small_phi):
     ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(4))
     assert tv.generate(small_phi, ids, max_new_tokens=25)[0] == greedy_without_cache(small_phi, ids, 25)
+    with torch.no_grad():                                 # prefill's shortcut: the output layer on the last position
+        torch.testing.assert_close(small_phi(ids, last_only=True), small_phi(ids)[:, -1:], rtol=1e-6, atol=1e-6)
 
 
 def test_generation_matches_transformers_greedy(hf_phi_dirs):
