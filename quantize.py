@@ -215,6 +215,8 @@ class Fp16Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> "Fp16Linear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
         layer.weight = linear.weight.detach().to(torch.float16)
+        if not torch.isfinite(layer.weight).all():
+            raise ValueError(f"fp16: a weight of {tuple(linear.weight.shape)} exceeds fp16's range (65504); use int8")
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
         return layer

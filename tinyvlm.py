@@ -227,9 +227,9 @@ class Linear(nn.Linear):
     project's CI machine) multiplies half-precision matrices far slower than fp32 ones (measured on a 2-core EPYC:
     256 x 2560 @ (10240 x 2560)^T at 22 GFLOP/s in bf16 vs 146 in fp32; the backward's grad @ W 38 s vs 0.18 s), so
     on a CPU the products run in fp32 and only the stored tensors are half precision:
-    - a frozen half-precision weight times many rows (prefill, image encoding, training) is widened to fp32 a
-      block at a time (WidenedLinear); a few rows (decoding) stay in half precision, where the weight's bytes, not
-      the arithmetic, are the cost;
+    - a half-precision weight that takes no gradient (inference, or frozen in training) times many rows (prefill,
+      image encoding, training) is widened to fp32 a block at a time (WidenedLinear); a few rows (decoding) stay in
+      half precision, where the weight's bytes, not the arithmetic, are the cost;
     - an fp32 weight under autocast (the trained projections) is not cast down.
     The output has the dtype the plain layer would give (autocast's, else the input's), so the policy changes
     speed and rounding, not the activations' dtype."""
@@ -238,9 +238,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if x.device.type != "cpu":
+        autocast = torch.is_autocast_enabled("cpu")
+        if x.device.type != "cpu" or (w.dtype == torch.float32 and not autocast):     # the common case, first
             return super().forward(x)
-        out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        out_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
         frozen = not (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)))
         if w.dtype in (torch.bfloat16, torch.float16) and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
             return WidenedLinear.apply(x, w, b, out_dtype)

@@ -70,6 +70,11 @@ def test_fp16_matches_its_reference(linear):
     torch.testing.assert_close(layer(x1), reference1, rtol=1e-5, atol=1e-5)     # the FBGEMM kernel: fp32 sums
     torch.testing.assert_close(layer(x40), reference40, rtol=1e-5, atol=1e-5)
     print(f"fp16: kernel {q.FAST_FP16}")
+    too_big = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        too_big.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match="fp16's range"):
+        q.Fp16Linear.from_linear(too_big)
 
 
 @pytest.fixture(scope="module")
