@@ -151,19 +151,41 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class Int4Linear(nn.Module):
-    """A Linear whose weight is 4-bit codes in groups of `group` inputs, each group with its scale and minimum."""
+class PackedLinear(nn.Module):
+    """What Int4Linear and Fp16Linear share: the weight is stored portable, and a CPU kernel's own layout of it is
+    made at first use (forward_fast, on the rows flattened); the readable forward_reference serves elsewhere, when
+    this torch lacks the kernel (FAST), or on request (path = "reference")."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group: int = 128, device=None):
+    FAST = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
-        self.in_features, self.out_features, self.group = in_features, out_features, group
-        # stored portable: two codes per byte, low nibble first; the CPU kernel's own layout is made at first use
-        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, in_features // group, device=device))
-        self.register_buffer("minima", torch.zeros(out_features, in_features // group, device=device))
+        self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.path = "auto"
         self._packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "reference" or not self.FAST or x.device.type != "cpu":
+            return self.forward_reference(x)
+        y = self.forward_fast(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(PackedLinear):
+    """A Linear whose weight is 4-bit codes in groups of `group` inputs, each group with its scale and minimum."""
+
+    FAST = FAST_INT4
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: int = 128, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.group = group
+        # two codes per byte, low nibble first
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group, device=device))
+        self.register_buffer("minima", torch.zeros(out_features, in_features // group, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = 128) -> "Int4Linear":
@@ -191,25 +213,15 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed, self.group,
                                                           self._scales_zeros).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "reference" or not FAST_INT4 or x.device.type != "cpu":
-            return self.forward_reference(x)
-        y = self.forward_fast(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+class Fp16Linear(PackedLinear):
+    """A Linear whose weight is fp16, for FBGEMM's packed fp16 kernel on a CPU."""
 
-class Fp16Linear(nn.Module):
-    """A Linear whose weight is fp16, for FBGEMM's packed fp16 kernel on a CPU (the reference elsewhere)."""
+    FAST = FAST_FP16
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self.path = "auto"
-        self._packed = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp16Linear":
@@ -229,14 +241,6 @@ class Fp16Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight, None)
             tv.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
         return torch.ops.quantized.linear_dynamic_fp16(x2.float(), self._packed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "reference" or not FAST_FP16 or x.device.type != "cpu":
-            return self.forward_reference(x)
-        y = self.forward_fast(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
