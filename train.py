@@ -633,9 +633,7 @@ def train(cfg: TrainConfig) -> dict:
     last_good = None
     t_start, tokens_seen = time.time(), 0
     for it in range(start, cfg.max_iters):
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, it, cfg)
         ddp_model.train()
         micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
         n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
@@ -819,78 +817,15 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = tv.TinyVLM(model_config(dataclasses.replace(cfg, qk_norm=True, post_attn_norm=True))).to(device)
     world = data.ShapesWorld(seed=0)
-    tok = data.shapes_tokenizer()
-    t0 = time.time()
-
-    # 1) the ViT on dense patch labels, at 64 and 96 px (stage 4's size: its positions are interpolated)
-    heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden, model.cfg.vit.width).to(device)
-    patch = model.cfg.vit.patch_size
-    scenes = world.scenes("train", cfg.train_scenes)
     rng = random.Random(cfg.seed)
-    params = list(model.vit.parameters()) + list(heads.patch.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    vit_iters = cfg.max_iters // 2
-    print(f"stage 0 | ViT: {sum(p.numel() for p in model.vit.parameters()):,} parameters, {len(scenes):,} scenes")
-    for it in range(vit_iters):
-        lr = lr_at(it, dataclasses.replace(cfg, max_iters=vit_iters))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = rng.sample(scenes, cfg.batch_size)
-        size = 96 if it % 4 == 3 else 64
-        pixels = data.pixels_of(batch, size).to(device)
-        loss, metrics = heads.patch_loss(model.vit(pixels), {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()})
-        step(opt, loss, params, cfg.grad_clip)
-        if it % cfg.log_interval == 0 or it == vit_iters - 1:
-            print(f"vit iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
-
-    # 2) the Q-Former on the frozen ViT's tokens, computed once per scene and size
-    model.vit.eval()
-    cached = {}
-    for size, n in ((64, len(scenes)), (96, len(scenes) // 2)):
-        with torch.no_grad():
-            tokens = torch.cat([model.vit(data.pixels_of(scenes[i:min(i + 256, n)], size).to(device))
-                                for i in range(0, n, 256)])
-        cached[size] = (tokens, heads.targets(scenes[:n], size // patch))
-    params = list(model.qformer.parameters()) + list(heads.slot.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    qf_iters = cfg.max_iters * 8
-    print(f"stage 0 | Q-Former: {sum(p.numel() for p in model.qformer.parameters()):,} parameters, "
-          f"ViT tokens cached ({time.time() - t0:.0f} s)")
-    for it in range(qf_iters):
-        lr = lr_at(it, dataclasses.replace(cfg, max_iters=qf_iters))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        tokens, targets = cached[96 if it % 4 == 3 else 64]
-        idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
-        loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
-        step(opt, loss, params, cfg.grad_clip)
-        if it % (4 * cfg.log_interval) == 0 or it == qf_iters - 1:
-            print(f"q-former iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
+    t0 = time.time()
+    heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden, model.cfg.vit.width).to(device)
+    scenes = world.scenes("train", cfg.train_scenes)
+    pretrain_vit(model.vit, heads, scenes, cfg, rng, device, t0)
+    pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
     vision_report = evaluate_vision(model, heads, world, device)
     print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in vision_report.items()))
-
-    # 2) the language model on the world's text alone (captions, descriptions, questions, boxes, templates)
-    lines = world.text_corpus("train", cfg.train_scenes)
-    val_lines = world.text_corpus("val", 200)
-    seqs = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in lines]
-    params = list(model.phi.parameters())
-    opt = torch.optim.AdamW(param_groups(model.phi, cfg.weight_decay), lr=cfg.lr)
-    print(f"stage 0 | language: {sum(p.numel() for p in params):,} parameters, {len(seqs):,} lines")
-    lm_iters = cfg.max_iters // 2          # the world's text is repetitive: the LM converges quickly
-    for it in range(lm_iters):
-        lr = lr_at(it, dataclasses.replace(cfg, max_iters=lm_iters))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = lm_loss(model.phi, rng.sample(seqs, cfg.batch_size), tok.eos_id, device)
-        step(opt, loss, params, cfg.grad_clip)
-        if it % cfg.log_interval == 0 or it == lm_iters - 1:
-            print(f"text iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
-    with torch.no_grad():
-        val = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in val_lines]
-        text_val = float(lm_loss(model.phi.eval(), val, tok.eos_id, device))
-    print(f"language held-out loss {text_val:.4f}")
+    text_val = pretrain_language(model.phi, world, cfg, rng, device, t0)
 
     # ship the backbones (no projections, no LoRA: those belong to stages 1-4), in bf16 to keep the repo small
     for name, p in model.named_parameters():
@@ -901,6 +836,83 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
                        metadata={"stage": 0, "vision": vision_report, "text_val_loss": text_val})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return {"vision": vision_report, "text_val_loss": text_val}
+
+
+def pretrain_vit(vit: tv.ViT, heads: VisionPretrainHeads, scenes: list, cfg: TrainConfig, rng: random.Random,
+                 device, t0: float) -> None:
+    """The ViT on dense patch labels, at 64 px and at stage 4's 96 px (where its positions are interpolated)."""
+    patch = vit.cfg.patch_size
+    params = list(vit.parameters()) + list(heads.patch.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    iters = cfg.max_iters // 2
+    print(f"stage 0 | ViT: {sum(p.numel() for p in vit.parameters()):,} parameters, {len(scenes):,} scenes")
+    for it in range(iters):
+        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        batch = rng.sample(scenes, cfg.batch_size)
+        size = 96 if it % 4 == 3 else 64
+        targets = {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()}
+        loss, metrics = heads.patch_loss(vit(data.pixels_of(batch, size).to(device)), targets)
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == iters - 1:
+            print(f"vit iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
+
+
+def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list, cfg: TrainConfig,
+                     rng: random.Random, device, t0: float) -> None:
+    """The Q-Former's slots on the frozen ViT's tokens, computed once per scene and size (BLIP-2's order)."""
+    patch = model.cfg.vit.patch_size
+    model.vit.eval()
+    cached = {}
+    for size, n in ((64, len(scenes)), (96, len(scenes) // 2)):
+        with torch.no_grad():
+            tokens = torch.cat([model.vit(data.pixels_of(scenes[i:min(i + 256, n)], size).to(device))
+                                for i in range(0, n, 256)])
+        cached[size] = (tokens, heads.targets(scenes[:n], size // patch))
+    params = list(model.qformer.parameters()) + list(heads.slot.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    iters = cfg.max_iters * 8
+    print(f"stage 0 | Q-Former: {sum(p.numel() for p in model.qformer.parameters()):,} parameters, "
+          f"ViT tokens cached ({time.time() - t0:.0f} s)")
+    for it in range(iters):
+        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        tokens, targets = cached[96 if it % 4 == 3 else 64]
+        idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
+        loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
+        step(opt, loss, params, cfg.grad_clip)
+        if it % (4 * cfg.log_interval) == 0 or it == iters - 1:
+            print(f"q-former iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
+
+
+def pretrain_language(phi: tv.Phi, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
+                      t0: float) -> float:
+    """The language model on the world's text alone (captions, descriptions, questions, boxes, templates);
+    returns its held-out loss."""
+    tok = data.shapes_tokenizer()
+    seqs = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in world.text_corpus("train", cfg.train_scenes)]
+    params = list(phi.parameters())
+    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay), lr=cfg.lr)
+    print(f"stage 0 | language: {sum(p.numel() for p in params):,} parameters, {len(seqs):,} lines")
+    iters = cfg.max_iters // 2          # the world's text is repetitive: the LM converges quickly
+    for it in range(iters):
+        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        loss = lm_loss(phi, rng.sample(seqs, cfg.batch_size), tok.eos_id, device)
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == iters - 1:
+            print(f"text iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
+    with torch.no_grad():
+        val = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in world.text_corpus("val", 200)]
+        text_val = float(lm_loss(phi.eval(), val, tok.eos_id, device))
+    print(f"language held-out loss {text_val:.4f}")
+    return text_val
+
+
+def set_lr(opt: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:
+    lr = lr_at(it, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
 
 
 def lm_loss(phi: tv.Phi, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
