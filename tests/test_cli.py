@@ -30,7 +30,8 @@ def test_real_photo_with_drawing_attention_and_int8(checkpoint, tmp_path, capsys
 def test_qformer_attention_is_a_distribution():
     model = tv.TinyVLM.from_preset("tiny").eval()
     attn = tv.qformer_attention(model, torch.randn(2, 3, 64, 64))
-    assert attn.shape == (2, 16, 17) and torch.allclose(attn.sum(-1), torch.ones(2, 16), atol=1e-5)
+    num_patches = (64 // model.cfg.vit.patch_size) ** 2
+    assert attn.shape == (2, 16, num_patches + 1) and torch.allclose(attn.sum(-1), torch.ones(2, 16), atol=1e-5)
 
 
 def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path):
