@@ -86,6 +86,20 @@ def test_short_stage_run_loss_drops_and_chains(tmp_path):
     assert any("lora_B" in k for k in load_file(tmp_path / "stage2" / "model.safetensors"))
 
 
+def test_stage4_world_is_one_data_set_per_task(tmp_path):
+    """Stage 4's training data is one data set per task, with its sample ratio (data.Mixture then draws each batch
+    from one of them: tested in test_data); held out, every task has n samples."""
+    cfg = train.resolve(tiny_cfg(tmp_path, stage=4))
+    sets = train.world_samples(cfg, "train", 10)
+    assert set(sets) == set(data.TASKS) == set(train.WORLD_TASK_RATIOS)
+    for task, (samples, ratio) in sets.items():
+        assert ratio == train.WORLD_TASK_RATIOS[task]
+        assert len(samples) == 10 * train.WORLD_TASK_VARIANTS and {s.task for s in samples} == {task}
+        if task != "[grounding]":                                # (which lists every shape: one text per scene)
+            assert len({s.turns[0] for s in samples}) > 10      # the variants ask different things of a scene
+    assert all(len(samples) == 5 for samples, _ in train.world_samples(cfg, "val", 5).values())
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """Stage 2 (LoRA dropout draws random numbers): an interrupted and resumed run has the same losses."""
     train.train(tiny_cfg(tmp_path / "s1", stage=1, max_iters=2, eval_samples=2))
