@@ -292,11 +292,12 @@ def parse_data_spec(spec: str, image_root: str) -> dict[str, tuple[list[data.Sam
 
 
 # Stage 4 on the built-in world: one data set per task, as TinyGPT-V's stage 4 has one per source, each batch
-# drawn from one of them by these sample ratios. The three tasks with accuracy targets (and short answers) get
-# three times the share of the three that write longer texts; a one-task batch also pads to its own length.
+# drawn from one of them by these sample ratios. The three tasks with accuracy targets (and short answers) get two
+# batches in three, [refer] the most (its boxes are the hardest); [caption] the fewest, as stages 1-3 taught it.
+# A one-task batch also pads to its own length, not to the longest [grounding] text of a mixed one.
 WORLD_TASK_RATIOS = {"[vqa]": 3.0, "[identify]": 3.0, "[refer]": 4.0, "[caption]": 1.0, "[grounding]": 2.0,
                      "[detection]": 2.0}
-WORLD_TASK_VARIANTS = 3            # stage 4: questions drawn per scene and task
+WORLD_TASK_VARIANTS = 3            # questions drawn per scene and task (a [grounding] text is the same each time)
 
 
 def world_samples(cfg: TrainConfig, split: str, n: int) -> dict[str, tuple[list[data.Sample], float]]:
