@@ -617,6 +617,7 @@ class ShapesWorld:
 
     def __init__(self, seed: int = 0, image_size: int = 64):
         self.seed, self.image_size = seed, image_size
+        self._drawn: dict[str, list[Scene]] = {}      # split -> its longest list of scenes drawn so far
 
     def _random_scene(self, rng: random.Random) -> Scene:
         n = rng.randint(1, 4)
@@ -636,17 +637,20 @@ class ShapesWorld:
         return Scene(tuple(shapes), self.image_size)
 
     def scenes(self, split: str, n: int) -> list[Scene]:
-        """The first n scenes of a split; the same seed always gives the same scenes."""
+        """The first n scenes of a split; the same seed always gives the same scenes. Drawn once and kept: stage 4
+        asks several tasks of the same scenes."""
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {sorted(self.SPLITS)}")
-        buckets = self.SPLITS[split]
-        rng = random.Random(f"shapes-world-{self.seed}")
-        out: list[Scene] = []
-        while len(out) < n:
-            scene = self._random_scene(rng)
-            if int(hashlib.sha256(scene.key().encode()).hexdigest(), 16) % 10 in buckets:
-                out.append(scene)
-        return out
+        if len(self._drawn.get(split, ())) < n:
+            buckets = self.SPLITS[split]
+            rng = random.Random(f"shapes-world-{self.seed}")
+            out: list[Scene] = []
+            while len(out) < n:
+                scene = self._random_scene(rng)
+                if int(hashlib.sha256(scene.key().encode()).hexdigest(), 16) % 10 in buckets:
+                    out.append(scene)
+            self._drawn[split] = out
+        return self._drawn[split][:n]
 
     # ---- texts
 

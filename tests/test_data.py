@@ -278,6 +278,9 @@ def test_world_is_deterministic_and_splits_are_disjoint():
     assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
     assert len(keys["test"]) > 250                 # and the splits are not tiny repeats of a few scenes
     assert data.ShapesWorld(seed=4).scenes("train", 5) != a.scenes("train", 5)
+    # scenes are drawn once and kept: asked in any order, n scenes are the first n of the split
+    assert a.scenes("train", 30) == data.ShapesWorld(seed=3).scenes("train", 30)
+    assert b.scenes("val", 7) == b.scenes("val", 40)[:7] == data.ShapesWorld(seed=3).scenes("val", 7)
 
 
 def test_world_answers_are_true():
