@@ -856,8 +856,9 @@ def pretrain_vit(vit: tv.ViT, heads: VisionPretrainHeads, scenes: list, cfg: Tra
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     iters = cfg.max_iters // 2
     print(f"stage 0 | ViT: {sum(p.numel() for p in vit.parameters()):,} parameters, {len(scenes):,} scenes")
+    schedule = dataclasses.replace(cfg, max_iters=iters)
     for it in range(iters):
-        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        lr = set_lr(opt, it, schedule)
         batch = rng.sample(scenes, cfg.batch_size)
         size = 96 if it % 4 == 3 else 64
         targets = {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()}
@@ -884,8 +885,9 @@ def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list
     iters = cfg.max_iters * 8
     print(f"stage 0 | Q-Former: {sum(p.numel() for p in model.qformer.parameters()):,} parameters, "
           f"ViT tokens cached ({time.time() - t0:.0f} s)")
+    schedule = dataclasses.replace(cfg, max_iters=iters)
     for it in range(iters):
-        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        lr = set_lr(opt, it, schedule)
         tokens, targets = cached[96 if it % 4 == 3 else 64]
         idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
         loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
@@ -900,20 +902,24 @@ def pretrain_language(phi: tv.Phi, world: data.ShapesWorld, cfg: TrainConfig, rn
     """The language model on the world's text alone (captions, descriptions, questions, boxes, templates);
     returns its held-out loss."""
     tok = data.shapes_tokenizer()
-    seqs = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in world.text_corpus("train", cfg.train_scenes)]
+
+    def as_ids(lines: list[str]) -> list[list[int]]:
+        return [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in lines]
+
+    seqs = as_ids(world.text_corpus("train", cfg.train_scenes))
     params = list(phi.parameters())
     opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay), lr=cfg.lr)
     print(f"stage 0 | language: {sum(p.numel() for p in params):,} parameters, {len(seqs):,} lines")
     iters = cfg.max_iters // 2          # the world's text is repetitive: the LM converges quickly
+    schedule = dataclasses.replace(cfg, max_iters=iters)
     for it in range(iters):
-        lr = set_lr(opt, it, dataclasses.replace(cfg, max_iters=iters))
+        lr = set_lr(opt, it, schedule)
         loss = lm_loss(phi, rng.sample(seqs, cfg.batch_size), tok.eos_id, device)
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
             print(f"text iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
     with torch.no_grad():
-        val = [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in world.text_corpus("val", 200)]
-        text_val = float(lm_loss(phi.eval(), val, tok.eos_id, device))
+        text_val = float(lm_loss(phi.eval(), as_ids(world.text_corpus("val", 200)), tok.eos_id, device))
     print(f"language held-out loss {text_val:.4f}")
     return text_val
 
