@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -426,17 +427,27 @@ def ratio(ours: float | None, ref: float | None) -> str:
     return f" ({ours / ref:.2f}x)" if ours is not None and ref else ""
 
 
-def table(results: dict, bc: BenchConfig) -> str:
-    import transformers
+def cpu_description() -> str:
+    """The CPU, its vector instruction sets and the kernel level torch picked for them. Figures measured on one
+    machine say little about another: torch runs other kernels with AVX-512 (and bf16 / VNNI / AMX) than on AVX2."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"^model name\s*:\s*(.*)$", text, re.M).group(1).strip()
+        flags = sorted(set(re.findall(r"\b(avx2|avx512\w*|amx\w*)\b", text)))
+    except (OSError, AttributeError):
+        flags = []
+    return (f"{cpu}; instruction sets: {' '.join(flags) or 'no avx2 / avx512 / amx'}; "
+            f"torch kernels: {torch.backends.cpu.get_cpu_capability()}")
+
+
+def table(results: dict, bc: BenchConfig) -> str:
+    import transformers
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     lines = [f"## bench: preset {bc.preset}, {time.strftime('%Y-%m-%d')}",
              "",
-             f"{cpu}, {torch.get_num_threads()} threads, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+             f"{cpu_description()}", "",
+             f"{torch.get_num_threads()} threads, {mem:.0f} GiB RAM, torch {torch.__version__}, "
              f"transformers {transformers.__version__}, Python {platform.python_version()}", ""]
     bw = results.get("bandwidth")
     if bw:
@@ -530,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = Path(bc.cache)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    results["cpu"] = cpu_description()
     save = lambda: (cache / "results.json").write_text(json.dumps(results, indent=1))   # after each section
     paths = None
     if {"weights", "inference", "train"} & set(sections):

@@ -20,6 +20,7 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
                   beats the widened fp32 product at 256 rows too (90 vs 163 ms, 10240 x 2560): on a CPU without
                   bf16 instructions it is the fast half-precision model.
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
+Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512 code uses aligned vector loads.
 
     python quantize.py --mode int8 --out out/int8.safetensors     # the trained tiny model of train.py, stage 4
 """
@@ -46,6 +47,20 @@ FAST_INT8 = _has("_weight_int8pack_mm")
 FAST_INT4 = _has("_convert_weight_to_int4pack_for_cpu") and _has("_weight_int4pack_mm_for_cpu")
 FAST_INT_MM = hasattr(torch, "_int_mm")
 FAST_FP16 = hasattr(torch.ops.quantized, "linear_prepack_fp16") and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if it is contiguous and starts on a 64-byte boundary, else a copy that does (torch's CPU allocator
+    aligns every tensor it makes to 64 bytes). The packed kernels' vector code uses aligned loads and dies with
+    SIGSEGV on anything else: _weight_int8pack_mm wants its int8 weight 16-byte aligned on AVX-512 (from 4 rows) and
+    its bf16 activations 16-byte (AVX2) or 32-byte (AVX-512) aligned, at any row count. A tensor memory-mapped from
+    a safetensors file is only 8-byte aligned in general, and a slice of a tensor need not be aligned at all.
+    (Measured with torch 2.13 at every ATEN_CPU_CAPABILITY level; no kernel read past the end of an operand.)"""
+    if t.is_contiguous() and t.data_ptr() % tv.ALIGNMENT == 0:
+        return t
+    out = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+    tv.release_pages(t)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,8 +131,9 @@ class Int8Linear(nn.Module):
 
     def forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
         """A few rows on a CPU: the packed kernel reads int8 weights and wants bf16 activations (fp32 ones are
-        ~15x slower)."""
-        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
+        ~15x slower). The weight was aligned once, when loaded; aligned() returns it as it is."""
+        return torch.ops.aten._weight_int8pack_mm(aligned(x2.to(torch.bfloat16)), aligned(self.weight),
+                                                  aligned(self.scales.to(torch.bfloat16)))
 
     def forward_prefill(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows on a GPU (int8 tensor cores): int8 x int8 -> int32 with per-token activation scales. LLM.int8's
@@ -131,7 +147,7 @@ class Int8Linear(nn.Module):
             x2 = x2.masked_fill(outliers, 0.0)
         sx = x2.abs().amax(1).clamp(min=1e-8) / 127                                 # (M,) per token
         xq = torch.round(x2 / sx[:, None]).clamp(-127, 127).to(torch.int8)
-        return y + torch._int_mm(xq, self.weight.t()).float() * sx[:, None] * self.scales[None]
+        return y + torch._int_mm(aligned(xq), aligned(self.weight).t()).float() * sx[:, None] * self.scales[None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "reference":
@@ -206,11 +222,12 @@ class Int4Linear(PackedLinear):
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             # the kernel computes w = (q - 8) * scale + zero: our minimum m is zero - 8 * scale
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                aligned(self.codes().to(torch.int32)), 1))
             zero = self.minima + 8 * self.scales
-            self._scales_zeros = torch.stack((self.scales, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._scales_zeros = aligned(torch.stack((self.scales, zero), -1).transpose(0, 1).to(torch.bfloat16))
             tv.release_pages(self.weight)    # memory-mapped codes, now packed: their pages need not stay resident
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed, self.group,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2.to(torch.bfloat16)), self._packed, self.group,
                                                           self._scales_zeros).float()
 
 
@@ -238,9 +255,9 @@ class Fp16Linear(PackedLinear):
 
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if self._packed is None:       # FBGEMM's own layout (same bytes), made at first use; the bias is added after
-            self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight, None)
+            self._packed = torch.ops.quantized.linear_prepack_fp16(aligned(self.weight), None)
             tv.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
-        return torch.ops.quantized.linear_dynamic_fp16(x2.float(), self._packed)
+        return torch.ops.quantized.linear_dynamic_fp16(aligned(x2.float()), self._packed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,12 +317,11 @@ def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_si
     """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config, the quantization recipe,
     and the stage and image size it was trained for (its prompt template and input) in its metadata. LoRA is
     already merged, so the saved config has none."""
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
+    state = {k: v.detach() for k, v in model.state_dict().items() if ".lora_" not in k}
     meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
             "quantization": json.dumps(model.quantization), "stage": json.dumps(stage),
             "image_size": json.dumps(image_size or model.cfg.vit.image_size)}
-    tv.atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    tv.atomic_write(path, lambda tmp: tv.write_safetensors(state, tmp, meta))
     return Path(path)
 
 
@@ -332,6 +348,11 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
             raise tv.CheckpointError(f"{path}: key '{k}' has shape {tuple(t.shape)} but the model expects "
                                      f"{tuple(expected[k].shape)}")
     model.load_state_dict(tensors, assign=True)
+    # The int8 kernel takes its weight as it lies: one that the file left unaligned is copied once, here. Files
+    # written by save_quantized are laid out aligned (tv.write_safetensors), so theirs stay memory-mapped.
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.weight = aligned(layer.weight)
     model.quantization = recipe
     model.trained_for = {"stage": json.loads(meta.get("stage", "4")),
                          "image_size": json.loads(meta.get("image_size", str(cfg.vit.image_size)))}

@@ -28,6 +28,7 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     assert results["train"]["step_s"] > 0 and all(map(lambda x: x == x, results["train"]["losses"]))
     assert results["stages"]["1"]["examples_s"] > 0
     assert "Targets:" in report and "Memory bandwidth" in report
+    assert "instruction sets:" in report and "torch kernels:" in results["cpu"]     # which kernels ran
     # a second run reuses the written weights
     bench.main(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--only", "weights"])
     assert "reusing" in capsys.readouterr().out

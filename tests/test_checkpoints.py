@@ -136,17 +136,32 @@ def test_own_checkpoint_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [path]          # no temp file left behind
 
 
+def test_written_safetensors_are_aligned_and_standard(tmp_path):
+    """Our writer: every tensor whose size is a multiple of 64 bytes starts on a 64-byte boundary of the file (so
+    of a memory map too), and safetensors' own reader reads the file back exactly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    tensors = {"odd": torch.randn(3), "int8": torch.randint(-9, 9, (64, 48), dtype=torch.int8),
+               "bf16": torch.randn(5, 7).bfloat16(), "b": torch.arange(128, dtype=torch.uint8), "empty": torch.ones(0)}
+    tv.write_safetensors(tensors, tmp_path / "t.safetensors", {"note": "x"})
+    back = load_file(tmp_path / "t.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata() == {"note": "x"}
+    mapped = tv.read_safetensors(tmp_path / "t.safetensors")
+    assert all(mapped[k].data_ptr() % tv.ALIGNMENT == 0 for k in ("int8", "b"))
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = tv.TinyVLM.from_preset("tiny")
     path = tv.save_checkpoint(model, tmp_path / "ckpt.safetensors")
     before = path.read_bytes()
-    import safetensors.torch
 
-    def crash(tensors, filename, metadata=None):
+    def crash(tensors, filename, metadata):
         open(filename, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(tv, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         tv.save_checkpoint(model, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]

@@ -41,3 +41,24 @@ def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     with pytest.raises(SystemExit, match=r"unknown task identifier '\[vqaa\]'"):
         tv.main(["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+def test_saved_quantized_model_answers_in_a_fresh_process(checkpoint, tmp_path, mode):
+    """As a user runs it: a file saved by quantize.py, then `python tinyvlm.py --quantized FILE --device cpu` in a
+    process of its own, so a crash in a kernel is a failed test with its exit code, not a dead test runner."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import quantize
+    cfg = train.resolve(train.TrainConfig(stage=1, init=str(checkpoint)))
+    model, _ = train.build_model(cfg, torch.device("cpu"))
+    path = quantize.save_quantized(quantize.quantize_model(model.eval(), mode, quantize.PARTS, group=64),
+                                   tmp_path / f"{mode}.safetensors", stage=1, image_size=cfg.image_size)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "tinyvlm.py"), "--quantized", str(path), "--device", "cpu",
+                           "--image", str(tmp_path / "red.png"), "--max-new-tokens", "6"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.strip()

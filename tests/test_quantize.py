@@ -1,6 +1,8 @@
 """quantize.py: error bounds per kernel against fp32, agreement of the fast and reference paths, save / load
 without building the full-precision model, and quality of a quantized tiny model on held-out text."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,121 @@ def test_load_quantized_rejects_other_files(tmp_path):
     path = tv.save_checkpoint(model, tmp_path / "plain.safetensors")
     with pytest.raises(tv.CheckpointError, match="not a quantized"):
         q.load_quantized(path)
+
+
+# ------------------------------------------------------------------------------------------- packed CPU kernels
+# _weight_int8pack_mm's AVX2 / AVX-512 code uses aligned vector loads: it died with SIGSEGV on int8 weights
+# memory-mapped from a safetensors file (8-byte aligned) and on misaligned bf16 activations. The probe below hands
+# every packed path tensors that start off a 64-byte boundary and end against a page that may not be read, through
+# load_quantized itself, in a child process: a crash is then a failed test, not a dead test runner. On a CPU whose
+# kernels never fault, the property test after it still checks what the layers hold.
+
+def guarded(t: torch.Tensor, misalign: int) -> torch.Tensor:
+    """A copy of t in an anonymous map, starting `misalign` bytes past a 64-byte boundary, its end as close as that
+    allows (under 64 bytes) to a PROT_NONE page: a kernel that reads before alignment or past the end faults."""
+    import ctypes
+    import mmap
+    n = t.numel() * t.element_size()
+    pages = (n + 128) // mmap.PAGESIZE + 1
+    buf = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + pages * mmap.PAGESIZE), mmap.PAGESIZE, 0) == 0   # PROT_NONE
+    end = pages * mmap.PAGESIZE
+    start = (end - n) // 64 * 64 + misalign
+    if start + n > end:
+        start -= 64
+    out = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=start).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    guarded.keep.append(buf)            # the map must outlive the tensor
+    return out
+
+
+guarded.keep = []
+
+
+def probe(mode: str, path: str) -> None:
+    """Load `path` with every tensor misaligned against a guard page, then run each quantized layer with 1..16
+    rows of misaligned activations, and the whole language model. Prints each case before running it."""
+    import itertools
+    real = tv.read_weights
+    tv.read_weights = lambda p: {k: guarded(t, 8 + 16 * (i % 3)) for i, (k, t) in enumerate(real(p).items())}
+    model = q.load_quantized(path).eval()
+    layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.Int4Linear, q.Fp16Linear))]
+    kinds = {type(m).__name__: m for m in layers}
+    with torch.no_grad():
+        for (name, layer), rows, misalign in itertools.product(kinds.items(), range(1, 17), (8, 24, 40)):
+            print(f"{mode} {name} rows={rows} misalign={misalign}", flush=True)
+            for dtype in (torch.float32, torch.bfloat16):
+                layer(guarded(torch.randn(rows, layer.in_features).to(dtype), misalign))
+        print(f"{mode} whole language model", flush=True)
+        model.phi(torch.randint(0, model.cfg.phi.vocab_size, (2, 9)))
+    print("PROBE-OK", flush=True)
+
+
+@pytest.fixture(scope="module")
+def quantized_files(stage0_model, tmp_path_factory):
+    import copy
+    d = tmp_path_factory.mktemp("quantized")
+    return {mode: q.save_quantized(q.quantize_model(copy.deepcopy(stage0_model), mode, parts=q.PARTS, group=64),
+                                   d / f"{mode}.safetensors") for mode in q.MODES}
+
+
+@pytest.mark.parametrize("mode", q.MODES)
+def test_packed_kernels_survive_misaligned_tensors_at_a_guard_page(quantized_files, mode):
+    import os
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, __file__, mode, str(quantized_files[mode])], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    last = (proc.stdout.strip().splitlines() or ["(nothing)"])[-1]
+    assert proc.returncode == 0 and last == "PROBE-OK", \
+        f"exit {proc.returncode} at: {last}\n{proc.stderr[-2000:]}"
+
+
+def test_layers_hold_aligned_weights_after_loading(quantized_files, tmp_path, monkeypatch):
+    """What the int8 kernel is handed: aligned, whatever the file's layout. Our own files are laid out so that the
+    weights stay memory-mapped (no copy, no extra memory); a file written by safetensors' own writer is not, and
+    its weights are copied once, at load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    read = tv.read_weights
+    mapped = {}
+
+    def spy(path):                          # remember where the reader mapped each tensor
+        tensors = read(path)
+        mapped[Path(path).name] = {k: t.data_ptr() for k, t in tensors.items()}
+        return tensors
+
+    monkeypatch.setattr(tv, "read_weights", spy)
+    ours = q.load_quantized(quantized_files["int8"])
+    int8 = {n: m for n, m in ours.named_modules() if isinstance(m, q.Int8Linear)}
+    assert int8 and all(m.weight.data_ptr() % tv.ALIGNMENT == 0 and m.weight.is_contiguous() for m in int8.values())
+    assert all(m.weight.data_ptr() == mapped["int8.safetensors"][n + ".weight"] for n, m in int8.items())  # no copy
+    # safetensors' own layout leaves tensors 8-byte aligned: load_quantized copies those into aligned memory
+    with safe_open(str(quantized_files["int8"]), "pt") as f:
+        meta = f.metadata()
+    other = tmp_path / "their-layout.safetensors"
+    save_file({k: v.contiguous() for k, v in read(quantized_files["int8"]).items()}, other, metadata=meta)
+    assert any(t.data_ptr() % tv.ALIGNMENT for t in read(other).values())
+    theirs = q.load_quantized(other)
+    assert all(m.weight.data_ptr() % tv.ALIGNMENT == 0 for m in theirs.modules() if isinstance(m, q.Int8Linear))
+    ids = torch.randint(0, 600, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(ours.phi(ids), theirs.phi(ids))
+
+
+def test_aligned_returns_aligned_tensors_and_copies_only_when_needed():
+    t = torch.randn(100)
+    assert q.aligned(t) is t
+    off = torch.randn(101)[1:]                       # 4 bytes past an aligned start
+    a = q.aligned(off)
+    assert a.data_ptr() % tv.ALIGNMENT == 0 and torch.equal(a, off) and a.data_ptr() != off.data_ptr()
+    strided = torch.randn(8, 8).t()
+    assert q.aligned(strided).is_contiguous() and torch.equal(q.aligned(strided), strided)
+
+
+if __name__ == "__main__":          # the child process of the guard-page test
+    import sys
+    probe(sys.argv[1], sys.argv[2])
