@@ -49,6 +49,7 @@ import torch
 import quantize
 import tinyvlm as tv
 import train
+import weights
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("weights", "bandwidth", "inference", "train", "stages")
@@ -159,7 +160,7 @@ def write_folder(folder: Path, config: dict, shapes: dict, dtype: torch.dtype, s
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
-        tv.atomic_write(folder / name, lambda tmp: save_file({k: random_tensor(k, shapes[k], dtype) for k in keys},
+        weights.atomic_write(folder / name, lambda tmp: save_file({k: random_tensor(k, shapes[k], dtype) for k in keys},
                                                             tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(size * math.prod(s) for s in shapes.values())},
@@ -207,12 +208,12 @@ def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
 # Workers: one measurement per process
 
 def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
-    cfg = inference_config(tv.PRESETS[bc.preset](), tv.read_config(paths["blip2"]))
+    cfg = inference_config(tv.PRESETS[bc.preset](), weights.read_config(paths["blip2"]))
     t = time.time()
     # fp16 from fp32: Phi-2's fp16 weights exactly (through bf16 they would lose 3 bits); the rest, and the
     # activations, stay fp32. int8 / int4 from bf16, as a user with little memory would make them.
     dtype = torch.float32 if job["mode"] == "fp16" else torch.bfloat16
-    model = tv.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=dtype)
+    model = weights.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=dtype)
     quantize.quantize_model(model, job["mode"], parts=quantize.PARTS)
     quantize.save_quantized(model, paths[job["mode"]], stage=4, image_size=cfg.vit.image_size)
     return {"seconds": time.time() - t, "bytes": paths[job["mode"]].stat().st_size}
@@ -220,7 +221,7 @@ def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 class Ours:
     def __init__(self, dtype: str, bc: BenchConfig, paths: dict):
-        blip2_config = tv.read_config(paths["blip2"])
+        blip2_config = weights.read_config(paths["blip2"])
         if dtype in QUANTIZED:
             self.model = quantize.load_quantized(paths[dtype])
             # the int8 / int4 kernels take bf16 activations; FBGEMM's fp16 one fp32 (as the file's other tensors)
@@ -228,7 +229,7 @@ class Ours:
         else:
             cfg = inference_config(tv.PRESETS[bc.preset](), blip2_config)
             self.dtype = DTYPES[dtype]
-            self.model = tv.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=self.dtype)
+            self.model = weights.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=self.dtype)
         self.model.eval()
         self.phi = self.model.phi
 
@@ -333,7 +334,7 @@ def worker_train(job: dict, bc: BenchConfig, paths: dict) -> dict:
     tcfg = train.resolve(train.TrainConfig(stage=2, phi=str(paths["phi"]), blip2=str(paths["blip2"])))
     device = train.pick_device(tcfg)
     t = time.perf_counter()
-    model = tv.TinyVLM.from_pretrained(tcfg.phi, tcfg.blip2, cfg=train.model_config(tcfg),
+    model = weights.load_tinyvlm(tcfg.phi, tcfg.blip2, cfg=train.model_config(tcfg),
                                        dtype=getattr(torch, tcfg.frozen_dtype)).to(device)
     counts = train.set_trainable(model, tcfg.stage)
     train.trainable_in_fp32(model)

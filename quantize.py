@@ -9,7 +9,7 @@ Decoding one token reads every weight once, so it is bound by memory bandwidth: 
 fp32) is up to four times the tokens per second. Each layer has a readable reference forward (dequantize, then
 matmul: obviously right) and, where this torch has them, fast private kernels:
     int8 decode   torch.ops.aten._weight_int8pack_mm (bf16 activations), on CPU, below 64 rows
-    int8 prefill  CPU: the reference's product, the weight widened to fp32 a block at a time (tv.WidenedLinear),
+    int8 prefill  CPU: the reference's product, the weight widened to fp32 a block at a time (weights.WidenedLinear),
                   faster there than any int8 kernel;
                   GPU: torch._int_mm on per-token-quantized activations, with LLM.int8's outlier split: activation
                   columns above a threshold (6.0) stay in floating point
@@ -36,7 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import tinyvlm as tv
+import train
+import weights
 
 
 def _has(op: str) -> bool:
@@ -56,10 +59,10 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     its bf16 activations 16-byte (AVX2) or 32-byte (AVX-512) aligned, at any row count. A tensor memory-mapped from
     a safetensors file is only 8-byte aligned in general, and a slice of a tensor need not be aligned at all.
     (Measured with torch 2.13 at every ATEN_CPU_CAPABILITY level; no kernel read past the end of an operand.)"""
-    if t.is_contiguous() and t.data_ptr() % tv.ALIGNMENT == 0:
+    if t.is_contiguous() and t.data_ptr() % weights.ALIGNMENT == 0:
         return t
     out = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
-    tv.release_pages(t)
+    weights.release_pages(t)
     return out
 
 
@@ -125,9 +128,9 @@ class Int8Linear(nn.Module):
 
     def forward_widened(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows on a CPU (prefill, images): the reference's product, widening a block of rows at a time
-        (tv.WidenedLinear). 256 x 2560 @ (10240 x 2560)^T: 114 ms here, against 186 ms widened whole, 205 ms in
+        (weights.WidenedLinear). 256 x 2560 @ (10240 x 2560)^T: 114 ms here, against 186 ms widened whole, 205 ms in
         the packed kernel and 2.2 s in _int_mm, which has no fast path on CPUs without VNNI."""
-        return tv.WidenedLinear.apply(x2, self.weight, None, torch.float32) * self.scales
+        return weights.WidenedLinear.apply(x2, self.weight, None, torch.float32) * self.scales
 
     def forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
         """A few rows on a CPU: the packed kernel reads int8 weights and wants bf16 activations (fp32 ones are
@@ -226,7 +229,7 @@ class Int4Linear(PackedLinear):
                 aligned(self.codes().to(torch.int32)), 1))
             zero = self.minima + 8 * self.scales
             self._scales_zeros = aligned(torch.stack((self.scales, zero), -1).transpose(0, 1).to(torch.bfloat16))
-            tv.release_pages(self.weight)    # memory-mapped codes, now packed: their pages need not stay resident
+            weights.release_pages(self.weight)    # memory-mapped codes, now packed: their pages need not stay resident
         return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2.to(torch.bfloat16)), self._packed, self.group,
                                                           self._scales_zeros).float()
 
@@ -256,7 +259,7 @@ class Fp16Linear(PackedLinear):
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if self._packed is None:       # FBGEMM's own layout (same bytes), made at first use; the bias is added after
             self._packed = torch.ops.quantized.linear_prepack_fp16(aligned(self.weight), None)
-            tv.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
+            weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
         return torch.ops.quantized.linear_dynamic_fp16(aligned(x2.float()), self._packed)
 
 
@@ -321,7 +324,7 @@ def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_si
     meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
             "quantization": json.dumps(model.quantization), "stage": json.dumps(stage),
             "image_size": json.dumps(image_size or model.cfg.vit.image_size)}
-    tv.atomic_write(path, lambda tmp: tv.write_safetensors(state, tmp, meta))
+    weights.atomic_write(path, lambda tmp: weights.write_safetensors(state, tmp, meta))
     return Path(path)
 
 
@@ -332,24 +335,24 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "tinyvlm-quantized":
-        raise tv.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint")
+        raise weights.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint")
     cfg = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
     recipe = json.loads(meta["quantization"])
     with torch.device("meta"):
         model = tv.TinyVLM(cfg)
         _replace_linears(model, recipe["parts"], lambda linear: _layer_for(linear, recipe, empty=True))
-    tensors = tv.read_weights(path)
+    tensors = weights.read_weights(path)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise tv.CheckpointError(f"{path}: missing {missing[:3]} unexpected {unexpected[:3]} for its own recipe")
+        raise weights.CheckpointError(f"{path}: missing {missing[:3]} unexpected {unexpected[:3]} for its own recipe")
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
-            raise tv.CheckpointError(f"{path}: key '{k}' has shape {tuple(t.shape)} but the model expects "
+            raise weights.CheckpointError(f"{path}: key '{k}' has shape {tuple(t.shape)} but the model expects "
                                      f"{tuple(expected[k].shape)}")
     model.load_state_dict(tensors, assign=True)
     # The int8 kernel takes its weight as it lies: one that the file left unaligned is copied once, here. Files
-    # written by save_quantized are laid out aligned (tv.write_safetensors), so theirs stay memory-mapped.
+    # written by save_quantized are laid out aligned (weights.write_safetensors), so theirs stay memory-mapped.
     for layer in model.modules():
         if isinstance(layer, Int8Linear):
             layer.weight = aligned(layer.weight)
@@ -391,9 +394,6 @@ def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> di
 
 def main(argv: list[str] | None = None) -> None:
     import copy
-
-    import data
-    import train
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="out/stage4/model.safetensors", help="a stage checkpoint of train.py")
     p.add_argument("--stage", type=int, default=4, help="the stage the checkpoint is from (its prompts and data)")

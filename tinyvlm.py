@@ -12,24 +12,17 @@ tinyvlm: TinyGPT-V (arXiv 2312.16862) in one file of plain PyTorch.
       -> Phi            Phi-2 with TinyGPT-V's QK-norm and post-attention RMSNorm, LoRA on qkv and dense
       -> next-token logits                                               (B, T, 51200)
 
-Reading order: configs and presets, the building blocks (norms, activations, RoPE), ViT, QFormer, Phi, LoRA,
-TinyVLM, generation, then the loaders for the public checkpoints (explicit key maps, loud failures).
-The reference facts (shapes, key names, recipes) are in the project's spec, TINYGPTV.md.
+Reading order, the paper's: configs and presets, the building blocks (norms, activations, RoPE), ViT, QFormer,
+Phi, LoRA, TinyVLM, generation. This file is the model only: the public checkpoints' key maps and loaders are in
+weights.py, the command line (`python tinyvlm.py --image ...`) in chat.py, and the reference facts the code cites
+(shapes, key names, recipes, prompts) in docs/tinygptv.md.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import json
 import math
-import mmap
-import os
-import re
-import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -142,8 +135,8 @@ PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
     # The same architecture shrunk to train on a laptop CPU in minutes: the built-in shapes world, 64 px images,
     # and its 613-token tokenizer (data.py).
     "tiny": lambda: TinyVLMConfig(
-        # 8 px patches (an 8 x 8 grid at 64 px, 12 x 12 at stage 4's 96 px): a small shape is 13 px wide, and with
-        # 16 px patches the Q-Former's read-out at 96 px stopped at kind 0.83, box L1 0.027 (now 0.92, 0.017)
+        # 8 px patches (an 8 x 8 grid at 64 px, 12 x 12 at stage 4's 96 px): a small shape is 13 px wide, so a
+        # patch sees part of one shape, not several (README: the measured read-out for 8 and 16 px patches)
         vit=ViTConfig(image_size=64, patch_size=8, width=128, num_layers=4, num_heads=4, mlp_dim=512),
         qformer=QFormerConfig(num_queries=16, hidden=128, num_layers=4, num_heads=4, mlp_dim=512, vision_width=128),
         phi=PhiConfig(vocab_size=640, hidden=192, num_layers=4, num_heads=4, mlp_dim=768, rotary_dim=20,
@@ -154,7 +147,8 @@ PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Building blocks
+# Building blocks. Every layer is a plain nn.Linear; loading half-precision weights for a CPU swaps them for
+# weights.CPUHalfLinear (stored in half precision, multiplied in fp32), and quantize.py for int8 / int4 layers.
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -189,77 +183,13 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
-class WidenedLinear(torch.autograd.Function):
-    """x @ W^T + b computed in fp32 from a frozen half-precision W (see Linear for why), widening W a block of
-    rows at a time: an 8 MB fp32 block is reused from the allocator and stays in cache, where a whole fp32 copy is
-    fresh pages to fault in (3.5x slower to make here: 52 ms vs 15 ms for 10240 x 2560) and up to 0.5 GB more
-    peak memory (Phi's 51200 x 2560 output layer). W is frozen, so backward needs only grad @ W; it widens W again
-    rather than keeping an fp32 copy of every weight alive from forward to backward."""
-
-    BLOCK_NUMEL = 1 << 21
-
-    @staticmethod
-    def row_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
-        rows = max(1, WidenedLinear.BLOCK_NUMEL // weight.shape[1])
-        return [(i, min(i + rows, weight.shape[0])) for i in range(0, weight.shape[0], rows)]
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
-        ctx.save_for_backward(weight)
-        ctx.x_dtype = x.dtype
-        x32 = x.float()
-        with torch.autocast("cpu", enabled=False):
-            y = torch.cat([F.linear(x32, weight[i:j].float(), None if bias is None else bias[i:j].float())
-                           for i, j in WidenedLinear.row_blocks(weight)], -1)
-        return y.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        g = grad.flatten(0, -2).float()                                   # (N, out)
-        grad_x = g.new_zeros(g.shape[0], weight.shape[1])                 # (N, in)
-        with torch.autocast("cpu", enabled=False):
-            for i, j in WidenedLinear.row_blocks(weight):
-                grad_x.addmm_(g[:, i:j], weight[i:j].float())
-        return grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with one CPU policy. A CPU without bf16 / fp16 instructions (AVX2: most laptops and this
-    project's CI machine) multiplies half-precision matrices far slower than fp32 ones (measured on a 2-core EPYC:
-    256 x 2560 @ (10240 x 2560)^T at 22 GFLOP/s in bf16 vs 146 in fp32; the backward's grad @ W 38 s vs 0.18 s), so
-    on a CPU the products run in fp32 and only the stored tensors are half precision:
-    - a half-precision weight that takes no gradient (inference, or frozen in training) times many rows (prefill,
-      image encoding, training) is widened to fp32 a block at a time (WidenedLinear); a few rows (decoding) stay in
-      half precision, where the weight's bytes, not the arithmetic, are the cost;
-    - an fp32 weight under autocast (the trained projections) is not cast down.
-    The output has the dtype the plain layer would give (autocast's, else the input's), so the policy changes
-    speed and rounding, not the activations' dtype."""
-
-    MIN_ROWS = 16        # the crossover measured here: 16 rows x (10240 x 2560) take 18 ms widened vs 42 ms in bf16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        autocast = torch.is_autocast_enabled("cpu")
-        if x.device.type != "cpu" or (w.dtype == torch.float32 and not autocast):     # the common case, first
-            return super().forward(x)
-        out_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-        frozen = not (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)))
-        if w.dtype in (torch.bfloat16, torch.float16) and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
-            return WidenedLinear.apply(x, w, b, out_dtype)
-        if w.dtype == torch.float32 and out_dtype != torch.float32:
-            with torch.autocast("cpu", enabled=False):
-                return F.linear(x.float(), w, b).to(out_dtype)
-        return super().forward(x)
-
-
 class MLP(nn.Module):
     """fc1 -> activation -> fc2: the feed-forward of the ViT and of Phi."""
 
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,8 +230,8 @@ class ViTAttention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = Linear(cfg.width, 3 * cfg.width)
-        self.proj = Linear(cfg.width, cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -363,13 +293,6 @@ class ViT(nn.Module):
             x = block(x)
         return self.ln_vision(x)
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, ln_vision: str | os.PathLike | None = None,
-                        dtype: torch.dtype | None = None, **overrides) -> "ViT":
-        """A BLIP-2 / CLIP / SigLIP Hugging Face folder, or LAVIS's eva_vit_g.pth (whose ln_vision lives in the
-        BLIP-2 pickle: pass that file as ln_vision=). `overrides` replace config fields (e.g. num_layers)."""
-        return load_vit(path, ln_vision=ln_vision, dtype=dtype, **overrides)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Q-Former
@@ -383,10 +306,10 @@ class BertAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.query = Linear(dim, dim)
-        self.key = Linear(context_dim, dim)
-        self.value = Linear(context_dim, dim)
-        self.dense = Linear(dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(context_dim, dim)
+        self.value = nn.Linear(context_dim, dim)
+        self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -402,8 +325,8 @@ class BertFFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int, eps: float):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -445,11 +368,6 @@ class QFormer(nn.Module):
             queries = layer(queries, image)
         return queries
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "QFormer":
-        """The qformer.* and query_tokens of a BLIP-2 folder, or LAVIS's blip2_pretrained_*.pth."""
-        return load_qformer(path, dtype=dtype)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Phi-2 with TinyGPT-V's norms
@@ -480,13 +398,13 @@ class PhiAttention(nn.Module):
         self.cfg, self.layer = cfg, layer
         # One fused projection, rows in q | k | v blocks. Hugging Face stores q_proj / k_proj / v_proj (the loader
         # concatenates them); TinyGPT-V's own code stores them interleaved per head (the loader reorders them).
-        self.qkv = Linear(cfg.hidden, 3 * cfg.hidden)
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         if cfg.qk_norm:
             # TinyGPT-V's QK-norm: one LayerNorm(head_dim) shared by all heads, on q and k before RoPE. It bounds the
             # attention logits; without it the paper saw gradients vanish at once.
             self.q_layernorm = LayerNorm(cfg.head_dim, eps=cfg.eps)
             self.k_layernorm = LayerNorm(cfg.head_dim, eps=cfg.eps)
-        self.dense = Linear(cfg.hidden, cfg.hidden)
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -533,7 +451,7 @@ class Phi(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, std=0.02)       # GPT-2 / Phi's init, for training from scratch
         self.layers = nn.ModuleList(PhiBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.lm_head = Linear(cfg.hidden, cfg.vocab_size)    # with a bias, not tied to the embeddings
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)    # with a bias, not tied to the embeddings
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -557,12 +475,6 @@ class Phi(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.final_layernorm(x))
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides) -> "Phi":
-        """A Hugging Face Phi folder: the current format (q_proj / k_proj / v_proj / dense), the older phi-msft one
-        (transformer.h.N.mixer.Wqkv), or TinyGPT-V's fused query_key_value; with or without q/k_layernorm.
-        overrides: config fields, e.g. qk_norm=True, post_attn_norm=True to add TinyGPT-V's norms to phi-2."""
-        return load_phi(path, dtype=dtype, **overrides)
 
 
 def attention_bias(padding_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor:
@@ -582,7 +494,7 @@ def attention_bias(padding_mask: torch.Tensor | None, start: int, T: int, device
 # LoRA
 # Reference: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/layer.py
 
-class LoRALinear(Linear):
+class LoRALinear(nn.Linear):
     """y = x W^T + b + dropout(x) A^T B^T * (alpha / rank), with W frozen and only A (rank x in), B (out x rank)
     trained. B starts at zero, so the adapted model starts exactly where the base model is. merge() folds the
     update into W for inference at no extra cost; unmerge() takes it out again."""
@@ -616,7 +528,7 @@ class LoRALinear(Linear):
         if self.merged:
             return y
         # The adapter computes in its own dtype (fp32 when training), outside CPU autocast: its products are small,
-        # and a CPU's half-precision ones take a slow path (256 x 7680 @ 7680 x 64: 190 ms in bf16 vs 2 ms in fp32 here).
+        # and a CPU without bf16 instructions multiplies them about 100x slower in half precision.
         with torch.autocast("cpu", enabled=False):
             z = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
         return y + (z * self.scaling).to(y.dtype)
@@ -660,11 +572,11 @@ class TinyVLM(nn.Module):
             self.qformer = QFormer(cfg.qformer)
             # TinyGPT-V keeps MiniGPT-4's 768 -> 4096 projection (trained for Vicuna) and adds a second linear map
             # down to Phi-2's width instead of training a new 768 -> 2560 one: the pair starts from an aligned space.
-            self.llama_proj = Linear(cfg.qformer.hidden, cfg.proj_dim)
-            self.llama_proj2 = Linear(cfg.proj_dim, cfg.phi.hidden)
+            self.llama_proj = nn.Linear(cfg.qformer.hidden, cfg.proj_dim)
+            self.llama_proj2 = nn.Linear(cfg.proj_dim, cfg.phi.hidden)
         elif cfg.connector == "mlp":
-            self.mlp_proj = nn.Sequential(Linear(cfg.vit.width, cfg.phi.hidden), nn.GELU(),
-                                          Linear(cfg.phi.hidden, cfg.phi.hidden))
+            self.mlp_proj = nn.Sequential(nn.Linear(cfg.vit.width, cfg.phi.hidden), nn.GELU(),
+                                          nn.Linear(cfg.phi.hidden, cfg.phi.hidden))
         else:
             raise ValueError(f"unknown connector {cfg.connector!r}: expected 'qformer' or 'mlp'")
         self.phi = Phi(cfg.phi)
@@ -741,15 +653,6 @@ class TinyVLM(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(dataclasses.replace(PRESETS[name](), **overrides))
-
-    @classmethod
-    def from_pretrained(cls, phi: str | os.PathLike, blip2: str | os.PathLike, vit: str | os.PathLike | None = None,
-                        checkpoint: str | os.PathLike | None = None, cfg: TinyVLMConfig | None = None,
-                        dtype: torch.dtype | None = None) -> "TinyVLM":
-        """The whole model from public weights: phi = a microsoft/phi-2 folder; blip2 = a Salesforce/blip2-* folder
-        (ViT, ln_vision, Q-Former) or LAVIS's blip2_pretrained_*.pth (ln_vision, Q-Former), in which case vit =
-        LAVIS's eva_vit_g.pth; checkpoint = a TinyGPT-V stage .pth or one of ours (projections, norms, LoRA)."""
-        return load_tinyvlm(phi, blip2, vit=vit, checkpoint=checkpoint, cfg=cfg, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -851,882 +754,6 @@ def generate(phi: Phi, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         return collect(generate_stream(phi, phi.embed_tokens(input_ids), attention_mask, **sampling), input_ids.shape[0])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading weights: safetensors memory-mapped, pickles without running code
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file, the key and the shapes."""
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file as a view of a private memory map: nothing is read until used, and
-    tensors kept in the file's dtype are never copied. Layout: 8-byte little-endian header size, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw bytes."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        header.pop("__metadata__", None)
-        if not header:
-            return {}
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: writable views, file untouched
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        nbytes = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
-        if end - start != nbytes or 8 + n + end > size:
-            raise CheckpointError(f"{path}: tensor '{name}' {info['shape']} {info['dtype']} needs bytes "
-                                  f"{8 + n + start}..{8 + n + end} but the file has {size} bytes: truncated?")
-        if nbytes:
-            t = torch.frombuffer(buf, dtype=dtype, count=math.prod(info["shape"]), offset=8 + n + start).view(info["shape"])
-            t._mmapped = True     # lets release_pages() know these pages belong to a file map
-        else:
-            t = torch.empty(info["shape"], dtype=dtype)
-        tensors[name] = t
-    return tensors
-
-
-_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-ALIGNMENT = 64    # bytes: torch's CPU allocator aligns every tensor so, and the packed CPU kernels rely on it
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """The inverse of read_safetensors, laid out so that a memory-mapped tensor is as aligned as an allocated one:
-    the header is padded with spaces (as the format allows) so that the data starts on a 64-byte boundary, and the
-    tensors whose size is a multiple of 64 bytes come first, each of them then starting on a boundary too. A packed
-    kernel given a tensor straight from the file (quantize.Int8Linear) can then use it where it lies."""
-    order = sorted(tensors, key=lambda k: tensors[k].numel() * tensors[k].element_size() % ALIGNMENT != 0)
-    header, offset = {}, 0
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in _DTYPE_NAMES:
-            raise CheckpointError(f"{path}: tensor '{name}' has dtype {t.dtype}, which safetensors cannot store")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = metadata
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-(8 + len(head)) % ALIGNMENT)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for name in order:      # tensor by tensor, without a copy of the whole model in memory
-            f.write(memoryview(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Drop the file pages behind a memory-mapped tensor that has just been copied (dtype change, fused qkv).
-    They are clean (we never write to the map), so nothing is lost: touching them again re-reads the file. Without
-    this every page read during a load stays resident until the whole file is unmapped, and a 5.5 GB fp16 Phi-2
-    loaded as bf16 would peak at 11 GB. Only tensors made by read_safetensors are touched (Linux only)."""
-    if _LIBC is None or not getattr(t, "_mmapped", False) or t.numel() == 0:
-        return
-    start = t.data_ptr() // _PAGE * _PAGE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-def read_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torch.save'd state dict (LAVIS, TinyGPT-V). weights_only=True: loading never runs code from the file.
-    TinyGPT-V and LAVIS wrap the weights as {"model": state_dict, "optimizer": ...}; we take "model"."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):    # legacy (non-zip) pickles cannot be memory-mapped: read them whole
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
-    return obj
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face folder (model.safetensors, or shards through model.safetensors.index.json),
-    a single .safetensors file, or a torch pickle (.pth / .pt / .bin)."""
-    path = Path(path)
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            tensors = {}
-            for shard in sorted(set(weight_map.values())):
-                part = read_safetensors(path / shard)
-                for key, file in weight_map.items():
-                    if file == shard:
-                        if key not in part:
-                            raise CheckpointError(f"{path / shard}: key '{key}' is listed in the index but missing")
-                        tensors[key] = part[key]
-            return tensors
-        if (path / "model.safetensors").exists():
-            return read_safetensors(path / "model.safetensors")
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in (".pth", ".pt", ".bin"):
-        return read_pickle(path)
-    raise CheckpointError(f"{path}: unknown format (expected a folder, .safetensors, or a .pth/.pt/.bin pickle)")
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    config = Path(path) / "config.json"
-    if not config.exists():
-        raise CheckpointError(f"{path}: no config.json")
-    return json.loads(config.read_text())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Key maps: our parameter name -> the name in the public file. A tuple is concatenated along dim 0 (fused qkv);
-# None in a tuple stands for zeros (EVA's missing k bias). Each map is a literal per-layer template, expanded by
-# layer number, so that every public name appears once, here, in plain sight.
-
-KeyMap = dict[str, "str | tuple[str | None, ...]"]
-
-
-def _expand(template: KeyMap, ours: str, theirs: str, layers: range | list[int]) -> KeyMap:
-    out: KeyMap = {}
-    for i in layers:
-        for k, v in template.items():
-            src = tuple(None if s is None else theirs.format(i=i) + s for s in v) if isinstance(v, tuple) \
-                else theirs.format(i=i) + v
-            out[ours.format(i=i) + k] = src
-    return out
-
-
-# microsoft/phi-2, current Hugging Face format: model.layers.{i}.*
-PHI_HF_LAYER: KeyMap = {
-    "input_layernorm.weight": "input_layernorm.weight",
-    "input_layernorm.bias": "input_layernorm.bias",
-    "self_attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "self_attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "self_attn.q_layernorm.weight": "self_attn.q_layernorm.weight",
-    "self_attn.q_layernorm.bias": "self_attn.q_layernorm.bias",
-    "self_attn.k_layernorm.weight": "self_attn.k_layernorm.weight",
-    "self_attn.k_layernorm.bias": "self_attn.k_layernorm.bias",
-    "post_attn_norm.weight": "post_layernorm.weight",          # TinyGPT-V's name for its RMSNorm
-    "self_attn.dense.weight": "self_attn.dense.weight",
-    "self_attn.dense.bias": "self_attn.dense.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-PHI_HF_TOP: KeyMap = {
-    "embed_tokens.weight": "model.embed_tokens.weight",
-    "final_layernorm.weight": "model.final_layernorm.weight",
-    "final_layernorm.bias": "model.final_layernorm.bias",
-    "lm_head.weight": "lm_head.weight",
-    "lm_head.bias": "lm_head.bias",
-}
-# TinyGPT-V's own modeling_phi.py: the same names, but q, k, v fused as query_key_value, interleaved per head.
-PHI_TINYGPTV_LAYER: KeyMap = {**{k: v for k, v in PHI_HF_LAYER.items() if not k.startswith("self_attn.qkv")},
-                              "self_attn.qkv.weight": "self_attn.query_key_value.weight",
-                              "self_attn.qkv.bias": "self_attn.query_key_value.bias"}
-# The older phi-msft format: transformer.h.{i}.*, Wqkv with rows already in q | k | v blocks.
-PHI_MSFT_LAYER: KeyMap = {
-    "input_layernorm.weight": "ln.weight",
-    "input_layernorm.bias": "ln.bias",
-    "self_attn.qkv.weight": "mixer.Wqkv.weight",
-    "self_attn.qkv.bias": "mixer.Wqkv.bias",
-    "self_attn.dense.weight": "mixer.out_proj.weight",
-    "self_attn.dense.bias": "mixer.out_proj.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-PHI_MSFT_TOP: KeyMap = {
-    "embed_tokens.weight": "transformer.embd.wte.weight",
-    "final_layernorm.weight": "lm_head.ln.weight",
-    "final_layernorm.bias": "lm_head.ln.bias",
-    "lm_head.weight": "lm_head.linear.weight",
-    "lm_head.bias": "lm_head.linear.bias",
-}
-
-# EVA ViT-g in a BLIP-2 folder: vision_model.*
-VIT_BLIP2_LAYER: KeyMap = {
-    "norm1.weight": "layer_norm1.weight",
-    "norm1.bias": "layer_norm1.bias",
-    "attn.qkv.weight": "self_attn.qkv.weight",
-    "attn.qkv.bias": "self_attn.qkv.bias",         # = cat(q_bias, zeros, v_bias)
-    "attn.proj.weight": "self_attn.projection.weight",
-    "attn.proj.bias": "self_attn.projection.bias",
-    "norm2.weight": "layer_norm2.weight",
-    "norm2.bias": "layer_norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-VIT_BLIP2_TOP: KeyMap = {
-    "patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
-    "patch_embed.bias": "vision_model.embeddings.patch_embedding.bias",
-    "cls_token": "vision_model.embeddings.class_embedding",
-    "pos_embed": "vision_model.embeddings.position_embedding",
-    "ln_vision.weight": "vision_model.post_layernorm.weight",
-    "ln_vision.bias": "vision_model.post_layernorm.bias",
-}
-# LAVIS eva_vit_g.pth: blocks.{i}.*, no prefix (ln_vision comes from the BLIP-2 pickle).
-VIT_LAVIS_LAYER: KeyMap = {
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "attn.qkv.weight": "attn.qkv.weight",
-    "attn.qkv.bias": ("attn.q_bias", None, "attn.v_bias"),    # EVA has no k bias
-    "attn.proj.weight": "attn.proj.weight",
-    "attn.proj.bias": "attn.proj.bias",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-VIT_LAVIS_TOP: KeyMap = {
-    "patch_embed.weight": "patch_embed.proj.weight",
-    "patch_embed.bias": "patch_embed.proj.bias",
-    "cls_token": "cls_token",
-    "pos_embed": "pos_embed",
-}
-# CLIP (openai/clip-vit-*) and SigLIP (google/siglip-*): vision_model.*, separate q/k/v/out projections.
-VIT_CLIP_LAYER: KeyMap = {
-    "norm1.weight": "layer_norm1.weight",
-    "norm1.bias": "layer_norm1.bias",
-    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "attn.proj.weight": "self_attn.out_proj.weight",
-    "attn.proj.bias": "self_attn.out_proj.bias",
-    "norm2.weight": "layer_norm2.weight",
-    "norm2.bias": "layer_norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-VIT_CLIP_TOP: KeyMap = {
-    "patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
-    "patch_embed.bias": "vision_model.embeddings.patch_embedding.bias",      # SigLIP only
-    "cls_token": "vision_model.embeddings.class_embedding",                 # CLIP only; stored as (C,)
-    "pos_embed": "vision_model.embeddings.position_embedding.weight",       # stored as (N, C)
-    "pre_norm.weight": "vision_model.pre_layrnorm.weight",                  # CLIP only (sic)
-    "pre_norm.bias": "vision_model.pre_layrnorm.bias",
-    "ln_vision.weight": "vision_model.post_layernorm.weight",               # used only if cfg.ln_vision
-    "ln_vision.bias": "vision_model.post_layernorm.bias",
-}
-
-# Q-Former in a BLIP-2 folder: qformer.encoder.layer.{i}.* (cross-attention keys only on even layers)
-QFORMER_HF_LAYER: KeyMap = {
-    "self_attn.query.weight": "attention.attention.query.weight",
-    "self_attn.query.bias": "attention.attention.query.bias",
-    "self_attn.key.weight": "attention.attention.key.weight",
-    "self_attn.key.bias": "attention.attention.key.bias",
-    "self_attn.value.weight": "attention.attention.value.weight",
-    "self_attn.value.bias": "attention.attention.value.bias",
-    "self_attn.dense.weight": "attention.output.dense.weight",
-    "self_attn.dense.bias": "attention.output.dense.bias",
-    "self_attn.norm.weight": "attention.output.LayerNorm.weight",
-    "self_attn.norm.bias": "attention.output.LayerNorm.bias",
-    "ffn.fc1.weight": "intermediate_query.dense.weight",
-    "ffn.fc1.bias": "intermediate_query.dense.bias",
-    "ffn.fc2.weight": "output_query.dense.weight",
-    "ffn.fc2.bias": "output_query.dense.bias",
-    "ffn.norm.weight": "output_query.LayerNorm.weight",
-    "ffn.norm.bias": "output_query.LayerNorm.bias",
-}
-QFORMER_HF_CROSS: KeyMap = {
-    "cross_attn.query.weight": "crossattention.attention.query.weight",
-    "cross_attn.query.bias": "crossattention.attention.query.bias",
-    "cross_attn.key.weight": "crossattention.attention.key.weight",
-    "cross_attn.key.bias": "crossattention.attention.key.bias",
-    "cross_attn.value.weight": "crossattention.attention.value.weight",
-    "cross_attn.value.bias": "crossattention.attention.value.bias",
-    "cross_attn.dense.weight": "crossattention.output.dense.weight",
-    "cross_attn.dense.bias": "crossattention.output.dense.bias",
-    "cross_attn.norm.weight": "crossattention.output.LayerNorm.weight",
-    "cross_attn.norm.bias": "crossattention.output.LayerNorm.bias",
-}
-QFORMER_HF_TOP: KeyMap = {
-    "query_tokens": "query_tokens",
-    "layernorm.weight": "qformer.layernorm.weight",
-    "layernorm.bias": "qformer.layernorm.bias",
-}
-# LAVIS blip2_pretrained_*.pth: Qformer.bert.encoder.layer.{i}.*, "attention.self" where HF says "attention.attention"
-QFORMER_LAVIS_LAYER: KeyMap = {k: v.replace("attention.attention.", "attention.self.") for k, v in QFORMER_HF_LAYER.items()}
-QFORMER_LAVIS_CROSS: KeyMap = {k: v.replace("crossattention.attention.", "crossattention.self.")
-                               for k, v in QFORMER_HF_CROSS.items()}
-QFORMER_LAVIS_TOP: KeyMap = {
-    "query_tokens": "query_tokens",
-    "layernorm.weight": "Qformer.bert.embeddings.LayerNorm.weight",
-    "layernorm.bias": "Qformer.bert.embeddings.LayerNorm.bias",
-}
-
-# What the public files hold that we deliberately do not use.
-BLIP2_IGNORED = ("language_model.", "language_projection.",    # BLIP-2's own LLM (OPT / Flan-T5) and its projection
-                 "qformer.encoder.layer.{i}.intermediate.", "qformer.encoder.layer.{i}.output.",  # text FFN (instruct)
-                 "qformer.embeddings.")                        # text embeddings (use_qformer_text_input)
-LAVIS_BLIP2_IGNORED = ("Qformer.cls.", "Qformer.bert.embeddings.word_embeddings.",
-                       "Qformer.bert.embeddings.position_embeddings.", "Qformer.bert.embeddings.position_ids",
-                       "Qformer.bert.encoder.layer.{i}.intermediate.", "Qformer.bert.encoder.layer.{i}.output.",
-                       "vision_proj.", "text_proj.", "itm_head.", "temp", "t5_proj.", "opt_proj.", "llm_proj.",
-                       "visual_encoder.", "ln_vision.")   # ln_vision is read by the ViT loader
-CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias",
-                "vision_model.head.", "vision_model.embeddings.position_ids")
-
-
-def _ignored(key: str, patterns: tuple[str, ...]) -> bool:
-    """Does key start with one of the patterns? "{i}" in a pattern stands for any layer number."""
-    return any(re.match(re.escape(p).replace(r"\{i\}", r"\d+"), key) for p in patterns)
-
-
-def load_mapped(module: nn.Module, tensors: dict[str, torch.Tensor], key_map: KeyMap, source: str, *,
-                ignore: tuple[str, ...] = (), optional: tuple[str, ...] = (), dtype: torch.dtype | None = None,
-                transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> nn.Module:
-    """Fill `module` (built on the meta device, or anywhere) from `tensors` through `key_map`, strictly:
-    - every parameter of the module must be in key_map and in the file, unless its name ends with one of
-      `optional` (those keep their initial values: e.g. TinyGPT-V's norms, which microsoft/phi-2 does not have);
-    - every tensor of the file must be used, or match a pattern in `ignore`;
-    - shapes must agree (a leading batch dim of 1 may be absent in the file, as CLIP stores its embeddings).
-    Tensors already in the wanted dtype are assigned without a copy (memory-mapped files stay mapped)."""
-    expected = dict(module.named_parameters())
-    transforms = transforms or {}
-    unmapped = sorted(set(expected) - set(key_map))
-    if unmapped:
-        raise CheckpointError(f"{source}: no key map entry for the model's parameter '{unmapped[0]}'")
-    state, used = {}, set()
-    for ours, theirs in key_map.items():
-        if ours not in expected:
-            continue       # e.g. q_layernorm in the map while the model has no QK-norm: its keys stay unused
-        names = theirs if isinstance(theirs, tuple) else (theirs,)
-        missing = [n for n in names if n is not None and n not in tensors]
-        if missing:
-            if ours.endswith(optional):
-                continue
-            raise CheckpointError(f"{source}: missing key '{missing[0]}' (for {ours}, shape {tuple(expected[ours].shape)})")
-        like = tensors[next(n for n in names if n is not None)]
-        parts = [tensors[n] if n is not None else torch.zeros_like(like) for n in names]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)
-        used.update(n for n in names if n is not None)
-        if ours in transforms:
-            t = transforms[ours](t)
-        want = expected[ours].shape
-        if t.shape != want:
-            if t.numel() == math.prod(want) and tuple(t.shape) == tuple(want)[len(want) - t.dim():] \
-                    and all(s == 1 for s in want[:len(want) - t.dim()]):
-                t = t.view(want)
-            else:
-                raise CheckpointError(f"{source}: key '{names[0] if len(names) == 1 else names}' has shape "
-                                      f"{tuple(t.shape)} but {ours} expects {tuple(want)}")
-        state[ours] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if state[ours].data_ptr() != parts[0].data_ptr():      # a copy was made: the file pages are done with
-            for part in parts:
-                release_pages(part)
-    unexpected = sorted(k for k in tensors if k not in used and not _ignored(k, ignore))
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected key '{unexpected[0]}' {tuple(tensors[unexpected[0]].shape)}{more}: "
-                              f"not part of this model; is it the right file and config?")
-    module.load_state_dict(state, strict=False, assign=True)
-    return materialize(module, dtype)
-
-
-def materialize(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Give every parameter still on the meta device its initial value (norms 1 / 0, LoRA A random / B zero)."""
-    for sub in module.modules():
-        params = list(sub.named_parameters(recurse=False))
-        if not any(p.is_meta for _, p in params):
-            continue
-        device = next((p.device for p in module.parameters() if not p.is_meta), torch.device("cpu"))
-        for name, p in params:
-            if p.is_meta:
-                new = torch.empty(p.shape, device=device, dtype=torch.float32 if name.startswith("lora_") else dtype or p.dtype)
-                if name.startswith("lora_A"):
-                    nn.init.kaiming_uniform_(new, a=math.sqrt(5))
-                elif name == "weight" and isinstance(sub, (nn.LayerNorm, RMSNorm)):
-                    new.fill_(1.0)
-                elif name == "bias" and isinstance(sub, nn.LayerNorm) or name.startswith("lora_B"):
-                    new.zero_()
-                else:
-                    raise CheckpointError(f"parameter {name} of {type(sub).__name__} was not loaded and has no "
-                                          f"defined initial value")
-                setattr(sub, name, nn.Parameter(new, requires_grad=p.requires_grad))
-    return module
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loaders
-
-def _dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:
-    """The wanted dtype, or the file's own (that of its first floating tensor)."""
-    if dtype is not None:
-        return dtype
-    return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-
-
-def phi_config_from_hf(config: dict, **overrides) -> PhiConfig:
-    """A PhiConfig from a Hugging Face config.json: current ("phi") or older ("phi-msft") names."""
-    if config.get("model_type") == "phi-msft":
-        hidden = config["n_embd"]
-        cfg = PhiConfig(vocab_size=config["vocab_size"], hidden=hidden, num_layers=config["n_layer"],
-                        num_heads=config["n_head"], mlp_dim=config.get("n_inner") or 4 * hidden,
-                        rotary_dim=config["rotary_dim"], eps=config.get("layer_norm_epsilon", 1e-5),
-                        max_positions=config.get("n_positions", 2048), resid_dropout=config.get("resid_pdrop", 0.0))
-    elif config.get("model_type") == "phi":
-        if config.get("num_key_value_heads", config["num_attention_heads"]) != config["num_attention_heads"]:
-            raise CheckpointError("grouped-query attention (num_key_value_heads != num_attention_heads) is not Phi-2")
-        if config.get("hidden_act", "gelu_new") != "gelu_new":
-            raise CheckpointError(f"hidden_act {config['hidden_act']!r}: Phi-2 uses gelu_new")
-        rope = config.get("rope_parameters") or {}
-        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
-        heads, hidden = config["num_attention_heads"], config["hidden_size"]
-        cfg = PhiConfig(vocab_size=config["vocab_size"], hidden=hidden, num_layers=config["num_hidden_layers"],
-                        num_heads=heads, mlp_dim=config["intermediate_size"],
-                        rotary_dim=int(hidden // heads * factor),
-                        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-                        eps=config.get("layer_norm_eps", 1e-5),
-                        max_positions=config.get("max_position_embeddings", 2048),
-                        resid_dropout=config.get("resid_pdrop", 0.0), qk_norm=config.get("qk_layernorm", False))
-    else:
-        raise CheckpointError(f"model_type {config.get('model_type')!r} is not Phi ('phi' or 'phi-msft')")
-    return dataclasses.replace(cfg, **overrides)
-
-
-def phi_key_map(cfg: PhiConfig, tensors: dict[str, torch.Tensor]) -> tuple[KeyMap, str]:
-    """The key map for whichever of the three Phi layouts the file uses, and its name."""
-    layers = range(cfg.num_layers)
-    if "transformer.embd.wte.weight" in tensors:
-        return {**PHI_MSFT_TOP, **_expand(PHI_MSFT_LAYER, "layers.{i}.", "transformer.h.{i}.", layers)}, "phi-msft"
-    if "model.layers.0.self_attn.query_key_value.weight" in tensors:
-        return {**PHI_HF_TOP, **_expand(PHI_TINYGPTV_LAYER, "layers.{i}.", "model.layers.{i}.", layers)}, "tinygptv"
-    return {**PHI_HF_TOP, **_expand(PHI_HF_LAYER, "layers.{i}.", "model.layers.{i}.", layers)}, "hf"
-
-
-def qkv_from_per_head(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """TinyGPT-V's query_key_value rows are ordered (head, q/k/v, dim); ours are (q/k/v, head, dim)."""
-    return w.reshape(num_heads, 3, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def qkv_to_per_head(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return w.reshape(3, num_heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def load_phi(path, dtype=None, **overrides) -> Phi:
-    tensors = read_weights(path)
-    cfg = phi_config_from_hf(read_config(path), **overrides)
-    if "model.layers.0.self_attn.q_layernorm.weight" in tensors and not cfg.qk_norm:
-        raise CheckpointError(f"{path}: the file has q/k_layernorm weights but the config has qk_norm off")
-    key_map, layout = phi_key_map(cfg, tensors)
-    transforms = {}
-    if layout == "tinygptv":
-        transforms = {f"layers.{i}.self_attn.qkv.{p}": lambda t: qkv_from_per_head(t, cfg.num_heads)
-                      for i in range(cfg.num_layers) for p in ("weight", "bias")}
-    with torch.device("meta"):
-        model = Phi(cfg)
-    return load_mapped(model, tensors, key_map, str(path), dtype=_dtype(tensors, dtype), transforms=transforms,
-                       optional=("q_layernorm.weight", "q_layernorm.bias", "k_layernorm.weight", "k_layernorm.bias",
-                                 "post_attn_norm.weight"))
-
-
-def vit_config_from_hf(config: dict, **overrides) -> tuple[ViTConfig, str]:
-    """A ViTConfig and the key layout name ("blip2" or "clip") from a BLIP-2, CLIP or SigLIP config.json."""
-    kind = config.get("model_type")
-    vc = config.get("vision_config", config)
-    common = dict(image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 14), width=vc["hidden_size"],
-                  num_layers=vc["num_hidden_layers"], num_heads=vc["num_attention_heads"], mlp_dim=vc["intermediate_size"])
-    if kind == "blip-2":
-        cfg = ViTConfig(**common, act=vc.get("hidden_act", "gelu"), eps=vc.get("layer_norm_eps", 1e-6),
-                        ln_vision_eps=vc.get("layer_norm_eps", 1e-6)), "blip2"
-    elif kind in ("clip", "clip_vision_model"):
-        # LLaVA-style systems take the features of a chosen block without the final norm: build num_layers
-        # blocks (e.g. 23 of 24 for LLaVA's "penultimate layer") by passing num_layers as an override.
-        cfg = ViTConfig(**common, act=vc.get("hidden_act", "quick_gelu"), eps=vc.get("layer_norm_eps", 1e-5),
-                        patch_bias=False, pre_norm=True, ln_vision=False), "clip"
-    elif kind in ("siglip", "siglip_vision_model"):
-        act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(vc.get("hidden_act"), vc.get("hidden_act"))
-        cfg = ViTConfig(**common, act=act, eps=vc.get("layer_norm_eps", 1e-6), cls_token=False,
-                        ln_vision=True, ln_vision_eps=vc.get("layer_norm_eps", 1e-6)), "clip"
-    else:
-        raise CheckpointError(f"model_type {kind!r}: expected a BLIP-2, CLIP or SigLIP folder")
-    return dataclasses.replace(cfg[0], **overrides), cfg[1]
-
-
-def load_vit(path, ln_vision=None, dtype=None, **overrides) -> ViT:
-    path = Path(path)
-    tensors = read_weights(path)
-    if path.is_dir():
-        cfg, layout = vit_config_from_hf(read_config(path), **overrides)
-        if layout == "blip2":
-            key_map = {**VIT_BLIP2_TOP, **_expand(VIT_BLIP2_LAYER, "blocks.{i}.", "vision_model.encoder.layers.{i}.",
-                                                  range(cfg.num_layers))}
-            # BLIP-2 drops nothing in its HF folder; blocks past num_layers are only present if the config says so.
-            ignore = BLIP2_IGNORED + ("qformer.", "query_tokens")
-        else:
-            key_map = {**VIT_CLIP_TOP, **_expand(VIT_CLIP_LAYER, "blocks.{i}.", "vision_model.encoder.layers.{i}.",
-                                                 range(cfg.num_layers))}
-            if "vision_model.embeddings.patch_embedding.weight" not in tensors:
-                # a vision tower saved on its own (CLIPVisionModel / SiglipVisionModel) lacks the public files'
-                # "vision_model." prefix: read it under the prefixed names
-                tensors = {"vision_model." + k: t for k, t in tensors.items()}
-            # Blocks past num_layers (LLaVA's unused last block) and CLIP's post_layernorm (it normalises the pooled
-            # CLS token only, which LLaVA-style systems do not use) are deliberately left out.
-            ignore = CLIP_IGNORED + tuple(f"vision_model.encoder.layers.{i}." for i in range(cfg.num_layers, 1000)) \
-                + (() if cfg.ln_vision else ("vision_model.post_layernorm.",))
-    else:
-        # LAVIS's eva_vit_g.pth holds 40 blocks; BLIP-2 uses the first 39 (block 39 is deliberately ignored).
-        cfg = dataclasses.replace(ViTConfig(), **overrides)
-        key_map = {**VIT_LAVIS_TOP, **_expand(VIT_LAVIS_LAYER, "blocks.{i}.", "blocks.{i}.", range(cfg.num_layers))}
-        ignore = tuple(f"blocks.{i}." for i in range(cfg.num_layers, 1000)) + ("norm.", "fc_norm.", "head.")
-        if cfg.ln_vision:
-            if ln_vision is None:
-                raise CheckpointError(f"{path}: LAVIS keeps ln_vision in the BLIP-2 pickle, not in the ViT's; "
-                                      f"pass ln_vision=blip2_pretrained_*.pth (or ln_vision=False in the config)")
-            lavis = read_weights(ln_vision)
-            for p in ("weight", "bias"):
-                if f"ln_vision.{p}" not in lavis:
-                    raise CheckpointError(f"{ln_vision}: missing key 'ln_vision.{p}'")
-                tensors = {**tensors, f"ln_vision.{p}": lavis[f"ln_vision.{p}"]}
-                key_map[f"ln_vision.{p}"] = f"ln_vision.{p}"
-    with torch.device("meta"):
-        model = ViT(cfg)
-    return load_mapped(model, tensors, key_map, str(path), ignore=ignore, dtype=_dtype(tensors, dtype))
-
-
-def qformer_config_from_hf(config: dict) -> QFormerConfig:
-    if config.get("model_type") != "blip-2":
-        raise CheckpointError(f"model_type {config.get('model_type')!r}: expected a BLIP-2 folder")
-    qc = config["qformer_config"]
-    if qc.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"Q-Former hidden_act {qc['hidden_act']!r}: expected 'gelu'")
-    return QFormerConfig(num_queries=config.get("num_query_tokens", 32), hidden=qc["hidden_size"],
-                         num_layers=qc["num_hidden_layers"], num_heads=qc["num_attention_heads"],
-                         mlp_dim=qc["intermediate_size"], vision_width=qc.get("encoder_hidden_size", 1408),
-                         cross_attention_every=qc.get("cross_attention_frequency", 2),
-                         eps=qc.get("layer_norm_eps", 1e-12))
-
-
-def qformer_key_map(cfg: QFormerConfig, lavis: bool) -> KeyMap:
-    layer, cross, top = (QFORMER_LAVIS_LAYER, QFORMER_LAVIS_CROSS, QFORMER_LAVIS_TOP) if lavis else \
-        (QFORMER_HF_LAYER, QFORMER_HF_CROSS, QFORMER_HF_TOP)
-    theirs = "Qformer.bert.encoder.layer.{i}." if lavis else "qformer.encoder.layer.{i}."
-    layers = range(cfg.num_layers)
-    cross_layers = [i for i in layers if i % cfg.cross_attention_every == 0]
-    return {**top, **_expand(layer, "layers.{i}.", theirs, layers), **_expand(cross, "layers.{i}.", theirs, cross_layers)}
-
-
-def load_qformer(path, dtype=None, cfg: QFormerConfig | None = None) -> QFormer:
-    path = Path(path)
-    tensors = read_weights(path)
-    if path.is_dir():
-        cfg = qformer_config_from_hf(read_config(path))
-        key_map, ignore = qformer_key_map(cfg, lavis=False), BLIP2_IGNORED + ("vision_model.",)
-    else:
-        cfg = cfg or QFormerConfig()
-        key_map, ignore = qformer_key_map(cfg, lavis=True), LAVIS_BLIP2_IGNORED
-    with torch.device("meta"):
-        model = QFormer(cfg)
-    return load_mapped(model, tensors, key_map, str(path), ignore=ignore, dtype=_dtype(tensors, dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# TinyGPT-V stage checkpoints and our own
-
-def tinygptv_checkpoint_map(cfg: TinyVLMConfig, peft: bool) -> KeyMap:
-    """Our name -> TinyGPT-V's name in TinyGPT-V_for_Stage{1..4}.pth (trainable tensors only). Stage 1 has no
-    LoRA and no PEFT prefix; stages 2-4 wrap the LLM as llama_model.base_model.model.*."""
-    llm = "llama_model.base_model.model.model." if peft else "llama_model.model."
-    layer: KeyMap = {
-        "input_layernorm.weight": "input_layernorm.weight",
-        "self_attn.q_layernorm.weight": "self_attn.q_layernorm.weight",
-        "self_attn.k_layernorm.weight": "self_attn.k_layernorm.weight",
-        "post_attn_norm.weight": "post_layernorm.weight",
-    }
-    if peft:
-        layer.update({
-            "self_attn.qkv.lora_A": "self_attn.query_key_value.lora_A.weight",
-            "self_attn.qkv.lora_B": "self_attn.query_key_value.lora_B.weight",   # rows interleaved per head
-            "self_attn.dense.lora_A": "self_attn.dense.lora_A.weight",
-            "self_attn.dense.lora_B": "self_attn.dense.lora_B.weight",
-        })
-    return {
-        "llama_proj.weight": "llama_proj.weight", "llama_proj.bias": "llama_proj.bias",
-        "llama_proj2.weight": "llama_proj2.weight", "llama_proj2.bias": "llama_proj2.bias",
-        "phi.final_layernorm.weight": llm + "final_layernorm.weight",
-        **_expand(layer, "phi.layers.{i}.", llm + "layers.{i}.", range(cfg.phi.num_layers)),
-    }
-
-
-def load_checkpoint(model: TinyVLM, path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> TinyVLM:
-    """Load a partial checkpoint (projections, norms, LoRA) on top of the base weights: a TinyGPT-V stage .pth, or
-    one of ours (.safetensors, our names). Every tensor of the file must land on a parameter of the right shape,
-    except those whose name contains one of `ignore` (e.g. the norms an ablation removed)."""
-    path = Path(path)
-    tensors = {k: t for k, t in read_weights(path).items() if not any(p in k for p in ignore)}
-    params = dict(model.named_parameters())
-    if path.suffix == ".safetensors":
-        key_map = {k: k for k in tensors}
-        transforms = {}
-    else:
-        peft = any(k.startswith("llama_model.base_model.") for k in tensors)
-        key_map = {ours: theirs for ours, theirs in tinygptv_checkpoint_map(model.cfg, peft).items() if theirs in tensors}
-        nh = model.cfg.phi.num_heads
-        transforms = {k: (lambda t: qkv_from_per_head(t, nh)) for k in key_map if k.endswith("qkv.lora_B")}
-    used = set(key_map.values())
-    unexpected = sorted(k for k in tensors if k not in used)
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected key '{unexpected[0]}' {tuple(tensors[unexpected[0]].shape)}: "
-                              f"not a tensor of this model (LoRA in the file but not in the config?)")
-    with torch.no_grad():
-        for ours, theirs in key_map.items():
-            if ours not in params:
-                raise CheckpointError(f"{path}: key '{theirs}' maps to '{ours}', which this model does not have "
-                                      f"(check the config: LoRA, qk_norm, post_attn_norm)")
-            t = transforms[ours](tensors[theirs]) if ours in transforms else tensors[theirs]
-            if t.shape != params[ours].shape:
-                raise CheckpointError(f"{path}: key '{theirs}' has shape {tuple(t.shape)} but {ours} expects "
-                                      f"{tuple(params[ours].shape)}")
-            params[ours].copy_(t)
-    return model
-
-
-def save_checkpoint(model: TinyVLM, path: str | os.PathLike, only_trainable: bool = True,
-                    metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write the (trainable) tensors as safetensors, with the config as metadata; atomically: a temp file in the
-    same folder, fsync'd, then renamed over the target, so a crash leaves the previous file whole."""
-    path = Path(path)
-    state = {k: p.detach().to(dtype or p.dtype) for k, p in model.named_parameters()
-             if p.requires_grad or not only_trainable}
-    meta = {"format": "tinyvlm", "config": json.dumps(model.cfg.to_dict()), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    atomic_write(path, lambda tmp: write_safetensors(state, tmp, meta))
-    return path
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temp file beside path, fsync it, then rename it over path: a crash at any point leaves
-    either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600 files; a checkpoint is an ordinary file
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> TinyVLMConfig:
-    """The TinyVLMConfig stored in one of our safetensors checkpoints."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "tinyvlm":
-        raise CheckpointError(f"{path}: not a tinyvlm checkpoint (no config in its metadata)")
-    return TinyVLMConfig.from_dict(json.loads(meta["config"]))
-
-
-def load_tinyvlm(phi, blip2, vit=None, checkpoint=None, cfg: TinyVLMConfig | None = None, dtype=None) -> TinyVLM:
-    cfg = cfg or PRESETS["tinygptv"]()
-    phi_model = load_phi(phi, dtype=dtype, qk_norm=cfg.phi.qk_norm, post_attn_norm=cfg.phi.post_attn_norm)
-    if Path(blip2).is_dir():
-        vit_model = load_vit(blip2, dtype=dtype, ln_vision_eps=cfg.vit.ln_vision_eps)
-    else:
-        if vit is None:
-            raise CheckpointError(f"{blip2}: a LAVIS BLIP-2 pickle holds no ViT; pass vit=eva_vit_g.pth")
-        vit_model = load_vit(vit, ln_vision=blip2, dtype=dtype)
-    qformer_model = load_qformer(blip2, dtype=dtype, cfg=cfg.qformer)
-    cfg = dataclasses.replace(cfg, phi=phi_model.cfg, vit=vit_model.cfg, qformer=qformer_model.cfg)
-    with torch.device("meta"):
-        model = TinyVLM(dataclasses.replace(cfg, lora=None))
-    model.vit, model.qformer, model.phi = vit_model, qformer_model, phi_model
-    # The projections are TinyGPT-V's own: they come from a stage checkpoint (or start fresh for stage 1).
-    for proj in (model.llama_proj, model.llama_proj2):
-        proj.to_empty(device="cpu")
-        proj.reset_parameters()
-    model.cfg = cfg
-    if cfg.lora is not None:
-        apply_lora(model.phi, cfg.lora)
-        materialize(model.phi)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Looking inside: where the Q-Former's queries look
-
-@torch.no_grad()
-def qformer_attention(model: TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
-    """Cross-attention probabilities of every query over the image tokens, averaged over heads and over the
-    cross-attention layers: (B, num_queries, num_image_tokens). SDPA does not return its weights, so the inputs of
-    each cross-attention are captured and softmax(q k^T / sqrt(hs)) is computed again, plainly."""
-    captured = []
-    hooks = [layer.cross_attn.register_forward_hook(lambda m, args, out: captured.append((m, *args)))
-             for layer in model.qformer.layers if layer.cross_attn is not None]
-    try:
-        model.visual_features(pixels)
-    finally:
-        for h in hooks:
-            h.remove()
-    maps = []
-    for attn, x, context in captured:
-        B, T, C = x.shape
-        hs = C // attn.num_heads
-        q = attn.query(x).view(B, T, attn.num_heads, hs).transpose(1, 2)                   # (B, nh, T, hs)
-        k = attn.key(context).view(B, context.shape[1], attn.num_heads, hs).transpose(1, 2)  # (B, nh, N, hs)
-        maps.append((q @ k.transpose(-1, -2) / math.sqrt(hs)).softmax(-1).mean(1))          # (B, T, N)
-    return torch.stack(maps).mean(0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line: ask the model about an image
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import data
-    import train
-    p = argparse.ArgumentParser(description="Ask tinyvlm about an image (streams the answer).")
-    p.add_argument("question", nargs="?", default="", help="the question (or instruction); empty with --chat")
-    p.add_argument("--image", required=True)
-    p.add_argument("--task", default="", help="stage-4 task identifier, e.g. [vqa] [caption] [refer] [identify]")
-    p.add_argument("--chat", action="store_true", help="multi-turn: read questions from the terminal")
-    p.add_argument("--checkpoint", default="", help="a train.py checkpoint (default: the newest out/stageN)")
-    p.add_argument("--quantized", default="", help="a quantize.py output to run instead")
-    p.add_argument("--quantize", choices=("int8", "int4", "fp16"), help="quantize the language model on the fly")
-    p.add_argument("--phi", default=""), p.add_argument("--blip2", default=""), p.add_argument("--tokenizer", default="")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (TinyGPT-V's demo: 1.0 with --top-p 0.9)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--draw", default="", help="draw the boxes of the answer onto the image, save here")
-    p.add_argument("--attention", default="", help="save a picture of where the Q-Former's queries look")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-
-    checkpoint = args.checkpoint or next((str(c) for c in sorted(Path("out").glob("stage[1-4]/model.safetensors"),
-                                                                   reverse=True)), "")
-    if not (checkpoint or args.quantized):
-        raise SystemExit("no trained model found: run `python train.py --stage 1` (and on to 4), or pass --checkpoint")
-    stage = 4
-    if checkpoint:
-        from safetensors import safe_open
-        with safe_open(checkpoint, framework="pt") as f:
-            stage = int(json.loads((f.metadata() or {}).get("stage", "4")))
-        cfg = train.resolve(train.TrainConfig(stage=stage, init=checkpoint, phi=args.phi, blip2=args.blip2,
-                                              tokenizer=args.tokenizer))
-        model, _ = train.build_model(cfg, torch.device(args.device))
-        tok = train.build_tokenizer(cfg)
-        image_size = cfg.image_size
-    if args.quantized or args.quantize:
-        import quantize
-        model = quantize.load_quantized(args.quantized) if args.quantized else \
-            quantize.quantize_model(model, args.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
-        if args.quantized:
-            stage, image_size = model.trained_for["stage"], model.trained_for["image_size"]
-            tok = data.Tokenizer.from_file(args.tokenizer) if args.tokenizer else data.shapes_tokenizer()
-    model.eval()
-    try:
-        image = data.open_image(args.image)
-    except data.ImageError as e:
-        raise SystemExit(f"error: {e}") from None
-    pixels = data.preprocess(image, image_size)[None].to(args.device)
-    task = args.task or ("[vqa]" if stage == 4 else None)
-    if task is not None and task not in data.TASKS:
-        raise SystemExit(f"error: unknown task identifier {task!r}; expected one of {', '.join(data.TASKS)}")
-    features = model.visual_features(pixels)
-    turns: list[tuple[str, str]] = []
-    question = args.question
-    generator = torch.Generator().manual_seed(args.seed)
-    while True:
-        if args.chat:
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                break
-            if not question:
-                break
-        sample = data.Sample(None, turns + [(question, "")], task if stage == 4 else None)
-        ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9)
-        ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
-        if len(ids) + args.max_new_tokens > model.cfg.phi.max_positions:
-            raise SystemExit(f"error: the conversation ({len(ids)} tokens) is too long for the model")
-        answer_ids, shown = [], ""
-        print("tinyvlm> " if args.chat else "", end="", flush=True)
-        stream = model.generate_stream(None, torch.tensor([ids], device=args.device), features=features,
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                       eos_token_id=tok.eos_id, stop_strings=(data.END[stage],), decode=tok.decode,
-                                       generator=generator)
-        for token, active in stream:
-            if active[0]:
-                answer_ids.append(int(token[0]))
-                text = tok.decode(answer_ids, skip_special_tokens=True).split(data.END[stage])[0]
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-        print()
-        turns.append((question, shown.strip()))
-        if not args.chat:
-            break
-    if args.draw:
-        from PIL import ImageDraw
-        canvas = image.copy()
-        draw = ImageDraw.Draw(canvas)
-        for box in data.parse_boxes(" ".join(a for _, a in turns)):
-            draw.rectangle([v / 100 * s for v, s in zip(box, canvas.size * 2)], outline=(255, 0, 0), width=3)
-        canvas.save(args.draw)
-        print(f"wrote {args.draw}", file=sys.stderr)
-    if args.attention:
-        save_attention_picture(model, pixels, image, args.attention)
-        print(f"wrote {args.attention}", file=sys.stderr)
-
-
-def save_attention_picture(model: TinyVLM, pixels: torch.Tensor, image, path: str) -> None:
-    """One tile per query: the image, tinted by how much that query's cross-attention looks at each patch."""
-    from PIL import Image
-    attn = qformer_attention(model, pixels)[0].float()                     # (Q, N)
-    n_cls = int(model.vit.cls_token is not None)
-    side = math.isqrt(attn.shape[1] - n_cls)
-    grid = attn[:, n_cls:].reshape(-1, side, side)
-    grid = grid / grid.amax(dim=(1, 2), keepdim=True)
-    tile = 96
-    base = image.convert("RGB").resize((tile, tile))
-    cols = math.ceil(math.sqrt(grid.shape[0]))
-    sheet = Image.new("RGB", (cols * (tile + 4), math.ceil(grid.shape[0] / cols) * (tile + 4)), (255, 255, 255))
-    for j, g in enumerate(grid):
-        heat = Image.fromarray((g.numpy() * 255).astype("uint8")).resize((tile, tile), Image.BICUBIC)
-        red = Image.merge("RGB", (heat, Image.new("L", heat.size), Image.new("L", heat.size)))
-        sheet.paste(Image.blend(base, red, 0.55), ((j % cols) * (tile + 4), (j // cols) * (tile + 4)))
-    sheet.save(path)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # `python tinyvlm.py --image ...`: the command line lives in chat.py
+    import chat
+    chat.main()

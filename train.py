@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import data
 import tinyvlm as tv
+import weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 STAGE0 = ASSETS / "stage0.safetensors"
@@ -231,7 +232,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str
     """The model for a stage, and where its starting trainable weights came from."""
     if cfg.phi:
         mcfg = model_config(cfg)
-        model = tv.TinyVLM.from_pretrained(cfg.phi, cfg.blip2, vit=cfg.vit or None, checkpoint=cfg.checkpoint or None,
+        model = weights.load_tinyvlm(cfg.phi, cfg.blip2, vit=cfg.vit or None, checkpoint=cfg.checkpoint or None,
                                            cfg=mcfg, dtype=getattr(torch, cfg.frozen_dtype))
         source = cfg.checkpoint or "fresh projections"
     else:
@@ -241,7 +242,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str
         # an ablation that removes a norm leaves its stage-0 weights unused, deliberately
         removed = tuple(n for n, on in (("q_layernorm.", cfg.qk_norm), ("k_layernorm.", cfg.qk_norm),
                                         ("post_attn_norm.", cfg.post_attn_norm)) if not on)
-        tv.load_checkpoint(model, cfg.backbones, ignore=removed)
+        weights.load_checkpoint(model, cfg.backbones, ignore=removed)
         source = "stage-0 backbones"
     init = cfg.init or (str(Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors") if cfg.stage >= 2 else "")
     if cfg.checkpoint and not cfg.init:
@@ -249,7 +250,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str
     if init:
         if not Path(init).exists():
             raise SystemExit(f"{init} not found: run stage {cfg.stage - 1} first, or pass --init")
-        tv.load_checkpoint(model, init)
+        weights.load_checkpoint(model, init)
         source = init
     return model.to(device), source
 
@@ -503,7 +504,7 @@ def print_report(result: dict) -> None:
 # Checkpoints: trainable tensors in safetensors (+ config), optimizer and loop state in a .pt; both atomic
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tv.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    weights.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_training_state(model, optimizer, mixture, it: int, history: list, cfg: TrainConfig, stage_dir: Path) -> Path:
@@ -513,7 +514,7 @@ def save_training_state(model, optimizer, mixture, it: int, history: list, cfg: 
     state = {"iter": it, "token": token, "optimizer": optimizer.state_dict(), "mixture": json.dumps(mixture.state_dict()),
              "torch_rng": torch.get_rng_state(), "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg))}
     atomic_torch_save(state, stage_dir / "state.pt")
-    return tv.save_checkpoint(model, stage_dir / "model.safetensors",
+    return weights.save_checkpoint(model, stage_dir / "model.safetensors",
                               metadata={"stage": cfg.stage, "iter": it, "token": token})
 
 
@@ -525,7 +526,7 @@ def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int
     if token != state["token"]:
         raise SystemExit(f"{stage_dir}: model.safetensors and state.pt come from different saves (interrupted "
                          f"between the two?); cannot resume exactly")
-    tv.load_checkpoint(model, stage_dir / "model.safetensors")
+    weights.load_checkpoint(model, stage_dir / "model.safetensors")
     optimizer.load_state_dict(state["optimizer"])
     mixture.load_state_dict(json.loads(state["mixture"]))
     torch.set_rng_state(state["torch_rng"])
@@ -569,7 +570,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on CUDA, and wherever the frozen weights are bf16 (real weights); fp32 for the tiny model on
-    a CPU, where bf16 matmuls are not faster without AMX. (With real weights on a CPU, tv.Linear and the LoRA
+    a CPU, where bf16 matmuls are not faster without AMX. (With real weights on a CPU, weights.CPUHalfLinear and the LoRA
     adapters keep their products in fp32 all the same, for speed; autocast then gives bf16 activations.)"""
     half_weights = bool(cfg.phi) and cfg.frozen_dtype != "float32"
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" or half_weights else None, "float32": None,
@@ -623,10 +624,10 @@ def train(cfg: TrainConfig) -> dict:
     log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
 
     if cfg.eval_only:
-        weights = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
-        if not weights.exists():
-            raise SystemExit(f"--eval-only: {weights} not found (pass --init)")
-        tv.load_checkpoint(model, weights)
+        trained = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
+        if not trained.exists():
+            raise SystemExit(f"--eval-only: {trained} not found (pass --init)")
+        weights.load_checkpoint(model, trained)
         result = evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage])
         print_report(result)
         return result
@@ -842,7 +843,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         p.requires_grad_(name.startswith(("vit.", "qformer.", "phi.")) and ".lora_" not in name)
     out = Path(cfg.backbones)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tv.save_checkpoint(model, out, dtype=torch.bfloat16,
+    weights.save_checkpoint(model, out, dtype=torch.bfloat16,
                        metadata={"stage": 0, "vision": vision_report, "text_val_loss": text_val})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return {"vision": vision_report, "text_val_loss": text_val}

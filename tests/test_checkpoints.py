@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tinyvlm as tv
+import weights
 
 TOL = 1e-4
 
@@ -55,7 +56,7 @@ def folders(hf_phi_dirs, hf_blip2_dir):
 
 
 def test_whole_model_matches_reference_pipeline(folders, tmp_path):
-    """TinyVLM.from_pretrained(phi, blip2, checkpoint) = HF's Blip2 vision + Q-Former -> the two projections ->
+    """weights.load_tinyvlm(phi, blip2, checkpoint) = HF's Blip2 vision + Q-Former -> the two projections ->
     HF's PhiForCausalLM (qk_layernorm) on inputs_embeds, with the stage-1 norms written into the HF model."""
     (ref_phi, phi_dir), (ref_blip2, blip2_dir) = folders
     cfg = vlm_config(post_attn_norm=False, lora=False)
@@ -63,7 +64,7 @@ def test_whole_model_matches_reference_pipeline(folders, tmp_path):
     sd = {k: v for k, v in sd.items() if "post_layernorm" not in k}     # HF's Phi has no post-attention RMSNorm
     torch.save({"model": sd, "optimizer": {}, "config": {"run": "stage1"}, "scaler": None, "epoch": 3},
                tmp_path / "stage1.pth")
-    model = tv.TinyVLM.from_pretrained(phi=phi_dir, blip2=blip2_dir, checkpoint=tmp_path / "stage1.pth", cfg=cfg).eval()
+    model = weights.load_tinyvlm(phi=phi_dir, blip2=blip2_dir, checkpoint=tmp_path / "stage1.pth", cfg=cfg).eval()
 
     ref_phi = copy.deepcopy(ref_phi)      # the session's reference stays untouched
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_tinygptv_stage_checkpoints(folders, tmp_path):
     for stage in (1, 2):
         sd = stage_checkpoint(cfg, phi_cfg, stage, seed=stage)
         torch.save({"model": sd, "optimizer": {"state": {}}, "epoch": 0}, tmp_path / f"stage{stage}.pth")
-        model = tv.TinyVLM.from_pretrained(phi_dir, blip2_dir, checkpoint=tmp_path / f"stage{stage}.pth", cfg=cfg)
+        model = weights.load_tinyvlm(phi_dir, blip2_dir, checkpoint=tmp_path / f"stage{stage}.pth", cfg=cfg)
         llm = "llama_model.base_model.model.model." if stage > 1 else "llama_model.model."
         blk = model.phi.layers[1]
         assert torch.equal(model.llama_proj2.weight, sd["llama_proj2.weight"])
@@ -104,12 +105,12 @@ def test_tinygptv_stage_checkpoints(folders, tmp_path):
         # LoRA on TinyGPT-V's fused, per-head-interleaved query_key_value gives the same q, k, v as ours
         qkv = blk.self_attn.qkv
         A, B = sd[llm + "layers.1.self_attn.query_key_value.lora_A.weight"], sd[llm + "layers.1.self_attn.query_key_value.lora_B.weight"]
-        W_il = tv.qkv_to_per_head(qkv.weight.detach(), 4)
-        b_il = tv.qkv_to_per_head(qkv.bias.detach(), 4)
+        W_il = weights.qkv_to_per_head(qkv.weight.detach(), 4)
+        b_il = weights.qkv_to_per_head(qkv.bias.detach(), 4)
         x = torch.randn(3, 64)
         theirs = x @ W_il.T + b_il + (x @ A.T @ B.T) * cfg.lora.alpha / cfg.lora.rank       # rows (head, q/k/v, dim)
         with torch.no_grad():
-            assert (tv.qkv_from_per_head(theirs.T, 4).T - qkv(x)).abs().max() <= 1e-5
+            assert (weights.qkv_from_per_head(theirs.T, 4).T - qkv(x)).abs().max() <= 1e-5
 
 
 def test_own_checkpoint_round_trip(tmp_path):
@@ -122,14 +123,14 @@ def test_own_checkpoint_round_trip(tmp_path):
         for p in trainable:
             p.add_(torch.randn_like(p))
             p.requires_grad_(True)
-    path = tv.save_checkpoint(model, tmp_path / "ckpt.safetensors", metadata={"stage": 2})
+    path = weights.save_checkpoint(model, tmp_path / "ckpt.safetensors", metadata={"stage": 2})
     assert set(load_file(path)) == {"llama_proj.weight", "phi.layers.0.self_attn.qkv.lora_B", "phi.final_layernorm.weight"}
-    assert tv.read_checkpoint_config(path) == model.cfg
+    assert weights.read_checkpoint_config(path) == model.cfg
     torch.manual_seed(1)
-    fresh = tv.TinyVLM(tv.read_checkpoint_config(path)).eval()
+    fresh = tv.TinyVLM(weights.read_checkpoint_config(path)).eval()
     fresh.load_state_dict({k: v for k, v in model.state_dict().items()
                            if k not in load_file(path)}, strict=False)
-    tv.load_checkpoint(fresh, path)
+    weights.load_checkpoint(fresh, path)
     px, ids = torch.randn(1, 3, 64, 64), torch.tensor([[1] + [tv.IMAGE_TOKEN] * 16 + [2, 3]])
     with torch.no_grad():
         assert torch.equal(model(px, ids)[0], fresh(px, ids)[0])
@@ -143,27 +144,27 @@ def test_written_safetensors_are_aligned_and_standard(tmp_path):
     from safetensors.torch import load_file
     tensors = {"odd": torch.randn(3), "int8": torch.randint(-9, 9, (64, 48), dtype=torch.int8),
                "bf16": torch.randn(5, 7).bfloat16(), "b": torch.arange(128, dtype=torch.uint8), "empty": torch.ones(0)}
-    tv.write_safetensors(tensors, tmp_path / "t.safetensors", {"note": "x"})
+    weights.write_safetensors(tensors, tmp_path / "t.safetensors", {"note": "x"})
     back = load_file(tmp_path / "t.safetensors")
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
         assert f.metadata() == {"note": "x"}
-    mapped = tv.read_safetensors(tmp_path / "t.safetensors")
-    assert all(mapped[k].data_ptr() % tv.ALIGNMENT == 0 for k in ("int8", "b"))
+    mapped = weights.read_safetensors(tmp_path / "t.safetensors")
+    assert all(mapped[k].data_ptr() % weights.ALIGNMENT == 0 for k in ("int8", "b"))
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = tv.TinyVLM.from_preset("tiny")
-    path = tv.save_checkpoint(model, tmp_path / "ckpt.safetensors")
+    path = weights.save_checkpoint(model, tmp_path / "ckpt.safetensors")
     before = path.read_bytes()
 
     def crash(tensors, filename, metadata):
         open(filename, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tv, "write_safetensors", crash)
+    monkeypatch.setattr(weights, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
-        tv.save_checkpoint(model, path)
+        weights.save_checkpoint(model, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
@@ -190,58 +191,58 @@ def test_truncated_safetensors(hf_phi_dirs, tmp_path):
     folder = single_file_phi(hf_phi_dirs, tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:len(data) - 1000])
-    with pytest.raises(tv.CheckpointError, match=r"model\.safetensors: tensor '.*' .* truncated"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match=r"model\.safetensors: tensor '.*' .* truncated"):
+        weights.load_phi(folder)
     (folder / "model.safetensors").write_bytes(data[:5])
-    with pytest.raises(tv.CheckpointError, match="not a safetensors file"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match="not a safetensors file"):
+        weights.load_phi(folder)
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    with pytest.raises(tv.CheckpointError, match="corrupt safetensors header"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match="corrupt safetensors header"):
+        weights.load_phi(folder)
 
 
 def test_wrong_shape_names_key_and_both_shapes(hf_phi_dirs, tmp_path):
     def edit(sd):
         sd["model.layers.1.mlp.fc1.weight"] = torch.zeros(150, 64)
     folder = single_file_phi(hf_phi_dirs, tmp_path, edit)
-    with pytest.raises(tv.CheckpointError, match=r"'model\.layers\.1\.mlp\.fc1\.weight' has shape \(150, 64\) "
+    with pytest.raises(weights.CheckpointError, match=r"'model\.layers\.1\.mlp\.fc1\.weight' has shape \(150, 64\) "
                                                  r"but layers\.1\.mlp\.fc1\.weight expects \(160, 64\)"):
-        tv.Phi.from_pretrained(folder)
+        weights.load_phi(folder)
 
 
 def test_missing_and_unexpected_keys(hf_phi_dirs, tmp_path):
     folder = single_file_phi(hf_phi_dirs, tmp_path / "a", lambda sd: sd.pop("model.layers.2.self_attn.k_proj.bias"))
-    with pytest.raises(tv.CheckpointError, match=r"missing key 'model\.layers\.2\.self_attn\.k_proj\.bias'"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match=r"missing key 'model\.layers\.2\.self_attn\.k_proj\.bias'"):
+        weights.load_phi(folder)
     folder = single_file_phi(hf_phi_dirs, tmp_path / "b", lambda sd: sd.update({"model.layers.3.mlp.fc1.weight": torch.zeros(2)}))
-    with pytest.raises(tv.CheckpointError, match=r"unexpected key 'model\.layers\.3\.mlp\.fc1\.weight' \(2,\)"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match=r"unexpected key 'model\.layers\.3\.mlp\.fc1\.weight' \(2,\)"):
+        weights.load_phi(folder)
     # a shard listed in the index but missing the key it promises
     ref, sharded = hf_phi_dirs[False]
     folder = copy_folder(sharded, tmp_path / "c")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.extra"] = next(iter(index["weight_map"].values()))
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(tv.CheckpointError, match="model.layers.0.extra' is listed in the index but missing"):
-        tv.Phi.from_pretrained(folder)
+    with pytest.raises(weights.CheckpointError, match="model.layers.0.extra' is listed in the index but missing"):
+        weights.load_phi(folder)
 
 
 def test_unknown_formats(hf_phi_dirs, hf_blip2_dir, tmp_path):
     (tmp_path / "weights.onnx").write_bytes(b"\0")
-    with pytest.raises(tv.CheckpointError, match="unknown format"):
-        tv.read_weights(tmp_path / "weights.onnx")
-    with pytest.raises(tv.CheckpointError, match="no such file"):
-        tv.read_weights(tmp_path / "nothing.safetensors")
+    with pytest.raises(weights.CheckpointError, match="unknown format"):
+        weights.read_weights(tmp_path / "weights.onnx")
+    with pytest.raises(weights.CheckpointError, match="no such file"):
+        weights.read_weights(tmp_path / "nothing.safetensors")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(tv.CheckpointError, match="no model.safetensors"):
-        tv.read_weights(tmp_path / "empty")
-    with pytest.raises(tv.CheckpointError, match="is not Phi"):
-        tv.Phi.from_pretrained(hf_blip2_dir[1])
-    with pytest.raises(tv.CheckpointError, match="expected a BLIP-2"):
-        tv.ViT.from_pretrained(hf_phi_dirs[False][1])
+    with pytest.raises(weights.CheckpointError, match="no model.safetensors"):
+        weights.read_weights(tmp_path / "empty")
+    with pytest.raises(weights.CheckpointError, match="is not Phi"):
+        weights.load_phi(hf_blip2_dir[1])
+    with pytest.raises(weights.CheckpointError, match="expected a BLIP-2"):
+        weights.load_vit(hf_phi_dirs[False][1])
     (tmp_path / "garbage.pth").write_bytes(b"this is not a pickle")
-    with pytest.raises(tv.CheckpointError, match="cannot read as a torch checkpoint"):
-        tv.read_weights(tmp_path / "garbage.pth")
+    with pytest.raises(weights.CheckpointError, match="cannot read as a torch checkpoint"):
+        weights.read_weights(tmp_path / "garbage.pth")
 
 
 class Exploit:
@@ -252,8 +253,8 @@ class Exploit:
 def test_pickle_never_runs_code(tmp_path, capsys):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": {"w": Exploit()}}, f)
-    with pytest.raises(tv.CheckpointError):
-        tv.read_weights(tmp_path / "evil.pth")
+    with pytest.raises(weights.CheckpointError):
+        weights.read_weights(tmp_path / "evil.pth")
     assert "ran code" not in capsys.readouterr().out
 
 
@@ -262,23 +263,23 @@ def test_checkpoint_that_does_not_fit_the_model(folders, tmp_path):
     cfg = vlm_config(lora=False)
     sd = stage_checkpoint(vlm_config(), tv.PhiConfig(hidden=64, num_heads=4, num_layers=3), stage=2)
     torch.save({"model": sd}, tmp_path / "stage2.pth")
-    with pytest.raises(tv.CheckpointError, match="lora_A.weight' maps to .* which this model does not have"):
-        tv.TinyVLM.from_pretrained(phi_dir, blip2_dir, checkpoint=tmp_path / "stage2.pth", cfg=cfg)
+    with pytest.raises(weights.CheckpointError, match="lora_A.weight' maps to .* which this model does not have"):
+        weights.load_tinyvlm(phi_dir, blip2_dir, checkpoint=tmp_path / "stage2.pth", cfg=cfg)
     sd["llama_proj.weight"] = torch.zeros(24, 31)
     torch.save({"model": sd}, tmp_path / "bad.pth")
-    with pytest.raises(tv.CheckpointError, match=r"'llama_proj.weight' has shape \(24, 31\) but llama_proj.weight expects \(24, 32\)"):
-        tv.TinyVLM.from_pretrained(phi_dir, blip2_dir, checkpoint=tmp_path / "bad.pth", cfg=vlm_config())
+    with pytest.raises(weights.CheckpointError, match=r"'llama_proj.weight' has shape \(24, 31\) but llama_proj.weight expects \(24, 32\)"):
+        weights.load_tinyvlm(phi_dir, blip2_dir, checkpoint=tmp_path / "bad.pth", cfg=vlm_config())
     sd["something.else"] = torch.zeros(1)
     torch.save({"model": sd}, tmp_path / "odd.pth")
-    with pytest.raises(tv.CheckpointError, match="unexpected key 'something.else'"):
-        tv.TinyVLM.from_pretrained(phi_dir, blip2_dir, checkpoint=tmp_path / "odd.pth", cfg=vlm_config())
+    with pytest.raises(weights.CheckpointError, match="unexpected key 'something.else'"):
+        weights.load_tinyvlm(phi_dir, blip2_dir, checkpoint=tmp_path / "odd.pth", cfg=vlm_config())
 
 
 def test_safetensors_are_memory_mapped_not_copied(hf_phi_dirs):
     """Tensors kept in the file's dtype are views of the file's mapping: loading needs no second copy."""
     _, folder = hf_phi_dirs[False]
-    model = tv.Phi.from_pretrained(folder)
-    tensors = tv.read_weights(folder)
+    model = weights.load_phi(folder)
+    tensors = weights.read_weights(folder)
     w = model.layers[0].mlp.fc1.weight
     assert not w.untyped_storage().resizable()       # storage from torch.frombuffer(mmap), not a fresh allocation
     assert torch.equal(w, tensors["model.layers.0.mlp.fc1.weight"])

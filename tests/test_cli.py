@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import chat
 import tinyvlm as tv
 import train
 
@@ -19,7 +20,7 @@ def checkpoint(tmp_path_factory):
 def test_real_photo_with_drawing_attention_and_int8(checkpoint, tmp_path, capsys):
     from skimage import data as photos
     Image.fromarray(photos.chelsea()).save(tmp_path / "cat.jpg")
-    tv.main(["--image", str(tmp_path / "cat.jpg"), "--checkpoint", str(checkpoint), "--max-new-tokens", "8",
+    chat.main(["--image", str(tmp_path / "cat.jpg"), "--checkpoint", str(checkpoint), "--max-new-tokens", "8",
              "--draw", str(tmp_path / "boxes.png"), "--attention", str(tmp_path / "attention.png"), "--quantize", "int8"])
     out = capsys.readouterr()
     assert out.out.strip() and "wrote" in out.err
@@ -29,7 +30,7 @@ def test_real_photo_with_drawing_attention_and_int8(checkpoint, tmp_path, capsys
 
 def test_qformer_attention_is_a_distribution():
     model = tv.TinyVLM.from_preset("tiny").eval()
-    attn = tv.qformer_attention(model, torch.randn(2, 3, 64, 64))
+    attn = chat.qformer_attention(model, torch.randn(2, 3, 64, 64))
     num_patches = (64 // model.cfg.vit.patch_size) ** 2
     assert attn.shape == (2, 16, num_patches + 1) and torch.allclose(attn.sum(-1), torch.ones(2, 16), atol=1e-5)
 
@@ -37,10 +38,10 @@ def test_qformer_attention_is_a_distribution():
 def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(SystemExit, match="broken.jpg: cannot read image"):
-        tv.main(["--image", str(tmp_path / "broken.jpg"), "--checkpoint", str(checkpoint), "what is it?"])
+        chat.main(["--image", str(tmp_path / "broken.jpg"), "--checkpoint", str(checkpoint), "what is it?"])
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     with pytest.raises(SystemExit, match=r"unknown task identifier '\[vqaa\]'"):
-        tv.main(["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
+        chat.main(["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import tinyvlm as tv
+import weights
 from conftest import randomize_
 
 TOL = 1e-4   # fp32, max abs difference of logits / features
@@ -25,7 +26,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("qk", [False, True], ids=["phi2", "phi2+qk_layernorm"])
 def test_phi_matches_transformers(hf_phi_dirs, qk):
     ref, folder = hf_phi_dirs[qk]
-    ours = tv.Phi.from_pretrained(folder).eval()
+    ours = weights.load_phi(folder).eval()
     assert ours.cfg.qk_norm == qk and ours.cfg.rotary_dim == 6        # 0.4 * 16, as Phi-2's 32 of 80
     ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -36,7 +37,7 @@ def test_phi_matches_transformers(hf_phi_dirs, qk):
 
 def test_phi_matches_transformers_with_padding(hf_phi_dirs):
     ref, folder = hf_phi_dirs[True]
-    ours = tv.Phi.from_pretrained(folder).eval()
+    ours = weights.load_phi(folder).eval()
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])       # left padding
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -73,7 +74,7 @@ def test_phi_msft_format(hf_phi_dirs, tmp_path):
         "model_type": "phi-msft", "vocab_size": c.vocab_size, "n_embd": c.hidden_size, "n_layer": c.num_hidden_layers,
         "n_head": c.num_attention_heads, "n_inner": c.intermediate_size, "rotary_dim": 6, "n_positions": 256,
         "layer_norm_epsilon": c.layer_norm_eps}))
-    ours = tv.Phi.from_pretrained(tmp_path).eval()
+    ours = weights.load_phi(tmp_path).eval()
     ids = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
         assert max_diff(ref(ids).logits, ours(ids)) <= TOL
@@ -92,10 +93,10 @@ def test_fused_per_head_qkv_equals_separate_qkv(hf_phi_dirs, tmp_path):
             sd[p + f"query_key_value.{w}"] = torch.stack(
                 [q.view(nh, -1, *q.shape[1:]), k.view(nh, -1, *k.shape[1:]), v.view(nh, -1, *v.shape[1:])], 1
             ).reshape(3 * q.shape[0], *q.shape[1:])
-            assert torch.equal(tv.qkv_to_per_head(torch.cat([q, k, v]), nh), sd[p + f"query_key_value.{w}"])
+            assert torch.equal(weights.qkv_to_per_head(torch.cat([q, k, v]), nh), sd[p + f"query_key_value.{w}"])
     save_file(sd, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    ours = tv.Phi.from_pretrained(tmp_path).eval()
+    ours = weights.load_phi(tmp_path).eval()
     ids = torch.randint(0, 101, (2, 15))
     with torch.no_grad():
         assert max_diff(ref(ids).logits, ours(ids)) <= TOL
@@ -166,7 +167,7 @@ def test_phi2_adds_tinygptv_norms_at_identity_init(hf_phi_dirs):
     (LayerNorm 1/0, RMSNorm 1) and says which parameters it did not find by leaving them there; every other key
     must still be present."""
     _, folder = hf_phi_dirs[False]
-    m = tv.Phi.from_pretrained(folder, qk_norm=True, post_attn_norm=True)
+    m = weights.load_phi(folder, qk_norm=True, post_attn_norm=True)
     at = m.layers[0].self_attn
     assert torch.equal(at.q_layernorm.weight, torch.ones(16)) and torch.equal(at.k_layernorm.bias, torch.zeros(16))
     assert torch.equal(m.layers[2].post_attn_norm.weight, torch.ones(64))
@@ -188,7 +189,7 @@ def test_phi2_real_size_parameter_count():
 
 def test_vit_matches_transformers(hf_blip2_dir):
     ref, folder = hf_blip2_dir
-    vit = tv.ViT.from_pretrained(folder).eval()
+    vit = weights.load_vit(folder).eval()
     px = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         diff = max_diff(ref.vision_model(px).last_hidden_state, vit(px))
@@ -198,7 +199,7 @@ def test_vit_matches_transformers(hf_blip2_dir):
 
 def test_vit_interpolates_positions_like_transformers(hf_blip2_dir):
     ref, folder = hf_blip2_dir
-    vit = tv.ViT.from_pretrained(folder).eval()
+    vit = weights.load_vit(folder).eval()
     px = torch.randn(1, 3, 112, 112)     # twice the trained size, as 448 px is for TinyGPT-V's stage 4
     with torch.no_grad():
         a = ref.vision_model(px, interpolate_pos_encoding=True).last_hidden_state
@@ -208,7 +209,7 @@ def test_vit_interpolates_positions_like_transformers(hf_blip2_dir):
 
 def test_qformer_matches_transformers(hf_blip2_dir):
     ref, folder = hf_blip2_dir
-    qformer = tv.QFormer.from_pretrained(folder).eval()
+    qformer = weights.load_qformer(folder).eval()
     assert [layer.cross_attn is not None for layer in qformer.layers] == [True, False, True]
     image = torch.randn(2, 17, 48)
     with torch.no_grad():
@@ -260,9 +261,9 @@ def test_lavis_pickles(hf_blip2_dir, tmp_path):
     vit_sd, blip2_sd = lavis_layout(ref)
     torch.save(vit_sd, tmp_path / "eva_vit_g.pth")
     torch.save(blip2_sd, tmp_path / "blip2_pretrained_flant5xxl.pth")
-    vit = tv.ViT.from_pretrained(tmp_path / "eva_vit_g.pth", ln_vision=tmp_path / "blip2_pretrained_flant5xxl.pth",
+    vit = weights.load_vit(tmp_path / "eva_vit_g.pth", ln_vision=tmp_path / "blip2_pretrained_flant5xxl.pth",
                                  image_size=56, width=48, num_layers=3, num_heads=4, mlp_dim=96, ln_vision_eps=1e-6).eval()
-    qformer = tv.load_qformer(tmp_path / "blip2_pretrained_flant5xxl.pth", cfg=tv.QFormerConfig(
+    qformer = weights.load_qformer(tmp_path / "blip2_pretrained_flant5xxl.pth", cfg=tv.QFormerConfig(
         num_queries=8, hidden=32, num_layers=3, num_heads=4, mlp_dim=64, vision_width=48)).eval()
     px = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
@@ -270,8 +271,8 @@ def test_lavis_pickles(hf_blip2_dir, tmp_path):
         assert max_diff(feats, vit(px)) <= TOL
         q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=feats).last_hidden_state
         assert max_diff(q, qformer(feats)) <= TOL
-    with pytest.raises(tv.CheckpointError, match="ln_vision"):
-        tv.ViT.from_pretrained(tmp_path / "eva_vit_g.pth", width=48, num_layers=3, num_heads=4, mlp_dim=96)
+    with pytest.raises(weights.CheckpointError, match="ln_vision"):
+        weights.load_vit(tmp_path / "eva_vit_g.pth", width=48, num_layers=3, num_heads=4, mlp_dim=96)
 
 
 def test_clip_and_siglip_vision_match_transformers(tmp_path):
@@ -285,7 +286,7 @@ def test_clip_and_siglip_vision_match_transformers(tmp_path):
     for name, ref in (("clip", CLIPModel(clip_cfg)), ("siglip", SiglipVisionModel(SiglipVisionConfig(**common)))):
         randomize_(ref).eval()
         ref.save_pretrained(tmp_path / name)
-        vit = tv.ViT.from_pretrained(tmp_path / name).eval()
+        vit = weights.load_vit(tmp_path / name).eval()
         px = torch.randn(2, 3, 32, 32)
         tower = ref.vision_model if name == "clip" else ref
         with torch.no_grad():
@@ -361,7 +362,7 @@ def test_kv_cache_generation_equals_no_cache(small_phi):
 
 def test_generation_matches_transformers_greedy(hf_phi_dirs):
     ref, folder = hf_phi_dirs[True]
-    ours = tv.Phi.from_pretrained(folder).eval()
+    ours = weights.load_phi(folder).eval()
     ids = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         theirs = ref.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:]
@@ -485,9 +486,9 @@ def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
     exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a weight
     being trained, keep the ordinary half-precision product. (The numbers alone cannot tell the paths apart: the
     native bf16 product also sums in fp32. So the widened calls are counted.)"""
-    monkeypatch.setattr(tv.WidenedLinear, "BLOCK_NUMEL", 64 * 10)       # blocks of 10 rows: 5 for 48 rows
-    calls, apply = [], tv.WidenedLinear.apply
-    monkeypatch.setattr(tv.WidenedLinear, "apply", lambda *args: calls.append(1) or apply(*args))
+    monkeypatch.setattr(weights.WidenedLinear, "BLOCK_NUMEL", 64 * 10)       # blocks of 10 rows: 5 for 48 rows
+    calls, apply = [], weights.WidenedLinear.apply
+    monkeypatch.setattr(weights.WidenedLinear, "apply", lambda *args: calls.append(1) or apply(*args))
 
     def widened(fn):
         calls.clear()
@@ -495,7 +496,7 @@ def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
         return bool(calls), out
 
     torch.manual_seed(0)
-    layer = tv.Linear(64, 48).to(torch.bfloat16)               # parameters require grad, as a loaded model's do
+    layer = weights.CPUHalfLinear(64, 48).to(torch.bfloat16)               # parameters require grad, as a loaded model's do
     w, b = layer.weight.float(), layer.bias.float()
     many, few = torch.randn(40, 64).bfloat16(), torch.randn(2, 64).bfloat16()
     with torch.inference_mode():                               # inference: no gradient is computed
@@ -525,7 +526,7 @@ def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
     assert x32.grad.dtype == torch.float32
     torch.testing.assert_close(x32.grad, grad.float() @ w, rtol=1e-6, atol=1e-6)   # blocks summed in their order
 
-    trained = tv.Linear(64, 48)                           # an fp32 trained weight under autocast: not cast down
+    trained = weights.CPUHalfLinear(64, 48)                           # an fp32 trained weight under autocast: not cast down
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = trained(many)
     assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(many.float(), trained.weight, trained.bias).bfloat16())

@@ -9,6 +9,7 @@ import torch
 import data
 import quantize as q
 import tinyvlm as tv
+import weights
 import train
 
 
@@ -23,7 +24,7 @@ def linear():
 
 
 def test_int8_error_and_paths_agree(linear, monkeypatch):
-    monkeypatch.setattr(tv.WidenedLinear, "BLOCK_NUMEL", 512 * 100)     # 4 blocks of output rows
+    monkeypatch.setattr(weights.WidenedLinear, "BLOCK_NUMEL", 512 * 100)     # 4 blocks of output rows
     layer = q.Int8Linear.from_linear(linear)
     x1, x64 = torch.randn(1, 512), torch.randn(64, 512)
     ref1, ref64 = linear(x1).detach(), linear(x64).detach()
@@ -83,7 +84,7 @@ def test_fp16_matches_its_reference(linear):
 def stage0_model():
     """The shipped tiny backbones (a trained LM), so that quality is measured on a model that knows something."""
     model = tv.TinyVLM(train.model_config(train.TrainConfig()))
-    tv.load_checkpoint(model, train.STAGE0)
+    weights.load_checkpoint(model, train.STAGE0)
     return model.eval()
 
 
@@ -116,8 +117,8 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
 
 def test_load_quantized_rejects_other_files(tmp_path):
     model = tv.TinyVLM.from_preset("tiny")
-    path = tv.save_checkpoint(model, tmp_path / "plain.safetensors")
-    with pytest.raises(tv.CheckpointError, match="not a quantized"):
+    path = weights.save_checkpoint(model, tmp_path / "plain.safetensors")
+    with pytest.raises(weights.CheckpointError, match="not a quantized"):
         q.load_quantized(path)
 
 
@@ -156,8 +157,8 @@ def probe(mode: str, path: str) -> None:
     """Load `path` with every tensor misaligned against a guard page, then run each quantized layer with 1..16
     rows of misaligned activations, and the whole language model. Prints each case before running it."""
     import itertools
-    real = tv.read_weights
-    tv.read_weights = lambda p: {k: guarded(t, 8 + 16 * (i % 3)) for i, (k, t) in enumerate(real(p).items())}
+    real = weights.read_weights
+    weights.read_weights = lambda p: {k: guarded(t, 8 + 16 * (i % 3)) for i, (k, t) in enumerate(real(p).items())}
     model = q.load_quantized(path).eval()
     layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.Int4Linear, q.Fp16Linear))]
     kinds = {type(m).__name__: m for m in layers}
@@ -198,7 +199,7 @@ def test_layers_hold_aligned_weights_after_loading(quantized_files, tmp_path, mo
     its weights are copied once, at load."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    read = tv.read_weights
+    read = weights.read_weights
     mapped = {}
 
     def spy(path):                          # remember where the reader mapped each tensor
@@ -206,19 +207,19 @@ def test_layers_hold_aligned_weights_after_loading(quantized_files, tmp_path, mo
         mapped[Path(path).name] = {k: t.data_ptr() for k, t in tensors.items()}
         return tensors
 
-    monkeypatch.setattr(tv, "read_weights", spy)
+    monkeypatch.setattr(weights, "read_weights", spy)
     ours = q.load_quantized(quantized_files["int8"])
     int8 = {n: m for n, m in ours.named_modules() if isinstance(m, q.Int8Linear)}
-    assert int8 and all(m.weight.data_ptr() % tv.ALIGNMENT == 0 and m.weight.is_contiguous() for m in int8.values())
+    assert int8 and all(m.weight.data_ptr() % weights.ALIGNMENT == 0 and m.weight.is_contiguous() for m in int8.values())
     assert all(m.weight.data_ptr() == mapped["int8.safetensors"][n + ".weight"] for n, m in int8.items())  # no copy
     # safetensors' own layout leaves tensors 8-byte aligned: load_quantized copies those into aligned memory
     with safe_open(str(quantized_files["int8"]), "pt") as f:
         meta = f.metadata()
     other = tmp_path / "their-layout.safetensors"
     save_file({k: v.contiguous() for k, v in read(quantized_files["int8"]).items()}, other, metadata=meta)
-    assert any(t.data_ptr() % tv.ALIGNMENT for t in read(other).values())
+    assert any(t.data_ptr() % weights.ALIGNMENT for t in read(other).values())
     theirs = q.load_quantized(other)
-    assert all(m.weight.data_ptr() % tv.ALIGNMENT == 0 for m in theirs.modules() if isinstance(m, q.Int8Linear))
+    assert all(m.weight.data_ptr() % weights.ALIGNMENT == 0 for m in theirs.modules() if isinstance(m, q.Int8Linear))
     ids = torch.randint(0, 600, (1, 7))
     with torch.no_grad():
         assert torch.equal(ours.phi(ids), theirs.phi(ids))
@@ -229,7 +230,7 @@ def test_aligned_returns_aligned_tensors_and_copies_only_when_needed():
     assert q.aligned(t) is t
     off = torch.randn(101)[1:]                       # 4 bytes past an aligned start
     a = q.aligned(off)
-    assert a.data_ptr() % tv.ALIGNMENT == 0 and torch.equal(a, off) and a.data_ptr() != off.data_ptr()
+    assert a.data_ptr() % weights.ALIGNMENT == 0 and torch.equal(a, off) and a.data_ptr() != off.data_ptr()
     strided = torch.randn(8, 8).t()
     assert q.aligned(strided).is_contiguous() and torch.equal(q.aligned(strided), strided)
 

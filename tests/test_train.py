@@ -14,6 +14,7 @@ import torch
 
 import data
 import tinyvlm as tv
+import weights
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
         result = train.train(cfg)
         assert all(math.isfinite(h["loss"]) for h in result["history"])
     ckpt = tmp_path / "out" / "stage2" / "model.safetensors"
-    model = tv.TinyVLM.from_pretrained(tmp_path / "phi", hf_blip2_dir[1], cfg=tv.read_checkpoint_config(ckpt),
+    model = weights.load_tinyvlm(tmp_path / "phi", hf_blip2_dir[1], cfg=weights.read_checkpoint_config(ckpt),
                                        checkpoint=ckpt)
     assert model.cfg.phi.num_layers == 2 and model.cfg.lora.rank == 4
     assert torch.count_nonzero(model.phi.layers[0].self_attn.qkv.lora_B) > 0
