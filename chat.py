@@ -52,7 +52,7 @@ def qformer_attention(model: tv.TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: ask the model about an image
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None):
     import argparse
     p = argparse.ArgumentParser(description="Ask tinyvlm about an image (streams the answer).")
     p.add_argument("question", nargs="?", default="", help="the question (or instruction); empty with --chat")
@@ -72,40 +72,69 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draw", default="", help="draw the boxes of the answer onto the image, save here")
     p.add_argument("--attention", default="", help="save a picture of where the Q-Former's queries look")
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def load_model(args) -> tuple[tv.TinyVLM, data.Tokenizer, int, int]:
+    """The model to ask, its tokenizer, the stage it was trained for (its prompt template) and its image size:
+    a train.py checkpoint (the newest out/stageN by default), quantized on the fly if asked, or a quantize.py file."""
     checkpoint = args.checkpoint or next((str(c) for c in sorted(Path("out").glob("stage[1-4]/model.safetensors"),
                                                                    reverse=True)), "")
     if not (checkpoint or args.quantized):
         raise SystemExit("no trained model found: run `python train.py --stage 1` (and on to 4), or pass --checkpoint")
-    stage = 4
-    if checkpoint:
-        stage = int(weights.read_metadata(checkpoint).get("stage", "4"))
-        cfg = train.resolve(train.TrainConfig(stage=stage, init=checkpoint, phi=args.phi, blip2=args.blip2,
-                                              tokenizer=args.tokenizer))
-        model, _ = train.build_model(cfg, torch.device(args.device))
-        tok = train.build_tokenizer(cfg)
-        image_size = cfg.image_size
-    if args.quantized or args.quantize:
-        model = quantize.load_quantized(args.quantized) if args.quantized else \
-            quantize.quantize_model(model, args.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
-        if args.quantized:
-            stage, image_size = model.trained_for["stage"], model.trained_for["image_size"]
-            tok = data.Tokenizer.from_file(args.tokenizer) if args.tokenizer else data.shapes_tokenizer()
-    model.eval()
+    if args.quantized:
+        model = quantize.load_quantized(args.quantized)
+        tok = data.Tokenizer.from_file(args.tokenizer) if args.tokenizer else data.shapes_tokenizer()
+        return model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"]
+    stage = int(weights.read_metadata(checkpoint).get("stage", "4"))
+    cfg = train.resolve(train.TrainConfig(stage=stage, init=checkpoint, phi=args.phi, blip2=args.blip2,
+                                          tokenizer=args.tokenizer))
+    model, _ = train.build_model(cfg, torch.device(args.device))
+    if args.quantize:
+        model = quantize.quantize_model(model, args.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
+    return model.eval(), train.build_tokenizer(cfg), stage, cfg.image_size
+
+
+def ask(model: tv.TinyVLM, tok: data.Tokenizer, stage: int, features: torch.Tensor, turns: list[tuple[str, str]],
+        question: str, task: str | None, args, generator: torch.Generator) -> str:
+    """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
+    sample = data.Sample(None, turns + [(question, "")], task if stage == 4 else None)
+    ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9)
+    ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
+    if len(ids) + args.max_new_tokens > model.cfg.phi.max_positions:
+        raise SystemExit(f"error: the conversation ({len(ids)} tokens) is too long for the model")
+    answer_ids, shown = [], ""
+    stream = model.generate_stream(None, torch.tensor([ids], device=args.device), features=features,
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                   eos_token_id=tok.eos_id, stop_strings=(data.END[stage],), decode=tok.decode,
+                                   generator=generator)
+    for token, active in stream:
+        if active[0]:
+            answer_ids.append(int(token[0]))
+            text = tok.decode(answer_ids, skip_special_tokens=True).split(data.END[stage])[0]
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print()
+    return shown.strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model, tok, stage, image_size = load_model(args)
     try:
         image = data.open_image(args.image)
     except data.ImageError as e:
         raise SystemExit(f"error: {e}") from None
-    pixels = data.preprocess(image, image_size)[None].to(args.device)
     task = args.task or ("[vqa]" if stage == 4 else None)
     if task is not None and task not in data.TASKS:
         raise SystemExit(f"error: unknown task identifier {task!r}; expected one of {', '.join(data.TASKS)}")
-    features = model.visual_features(pixels)
-    turns: list[tuple[str, str]] = []
-    question = args.question
+    pixels = data.preprocess(image, image_size)[None].to(args.device)
+    features = model.visual_features(pixels)              # once: every turn asks about the same picture
     generator = torch.Generator().manual_seed(args.seed)
+    turns: list[tuple[str, str]] = []
     while True:
+        question = args.question
         if args.chat:
             try:
                 question = input("you> ").strip()
@@ -113,39 +142,26 @@ def main(argv: list[str] | None = None) -> None:
                 break
             if not question:
                 break
-        sample = data.Sample(None, turns + [(question, "")], task if stage == 4 else None)
-        ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9)
-        ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
-        if len(ids) + args.max_new_tokens > model.cfg.phi.max_positions:
-            raise SystemExit(f"error: the conversation ({len(ids)} tokens) is too long for the model")
-        answer_ids, shown = [], ""
-        print("tinyvlm> " if args.chat else "", end="", flush=True)
-        stream = model.generate_stream(None, torch.tensor([ids], device=args.device), features=features,
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                       eos_token_id=tok.eos_id, stop_strings=(data.END[stage],), decode=tok.decode,
-                                       generator=generator)
-        for token, active in stream:
-            if active[0]:
-                answer_ids.append(int(token[0]))
-                text = tok.decode(answer_ids, skip_special_tokens=True).split(data.END[stage])[0]
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-        print()
-        turns.append((question, shown.strip()))
+            print("tinyvlm> ", end="", flush=True)
+        turns.append((question, ask(model, tok, stage, features, turns, question, task, args, generator)))
         if not args.chat:
             break
     if args.draw:
-        from PIL import ImageDraw
-        canvas = image.copy()
-        draw = ImageDraw.Draw(canvas)
-        for box in data.parse_boxes(" ".join(a for _, a in turns)):
-            draw.rectangle([v / 100 * s for v, s in zip(box, canvas.size * 2)], outline=(255, 0, 0), width=3)
-        canvas.save(args.draw)
+        draw_boxes(image, " ".join(a for _, a in turns), args.draw)
         print(f"wrote {args.draw}", file=sys.stderr)
     if args.attention:
         save_attention_picture(model, pixels, image, args.attention)
         print(f"wrote {args.attention}", file=sys.stderr)
+
+
+def draw_boxes(image, text: str, path: str) -> None:
+    """The boxes {<x1><y1><x2><y2>} of an answer (0..100 of the image's sides) drawn onto a copy of the image."""
+    from PIL import ImageDraw
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    for box in data.parse_boxes(text):
+        draw.rectangle([v / 100 * s for v, s in zip(box, canvas.size * 2)], outline=(255, 0, 0), width=3)
+    canvas.save(path)
 
 
 def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path: str) -> None:

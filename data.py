@@ -453,6 +453,23 @@ class VLMDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
 
 
+class FeatureDataset(torch.utils.data.Dataset):
+    """A VLMDataset whose images were replaced by their (frozen) visual features, computed once: the ViT and the
+    Q-Former are frozen in every stage, so a trainer may cache their output per image."""
+
+    def __init__(self, base: VLMDataset, features: torch.Tensor, feature_index: list[int]):
+        self.base, self.features, self.feature_index = base, features, feature_index
+        self.samples, self.image_size = base.samples, base.image_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.base.samples[i]
+        ids, labels = encode(s, self.base.tokenizer, self.base.stage, self.base.num_image_tokens, self.base.max_len)
+        return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
+
+
 def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
     """Right-pad a batch (pad = eos, as TinyGPT-V does); attention_mask marks the real tokens."""
     items = [it for it in items if it is not None]

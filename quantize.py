@@ -15,10 +15,10 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
                   columns above a threshold (6.0) stay in floating point
     int4          torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations), on CPU
     fp16          torch.ops.quantized.linear_dynamic_fp16 (FBGEMM: fp16 weights packed for the CPU, fp32 activations
-                  and sums), on CPU, any number of rows. It streams weights at 25 GB/s here where torch's bf16
-                  and fp16 matrix-vector products reach 19-20 (measured on four Phi-2 layers, one row), and it
-                  beats the widened fp32 product at 256 rows too (90 vs 163 ms, 10240 x 2560): on a CPU without
-                  bf16 instructions it is the fast half-precision model.
+                  and sums), on CPU, any number of rows. On a 2-core AVX2 EPYC it streams weights at 25 GB/s
+                  where torch's bf16 and fp16 matrix-vector products reach 19-20 (four Phi-2 layers, one row),
+                  and beats the widened fp32 product at 256 rows too (90 vs 163 ms, 10240 x 2560): on a CPU
+                  without bf16 instructions it is the fast half-precision model.
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
 Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512 code uses aligned vector loads.
 
@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import evaluation
 import tinyvlm as tv
 import train
 import weights
@@ -100,7 +101,7 @@ class Int8Linear(nn.Module):
     """A Linear whose weight is int8 with one scale per output row. path: "auto" (fast kernels where present),
     or "reference" (dequantize then matmul)."""
 
-    CPU_KERNEL_ROWS = 64     # below: the packed kernel (32 rows: 28 ms vs 56 ms widened); from here: widened
+    CPU_KERNEL_ROWS = 64     # below: the packed kernel (AVX2, 32 rows: 28 ms vs 56 ms widened); from here: widened
 
     def __init__(self, in_features: int, out_features: int, bias: bool, outlier_threshold: float = 6.0, device=None):
         super().__init__()
@@ -128,8 +129,8 @@ class Int8Linear(nn.Module):
 
     def forward_widened(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows on a CPU (prefill, images): the reference's product, widening a block of rows at a time
-        (weights.WidenedLinear). 256 x 2560 @ (10240 x 2560)^T: 114 ms here, against 186 ms widened whole, 205 ms in
-        the packed kernel and 2.2 s in _int_mm, which has no fast path on CPUs without VNNI."""
+        (weights.WidenedLinear). 256 x 2560 @ (10240 x 2560)^T on an AVX2 CPU: 114 ms, against 186 ms widened whole,
+        205 ms in the packed kernel and 2.2 s in _int_mm, which has no fast path on CPUs without VNNI."""
         return weights.WidenedLinear.apply(x2, self.weight, None, torch.float32) * self.scales
 
     def forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
@@ -425,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in logit_agreement(reference, quantized, batches).items():
         print(f"  {k}: {v:.4f}")
     print("\nheld-out task metrics, unquantized -> quantized:")
-    ref_metrics = train.evaluate(reference, tok, val, args.stage, "cpu", train.EVAL_NEW_TOKENS[args.stage])["metrics"]
-    q_metrics = train.evaluate(quantized, tok, val, args.stage, "cpu", train.EVAL_NEW_TOKENS[args.stage])["metrics"]
+    ref_metrics = evaluation.evaluate(reference, tok, val, args.stage, "cpu")["metrics"]
+    q_metrics = evaluation.evaluate(quantized, tok, val, args.stage, "cpu")["metrics"]
     for task, row in ref_metrics.items():
         print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items() if k != "n"))
     if args.out:

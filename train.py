@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import evaluation
 import tinyvlm as tv
 import weights
 
@@ -109,9 +110,9 @@ class Recipe:
     train_scenes: int = 0
 
 
-# TinyGPT-V's recipes (spec section 4), and ours for the tiny preset on a CPU. The iteration counts of the real
-# recipe are epochs x iterations per epoch; its warm-up lengths are ours (the spec gives the rates, not the
-# lengths). Their stage-4 config has min_lr 8e-5 above the 1e-5 peak (the lr rises over the stage); we keep the
+# TinyGPT-V's recipes (docs/tinygptv.md, section 4), and ours for the tiny preset on a CPU. The iteration counts of
+# the real recipe are epochs x iterations per epoch; its warm-up lengths are ours (the paper gives the rates, not
+# the lengths). Their stage-4 config has min_lr 8e-5 above the 1e-5 peak (the lr rises over the stage); we keep the
 # numbers as published.
 RECIPES: dict[str, dict[int, Recipe]] = {
     "tinygptv": {
@@ -312,21 +313,6 @@ def world_samples(cfg: TrainConfig, split: str, n: int) -> dict[str, tuple[list[
             for task, ratio in WORLD_TASK_RATIOS.items()}
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    """A VLMDataset whose images were replaced by their (frozen) visual features, computed once."""
-
-    def __init__(self, base: data.VLMDataset, features: torch.Tensor, feature_index: list[int]):
-        self.base, self.features, self.feature_index = base, features, feature_index
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.base.samples[i]
-        ids, labels = data.encode(s, self.base.tokenizer, self.base.stage, self.base.num_image_tokens, self.base.max_len)
-        return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
-
-
 @torch.no_grad()
 def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, cache_dir: Path | None) -> torch.Tensor:
     """Visual features of the scenes, cached on disk under a key of (the scenes, the image size, a fingerprint of
@@ -372,132 +358,10 @@ def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, spli
                 if index[s.image.key()] == len(scenes):
                     scenes.append(s.image)
             feats = compute_features(model, scenes, cfg.image_size, device, Path(cfg.out_dir) / "cache")
-            out[name] = (FeatureDataset(base, feats, [index[s.image.key()] for s in samples]), ratio)
+            out[name] = (data.FeatureDataset(base, feats, [index[s.image.key()] for s in samples]), ratio)
         else:
             out[name] = (base, ratio)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#]")
-
-
-def normalize_answer(answer: str) -> str:
-    """The official VQA answer normalisation, in short: lowercase, punctuation out (a period only when it is not
-    a decimal point), number words to digits, articles out, whitespace collapsed."""
-    a = answer.lower().replace("\n", " ").replace("\t", " ").strip()
-    a = _PUNCT.sub("", a)
-    a = re.sub(r"(?!<=\d)(\.)(?!\d)", "", a)
-    words = [_NUMBERS.get(w, w) for w in a.split() if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def vqa_score(prediction: str, answers: list[str]) -> float:
-    """min(#annotators who gave the prediction / 3, 1) with several answers; exact match with one."""
-    p = normalize_answer(prediction)
-    truth = [normalize_answer(a) for a in answers]
-    if len(truth) == 1:
-        return float(p == truth[0])
-    return min(truth.count(p) / 3.0, 1.0)
-
-
-# new tokens to generate per answer in evaluation: captions, detailed descriptions, task answers (TinyGPT-V's
-# own evaluation uses 20, enough for short VQA answers and one box)
-EVAL_NEW_TOKENS = {1: 32, 2: 32, 3: 96, 4: 48}
-
-
-def answer_text(tok: data.Tokenizer, tokens: list[int], stage: int) -> str:
-    text = tok.decode(tokens, skip_special_tokens=True)
-    return text.split(data.END[stage])[0].strip() if data.END[stage].strip() else text.split("\n")[0].strip()
-
-
-@torch.no_grad()
-def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int, device,
-                     max_new_tokens: int = 20, batch_size: int = 64, limit: int | None = None) -> list[str]:
-    """Greedy answers to the first turn of every sample, or of the first `limit` (left-padded batches, KV cache)."""
-    model.eval()
-    answers = []
-    samples = dataset.base.samples if isinstance(dataset, FeatureDataset) else dataset.samples
-    samples = samples[:limit]
-    for i in range(0, len(samples), batch_size):
-        idx = list(range(i, min(i + batch_size, len(samples))))
-        prompts = [data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens, samples[j].task)
-                   for j in idx]
-        T = max(map(len, prompts))
-        ids = torch.full((len(idx), T), tok.eos_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-        if isinstance(dataset, FeatureDataset):
-            kw = {"features": torch.stack([dataset.features[dataset.feature_index[j]] for j in idx]).to(device)}
-        else:
-            kw = {"pixels": torch.stack([data.preprocess(data.load_image(samples[j]), dataset.image_size)
-                                         for j in idx]).to(device)}
-        out = model.generate(kw.get("pixels"), ids.to(device), mask.to(device), features=kw.get("features"),
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
-                             stop_strings=(data.END[stage],), decode=tok.decode)
-        answers += [answer_text(tok, t, stage) for t in out]
-    return answers
-
-
-def score(sample: data.Sample, prediction: str) -> dict[str, float]:
-    """The metrics of one prediction, by task."""
-    if sample.task == "[refer]":
-        boxes = data.parse_boxes(prediction)
-        iou = data.box_iou(boxes[0], sample.meta["box"]) if boxes else 0.0
-        return {"iou": iou, "iou>=0.5": float(iou >= 0.5)}
-    if sample.task in ("[vqa]", "[identify]") or "answers" in sample.meta:
-        return {"accuracy": vqa_score(prediction, sample.meta.get("answers") or [sample.turns[0][1]])}
-    truth = sample.turns[0][1]
-    if sample.task in ("[detection]", "[grounding]"):     # every true box found (IoU >= 0.5 with a predicted one)
-        boxes = data.parse_boxes(prediction)
-        found = [any(data.box_iou(t, p) >= 0.5 for p in boxes) for t in data.parse_boxes(truth)]
-        out = {"box recall": sum(found) / max(1, len(found)), "extra boxes": max(0, len(boxes) - len(found))}
-        if sample.task == "[grounding]" and isinstance(sample.image, data.Scene):
-            names = {s.name for s in sample.image.shapes}
-            out["shape recall"] = len({n for n in names if n in prediction}) / len(names)
-        return out
-    if isinstance(sample.image, data.Scene):      # captions and descriptions of the world: which shapes are named
-        names = {s.name for s in sample.image.shapes}
-        said = {f"{c} {k}" for c in data.COLOURS for k in data.KINDS if f"{c} {k}" in prediction}
-        return {"shape recall": len(names & said) / len(names), "exact": float(prediction.strip() == truth.strip())}
-    return {"exact": float(normalize_answer(prediction) == normalize_answer(truth))}
-
-
-def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: int, device,
-             max_new_tokens: int = 20) -> dict[str, dict[str, float]]:
-    """Per-task tables: every metric averaged over the held-out samples of that task."""
-    table: dict[str, dict[str, list[float]]] = {}
-    examples = []
-    for name, ds in datasets.items():
-        samples = ds.base.samples if isinstance(ds, FeatureDataset) else ds.samples
-        preds = generate_answers(model, tok, ds, stage, device, max_new_tokens)
-        for i, (s, p) in enumerate(zip(samples, preds)):
-            row = table.setdefault(s.task or name, {})
-            for k, v in score(s, p).items():
-                row.setdefault(k, []).append(v)
-            if isinstance(s.image, data.Scene) and stage in (1, 2, 3):
-                # chance level: the same prediction scored against another image of the set
-                other = samples[(i + 1) % len(samples)]
-                row.setdefault("shape recall (wrong image)", []).append(score(other, p)["shape recall"])
-        examples += [(s.task or name, s.turns[0][0], s.turns[0][1], p) for s, p in list(zip(samples, preds))[:3]]
-    metrics = {task: {k: sum(v) / len(v) for k, v in row.items()} | {"n": len(next(iter(row.values())))}
-               for task, row in sorted(table.items())}
-    return {"metrics": metrics, "examples": examples}
-
-
-def print_report(result: dict) -> None:
-    print("\nheld-out evaluation")
-    for task, row in result["metrics"].items():
-        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {int(v)}" for k, v in row.items()))
-    print("examples (task | question | truth | model):")
-    for task, q, truth, pred in result["examples"][:8]:
-        print(f"  {task} | {q[:60]} | {truth[:60]} | {pred[:60]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -599,110 +463,156 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 
 
 def train(cfg: TrainConfig) -> dict:
+    """One stage: the model and its data, the loop, then the held-out evaluation and the stage's files."""
     cfg = resolve(cfg)
     if cfg.stage == 0:
         return pretrain_backbones(cfg)
     device = pick_device(cfg)
     rank, world = dist_setup(device.type)
+    log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stage_dir = Path(cfg.out_dir) / f"stage{cfg.stage}"
-    if rank == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(cfg)
     model, source = build_model(cfg, device)
     counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
     trainable_in_fp32(model)
-    log = print if rank == 0 else (lambda *a, **k: None)
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
     t0 = time.time()
     train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device)
     val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device).items()}
+    log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
+    if cfg.eval_only:
+        return evaluate_checkpoint(model, tok, val_sets, cfg, device, stage_dir)
+
     mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
                            cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id)
-    log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
-
-    if cfg.eval_only:
-        trained = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
-        if not trained.exists():
-            raise SystemExit(f"--eval-only: {trained} not found (pass --init)")
-        weights.load_checkpoint(model, trained)
-        result = evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage])
-        print_report(result)
-        return result
-
-    ddp_model = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
     start, history = 0, []
     if cfg.resume:
         start, history = load_training_state(model, optimizer, mixture, stage_dir)
         log(f"resumed at iteration {start}")
+    ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = iter(mixture)
-    last_good = None
-    t_start, tokens_seen = time.time(), 0
+    progress = Progress(cfg, start, world, log)
+    last_saved = None
     for it in range(start, cfg.max_iters):
         lr = set_lr(optimizer, it, cfg)
-        ddp_model.train()
-        micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
-        n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
-        loss_total = torch.zeros((), device=device)
-        for k, batch in enumerate(micro):
-            part = shard(batch, rank, world)
-            sync = nullcontext() if (world == 1 or k == len(micro) - 1) else ddp_model.no_sync()
-            with sync:
-                loss = micro_step(ddp_model, part, device, cfg, world, n_tokens)
-                loss.backward()
-            loss_total += loss.detach() / world
-            tokens_seen += int(part["attention_mask"].sum())
-        loss_value = float(all_reduce_sum(loss_total, world))
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss became {loss_value} at iteration {it} (stage {cfg.stage}); the last good "
-                                f"checkpoint is {last_good or 'none (nothing saved yet)'}")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"iter": it, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
-        if rank == 0 and (it % cfg.log_interval == 0 or it == cfg.max_iters - 1):
-            elapsed = time.time() - t_start
-            done = it - start + 1
-            eta = elapsed / done * (cfg.max_iters - it - 1)
-            log(f"iter {it:5d} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                f"{tokens_seen * world / elapsed:,.0f} tok/s | {elapsed:.0f} s, ETA {eta:.0f} s")
-        if cfg.eval_interval and it > start and it % cfg.eval_interval == 0 and rank == 0:
+        loss, tokens = train_step(ddp_model, batches, cfg, device, rank, world)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at iteration {it} (stage {cfg.stage}); the last good "
+                                f"checkpoint is {last_saved or 'none (nothing saved yet)'}")
+        grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
+        history.append({"iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        progress.step(it, loss, lr, grad_norm, tokens)
+        if rank == 0 and cfg.eval_interval and it > start and it % cfg.eval_interval == 0:
             history[-1]["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
             log(f"iter {it:5d} | val loss {history[-1]['val_loss']:.4f}")
             show_samples(model, tok, val_sets, cfg.stage, device, log)
         if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1):
-            last_good = save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
-    train_time = time.time() - t_start
-    result = {"train_seconds": train_time}
+            last_saved = save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
+    result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return result
+
+
+def train_step(ddp_model, batches, cfg: TrainConfig, device, rank: int, world: int) -> tuple[float, int]:
+    """Forward and backward over grad_accum micro-batches (this rank's share of each); returns the global batch's
+    mean loss and the tokens this rank saw. The gradients are left for clip_and_step."""
+    ddp_model.train()
+    micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
+    n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
+    loss_total, tokens = torch.zeros((), device=device), 0
+    for k, batch in enumerate(micro):
+        part = shard(batch, rank, world)
+        sync = nullcontext() if (world == 1 or k == len(micro) - 1) else ddp_model.no_sync()   # all-reduce once
+        with sync:
+            loss = micro_step(ddp_model, part, device, cfg, world, n_tokens)
+            loss.backward()
+        loss_total += loss.detach() / world
+        tokens += int(part["attention_mask"].sum())
+    return float(all_reduce_sum(loss_total, world)), tokens
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float) -> float:
+    """Clip the gradients' global norm (clip <= 0: no clipping), take the optimizer step; returns the norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class Progress:
+    """The log line every cfg.log_interval iterations. Its ETA comes from the pace of the last iterations, not the
+    average since the start: the first ones include one-off work and say little about the rest."""
+
+    WINDOW = 20
+
+    def __init__(self, cfg: TrainConfig, start: int, world: int, log):
+        self.cfg, self.start, self.world, self.log = cfg, start, world, log
+        self.t_start = self.t_last = time.time()
+        self.recent: list[float] = []
+        self.tokens = 0
+
+    def step(self, it: int, loss: float, lr: float, grad_norm: float, tokens: int) -> None:
+        now = time.time()
+        self.recent = (self.recent + [now - self.t_last])[-self.WINDOW:]
+        self.t_last = now
+        self.tokens += tokens
+        if it % self.cfg.log_interval == 0 or it == self.cfg.max_iters - 1:
+            elapsed = now - self.t_start
+            eta = sum(self.recent) / len(self.recent) * (self.cfg.max_iters - it - 1)
+            self.log(f"iter {it:5d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                     f"{self.tokens * self.world / elapsed:,.0f} tok/s | {elapsed:.0f} s, ETA {eta:.0f} s")
+
+    @property
+    def seconds(self) -> float:
+        return self.t_last - self.t_start
+
+
+def finish_stage(model, tok, train_sets, val_sets, history: list, cfg: TrainConfig, device, stage_dir: Path,
+                 progress: Progress, t0: float, rank: int, log) -> dict:
+    """After the last iteration: the unreadable images skipped, the held-out evaluation, log.csv / report.json /
+    loss.png (rank 0)."""
+    result = {"train_seconds": progress.seconds}
     skipped = {k: len(ds.skipped) for k, (ds, _) in train_sets.items() if getattr(ds, "skipped", None)}
     if skipped:
         result["skipped_images"] = skipped
         log("skipped unreadable images: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
     if rank == 0:
         result["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
-        result.update(evaluate(model, tok, val_sets, cfg.stage, device, EVAL_NEW_TOKENS[cfg.stage]))
-        log(f"\nstage {cfg.stage} done: {cfg.max_iters - start} iterations in {train_time:.0f} s "
-            f"({time.time() - t0:.0f} s with data and evaluation) | val loss {result['val_loss']:.4f}")
-        print_report(result)
+        result.update(evaluation.evaluate(model, tok, val_sets, cfg.stage, device))
+        log(f"\nstage {cfg.stage} done: {cfg.max_iters - progress.start} iterations in "
+            f"{progress.seconds:.0f} s ({time.time() - t0:.0f} s with data and evaluation) | "
+            f"val loss {result['val_loss']:.4f}")
+        evaluation.print_report(result)
         write_logs(history, result, cfg, stage_dir)
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
     result["history"] = history
+    return result
+
+
+def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_dir: Path) -> dict:
+    """--eval-only: the held-out report of --init, or of the stage's own output."""
+    trained = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
+    if not trained.exists():
+        raise SystemExit(f"--eval-only: {trained} not found (pass --init)")
+    weights.load_checkpoint(model, trained)
+    result = evaluation.evaluate(model, tok, val_sets, cfg.stage, device)
+    evaluation.print_report(result)
     return result
 
 
 def show_samples(model, tok, val_sets, stage: int, device, log, n: int = 2) -> None:
     """A few held-out answers next to the truth, to watch what the model learns."""
     for name, ds in list(val_sets.items())[:3]:
-        samples = ds.base.samples if isinstance(ds, FeatureDataset) else ds.samples
-        for s, p in zip(samples, generate_answers(model, tok, ds, stage, device, EVAL_NEW_TOKENS[stage], limit=n)):
+        for s, p in zip(ds.samples, evaluation.generate_answers(model, tok, ds, stage, device, limit=n)):
             log(f"    {s.task or name} | {s.turns[0][0][:50]} | truth: {s.turns[0][1][:50]} | model: {p[:50]}")
 
 

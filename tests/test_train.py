@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import tinyvlm as tv
 import weights
 import train
@@ -51,17 +52,17 @@ def test_cli_is_generated_from_the_config():
 
 
 def test_answer_normalisation_and_scores():
-    assert train.normalize_answer("Two.") == "2" and train.normalize_answer("the Red Circle!") == "red circle"
-    assert train.vqa_score("2", ["two", "2", "2", "3"]) == pytest.approx(1.0)       # 3 annotators agree
-    assert train.vqa_score("3", ["two", "2", "2", "3"]) == pytest.approx(1 / 3)
-    assert train.vqa_score("yes", ["Yes"]) == 1.0 and train.vqa_score("no", ["yes"]) == 0.0
+    assert evaluation.normalize_answer("Two.") == "2" and evaluation.normalize_answer("the Red Circle!") == "red circle"
+    assert evaluation.vqa_score("2", ["two", "2", "2", "3"]) == pytest.approx(1.0)       # 3 annotators agree
+    assert evaluation.vqa_score("3", ["two", "2", "2", "3"]) == pytest.approx(1 / 3)
+    assert evaluation.vqa_score("yes", ["Yes"]) == 1.0 and evaluation.vqa_score("no", ["yes"]) == 0.0
     refer = data.Sample(None, [("q", "{<10><10><30><30>}")], "[refer]", {"box": (10, 10, 30, 30)})
-    assert train.score(refer, "{<10><10><30><30>}") == {"iou": 1.0, "iou>=0.5": 1.0}
-    assert train.score(refer, "{<20><10><40><30>}")["iou"] == pytest.approx(1 / 3)
-    assert train.score(refer, "no box here") == {"iou": 0.0, "iou>=0.5": 0.0}
+    assert evaluation.score(refer, "{<10><10><30><30>}") == {"iou": 1.0, "iou>=0.5": 1.0}
+    assert evaluation.score(refer, "{<20><10><40><30>}")["iou"] == pytest.approx(1 / 3)
+    assert evaluation.score(refer, "no box here") == {"iou": 0.0, "iou>=0.5": 0.0}
     detection = data.Sample(None, [("circles", "<p>circle</p> {<0><0><20><20>}<delim>{<50><50><70><70>}")], "[detection]")
-    assert train.score(detection, "<p>circle</p> {<1><1><21><21>}") == {"box recall": 0.5, "extra boxes": 0}
-    assert train.score(detection, "{<50><50><70><70>} {<0><0><20><20>} {<9><9><9><9>}") == {"box recall": 1.0,
+    assert evaluation.score(detection, "<p>circle</p> {<1><1><21><21>}") == {"box recall": 0.5, "extra boxes": 0}
+    assert evaluation.score(detection, "{<50><50><70><70>} {<0><0><20><20>} {<9><9><9><9>}") == {"box recall": 1.0,
                                                                                           "extra boxes": 1}
 
 
