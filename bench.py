@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import quantize
 import tinyvlm as tv
 import train
@@ -526,10 +527,7 @@ def targets(inf: dict, bw: float | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_config_args(parser, BenchConfig)
-    bc = train.config_from_args(BenchConfig, parser.parse_args(argv))
+    bc = cli.config_from_args(BenchConfig, cli.parser_for(BenchConfig, __doc__).parse_args(argv))
     if bc.preset not in tv.PRESETS:
         raise SystemExit(f"unknown preset {bc.preset!r}; choose from {sorted(tv.PRESETS)}")
     bc = dataclasses.replace(bc, cache=bc.cache or str(Path(tempfile.gettempdir()) / f"tinyvlm-bench-{bc.preset}"))

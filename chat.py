@@ -5,17 +5,21 @@ chat.py: ask tinyvlm about an image, from the command line (`python tinyvlm.py .
     python tinyvlm.py --image scene.png --chat
     python tinyvlm.py --image scene.png --attention attention.png "how many shapes are there?"
 
-The newest out/stageN/model.safetensors is used by default, with that stage's prompt template.
+The newest out/stageN/model.safetensors is used by default, built as it was trained (its config is in its metadata)
+and asked with that stage's prompt template; `--help` lists every flag.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+import cli
 import data
 import quantize
 import tinyvlm as tv
@@ -52,63 +56,122 @@ def qformer_attention(model: tv.TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: ask the model about an image
 
-def parse_args(argv: list[str] | None):
-    import argparse
-    p = argparse.ArgumentParser(description="Ask tinyvlm about an image (streams the answer).")
-    p.add_argument("question", nargs="?", default="", help="the question (or instruction); empty with --chat")
-    p.add_argument("--image", required=True)
-    p.add_argument("--task", default="", help="stage-4 task identifier, e.g. [vqa] [caption] [refer] [identify]")
-    p.add_argument("--chat", action="store_true", help="multi-turn: read questions from the terminal")
-    p.add_argument("--checkpoint", default="", help="a train.py checkpoint (default: the newest out/stageN)")
-    p.add_argument("--quantized", default="", help="a quantize.py output to run instead")
-    p.add_argument("--quantize", choices=("int8", "int4", "fp16"), help="quantize the language model on the fly")
-    p.add_argument("--phi", default=""), p.add_argument("--blip2", default=""), p.add_argument("--tokenizer", default="")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (TinyGPT-V's demo: 1.0 with --top-p 0.9)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--draw", default="", help="draw the boxes of the answer onto the image, save here")
-    p.add_argument("--attention", default="", help="save a picture of where the Q-Former's queries look")
-    p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+@dataclass
+class ChatConfig:
+    # what to ask
+    image: str = ""                 # the picture to ask about (python data.py --scene scene.png writes one)
+    task: str = ""                  # a stage-4 model's task identifier (default: [vqa])
+    chat: bool = False              # several turns: read questions from the terminal until an empty line
+    # the model (default: the newest OUT_DIR/stageN/model.safetensors)
+    checkpoint: str = ""            # a model.safetensors written by train.py
+    out_dir: str = "out"            # where to look for the newest stage when --checkpoint is not given
+    quantized: str = ""             # a file written by quantize.py --out, to run instead
+    quantize: str = ""              # quantize the language model as it loads: int8, int4 or fp16
+    phi: str = ""                   # real weights: the microsoft/phi-2 folder (default: the one it was trained with)
+    blip2: str = ""                 # real weights: the Salesforce/blip2-* folder (default: likewise)
+    tokenizer: str = ""             # a tokenizer.json (default: the one it was trained with)
+    device: str = "cpu"             # auto: CUDA when present, else the CPU
+    # generation (TinyGPT-V's demo: --temperature 1.0 --top-p 0.9 --repetition-penalty 1.05)
+    max_new_tokens: int = 64        # the longest answer, in tokens
+    temperature: float = 0.0        # 0: greedy (the most likely token each time)
+    top_k: int = 0                  # sample from the k most likely tokens only (0: all)
+    top_p: float = 1.0              # sample from the smallest set of tokens whose probability reaches p
+    repetition_penalty: float = 1.0  # above 1: tokens already generated become less likely
+    seed: int = 0                   # of the sampling
+    # pictures
+    draw: str = ""                  # write the image with the answer's boxes drawn on it to this PNG
+    attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
+                                           "device": ("auto", "cpu", "cuda")}
+    LIMITS: ClassVar[dict[str, tuple]] = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_k": (0, None),
+                                          "top_p": (0.01, 1.0), "repetition_penalty": (0.01, None), "seed": (0, None)}
 
 
-def load_model(args) -> tuple[tv.TinyVLM, data.Tokenizer, int, int]:
-    """The model to ask, its tokenizer, the stage it was trained for (its prompt template) and its image size:
-    a train.py checkpoint (the newest out/stageN by default), quantized on the fly if asked, or a quantize.py file."""
-    checkpoint = args.checkpoint or next((str(c) for c in sorted(Path("out").glob("stage[1-4]/model.safetensors"),
-                                                                   reverse=True)), "")
-    if not (checkpoint or args.quantized):
-        raise SystemExit("no trained model found: run `python train.py --stage 1` (and on to 4), or pass --checkpoint")
-    if args.quantized:
-        model = quantize.load_quantized(args.quantized)
-        tok = data.Tokenizer.from_file(args.tokenizer) if args.tokenizer else data.shapes_tokenizer()
-        return model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"]
-    stage = int(weights.read_metadata(checkpoint).get("stage", "4"))
-    cfg = train.resolve(train.TrainConfig(stage=stage, init=checkpoint, phi=args.phi, blip2=args.blip2,
-                                          tokenizer=args.tokenizer))
-    model, _ = train.build_model(cfg, torch.device(args.device))
-    if args.quantize:
-        model = quantize.quantize_model(model, args.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
-    return model.eval(), train.build_tokenizer(cfg), stage, cfg.image_size
+@dataclass
+class Loaded:
+    """A model to ask, and what it was trained for: its prompt template (the stage) and its input size."""
+    model: tv.TinyVLM
+    tok: data.Tokenizer
+    stage: int
+    image_size: int
+    name: str
 
 
-def ask(model: tv.TinyVLM, tok: data.Tokenizer, stage: int, features: torch.Tensor, turns: list[tuple[str, str]],
-        question: str, task: str | None, args, generator: torch.Generator) -> str:
+def newest_checkpoint(out_dir: str) -> str:
+    found = sorted(Path(out_dir).glob("stage[1-4]/model.safetensors"))
+    if not found:
+        raise cli.UserError(f"no trained model in {Path(out_dir).resolve()}: run `python train.py --stage 1` (and on "
+                            f"to 4) first, or pass --checkpoint")
+    return str(found[-1])
+
+
+def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
+    """A quantize.py file, or a train.py checkpoint (built as it was trained: its config is in its metadata),
+    quantized as it loads if --quantize says so."""
+    if cfg.quantized:
+        model = quantize.load_quantized(cfg.quantized).to(device)
+        stored = model.trained_for["train_config"] or {}
+        tok = train.build_tokenizer(train.TrainConfig(tokenizer=cfg.tokenizer or stored.get("tokenizer", ""),
+                                                      phi=cfg.phi or stored.get("phi", "")))
+        return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized)
+    checkpoint = cfg.checkpoint or newest_checkpoint(cfg.out_dir)
+    tcfg = train.config_of_checkpoint(checkpoint, phi=cfg.phi, blip2=cfg.blip2, tokenizer=cfg.tokenizer,
+                                      device=cfg.device)
+    model, _ = train.build_model(tcfg, device)
+    if cfg.quantize:
+        model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
+    return Loaded(model.eval(), train.build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint)
+
+
+STAGE_CAN = {1: "captions only (no prompt): it describes the picture",
+             2: "captions only (no prompt): it describes the picture",
+             3: "detailed descriptions (###Human prompts): it was taught to describe pictures",
+             4: "the six tasks ([INST] prompts): it answers questions, finds and names things"}
+
+
+def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
+    """The task to prompt with, after saying (on stderr) what this stage cannot honour; a question that no stage
+    could use is an error."""
+    note = lambda text: print(f"note: {text}", file=sys.stderr)
+    if question:
+        data.check_text(question)
+    if stage in (1, 2) and question:
+        note(f"a stage-{stage} model ignores the question: it was trained on captions with no prompt at all "
+             f"(stage 4 answers questions)")
+    if stage >= 3 and not question and not cfg.chat:
+        raise cli.UserError(f"a stage-{stage} model needs a question or an instruction (or --chat), e.g. "
+                            f"\"what shape is the red one?\"")
+    if stage == 3 and question:
+        note("stage 3 was trained on one kind of instruction, to describe the picture; other questions get a description")
+    if cfg.task and stage != 4:
+        note(f"--task {cfg.task} needs a stage-4 model; a stage-{stage} one has no task identifiers: ignored")
+    if cfg.draw and stage != 4:
+        note(f"--draw: only a stage-4 model writes boxes ([refer], [grounding], [detection]); the picture will have none")
+    return (cfg.task or "[vqa]") if stage == 4 else None
+
+
+def looks_like_the_shapes_world(image) -> bool:
+    """Most of a shapes-world picture is its grey background."""
+    small = image.convert("RGB").resize((32, 32))
+    return sum(1 for p in small.getdata() if max(abs(a - b) for a, b in zip(p, data.BACKGROUND)) < 12) > 0.4 * 32 * 32
+
+
+def ask(loaded: Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
+        cfg: ChatConfig, device, generator: torch.Generator) -> str:
     """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
-    sample = data.Sample(None, turns + [(question, "")], task if stage == 4 else None)
+    model, tok, stage = loaded.model, loaded.tok, loaded.stage
+    sample = data.Sample(None, turns + [(question, "")], task)
     ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9)
     ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
-    if len(ids) + args.max_new_tokens > model.cfg.phi.max_positions:
-        raise SystemExit(f"error: the conversation ({len(ids)} tokens) is too long for the model")
+    if len(ids) + cfg.max_new_tokens > model.cfg.phi.max_positions:
+        raise cli.UserError(f"the conversation ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} do not fit "
+                            f"in the model's {model.cfg.phi.max_positions} positions: ask a shorter question")
     answer_ids, shown = [], ""
-    stream = model.generate_stream(None, torch.tensor([ids], device=args.device), features=features,
-                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                   eos_token_id=tok.eos_id, stop_strings=(data.END[stage],), decode=tok.decode,
-                                   generator=generator)
+    stream = model.generate_stream(None, torch.tensor([ids], device=device), features=features,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_token_id=tok.eos_id,
+                                   stop_strings=(data.END[stage],), decode=tok.decode, generator=generator)
     for token, active in stream:
         if active[0]:
             answer_ids.append(int(token[0]))
@@ -120,48 +183,63 @@ def ask(model: tv.TinyVLM, tok: data.Tokenizer, stage: int, features: torch.Tens
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    model, tok, stage, image_size = load_model(args)
-    try:
-        image = data.open_image(args.image)
-    except data.ImageError as e:
-        raise SystemExit(f"error: {e}") from None
-    task = args.task or ("[vqa]" if stage == 4 else None)
-    if task is not None and task not in data.TASKS:
-        raise SystemExit(f"error: unknown task identifier {task!r}; expected one of {', '.join(data.TASKS)}")
-    pixels = data.preprocess(image, image_size)[None].to(args.device)
-    features = model.visual_features(pixels)              # once: every turn asks about the same picture
-    generator = torch.Generator().manual_seed(args.seed)
+    parser = cli.parser_for(ChatConfig, __doc__)
+    parser.add_argument("question", nargs="?", default="", help="the question or instruction (none with --chat)")
+    args = parser.parse_args(argv)
+    cfg = cli.config_from_args(ChatConfig, args)
+    if not cfg.image:
+        raise cli.UserError("--image is required: the picture to ask about (python data.py --scene scene.png writes one)")
+    if cfg.chat and args.question:
+        raise cli.UserError("--chat reads the questions from the terminal: give no question on the command line")
+    for flag, path in (("--draw", cfg.draw), ("--attention", cfg.attention)):
+        if path:
+            cli.writable_file(path, flag)
+    device = cli.device(cfg.device)
+    data.check_text(args.question)
+    image = data.open_image(cfg.image)                     # before the model: a wrong path costs no waiting
+    loaded = load_model(cfg, device)
+    task = check_request(cfg, args.question, loaded.stage)
+    print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
+    if loaded.model.cfg.vit.image_size <= 96 and not looks_like_the_shapes_world(image):
+        print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk of "
+              "shapes", file=sys.stderr)
+    pixels = data.preprocess(image, loaded.image_size)[None].to(device)
+    features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []
     while True:
         question = args.question
-        if args.chat:
+        if cfg.chat:
             try:
                 question = input("you> ").strip()
             except EOFError:
                 break
             if not question:
                 break
+            data.check_text(question)
             print("tinyvlm> ", end="", flush=True)
-        turns.append((question, ask(model, tok, stage, features, turns, question, task, args, generator)))
-        if not args.chat:
+        turns.append((question, ask(loaded, features, turns, question, task, cfg, device, generator)))
+        if not cfg.chat:
             break
-    if args.draw:
-        draw_boxes(image, " ".join(a for _, a in turns), args.draw)
-        print(f"wrote {args.draw}", file=sys.stderr)
-    if args.attention:
-        save_attention_picture(model, pixels, image, args.attention)
-        print(f"wrote {args.attention}", file=sys.stderr)
+    if cfg.draw:
+        n = draw_boxes(image, " ".join(a for _, a in turns), cfg.draw)
+        print(f"wrote {cfg.draw} ({n} box{'es' if n != 1 else ''})", file=sys.stderr)
+    if cfg.attention:
+        save_attention_picture(loaded.model, pixels, image, cfg.attention)
+        print(f"wrote {cfg.attention}", file=sys.stderr)
 
 
-def draw_boxes(image, text: str, path: str) -> None:
-    """The boxes {<x1><y1><x2><y2>} of an answer (0..100 of the image's sides) drawn onto a copy of the image."""
+def draw_boxes(image, text: str, path: str) -> int:
+    """The boxes {<x1><y1><x2><y2>} of an answer (0..100 of the image's sides) drawn onto a copy of the image;
+    returns how many."""
     from PIL import ImageDraw
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
-    for box in data.parse_boxes(text):
+    boxes = data.parse_boxes(text)
+    for box in boxes:
         draw.rectangle([v / 100 * s for v, s in zip(box, canvas.size * 2)], outline=(255, 0, 0), width=3)
     canvas.save(path)
+    return len(boxes)
 
 
 def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path: str) -> None:
@@ -184,4 +262,4 @@ def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

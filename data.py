@@ -9,12 +9,12 @@ data.py: everything that turns files into batches for tinyvlm, and a built-in "s
     mixing      one dataset per iteration, chosen by sample ratio, as the original does
     world       ShapesWorld: procedurally drawn shapes with captions, descriptions, and all six tasks + free VQA
 
-Run `python data.py --preview` to see the built-in data (writes shapes_preview.png).
+Run `python data.py --preview` to see the built-in data (writes out/shapes_preview.png), and
+`python data.py --scene scene.png` for one picture to ask the model about.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -24,12 +24,13 @@ import tarfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from cli import UserError
 from tinyvlm import IGNORE_INDEX, IMAGE_TOKEN
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -41,8 +42,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)    # BLIP-2 and TinyGPT-V normal
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used: missing, corrupt or truncated. The message names the file."""
+
+
+class DataError(UserError):
+    """A data file that cannot be used: missing, empty, malformed. The message names the file (and the record)."""
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -152,8 +157,8 @@ MAX_TEXT_LEN = {1: 32, 2: 32, 3: 160, 4: 1024}      # text tokens per sample (im
 END = {1: "\n", 2: "\n", 3: "###", 4: "###"}       # what closes an answer
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be built: unknown task identifier, or too long for the stage."""
+class PromptError(UserError):
+    """A prompt that cannot be built: unknown task identifier, the image marker in the text, too long for the stage."""
 
 
 def clean_caption(caption: str, max_words: int = 50) -> str:
@@ -162,6 +167,15 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
     caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
     return " ".join(caption.split(" ")[:max_words])
+
+
+def check_text(text: str) -> str:
+    """Text from a user or a data file, refused if it holds the image marker: the template alone says where the
+    image goes (a stray marker would ask for a second image)."""
+    if IMAGE_MARKER in text:
+        raise PromptError(f"the text {text[:60]!r} contains {IMAGE_MARKER}, which marks where the image goes in the "
+                          f"prompt template; remove it from the question or the data")
+    return text
 
 
 def with_task(task: str | None, instruction: str) -> str:
@@ -209,6 +223,7 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
     max_len = MAX_TEXT_LEN[stage] if max_len is None else max_len
     ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
     for i, (instruction, answer) in enumerate(sample.turns):
+        check_text(instruction), check_text(answer)
         instruction = with_task(sample.task, instruction) if i == 0 and stage == 4 else instruction
         prompt = turn_prompt(stage, instruction, first=(i == 0))
         for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
@@ -235,6 +250,7 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
 def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
                   task: str | None = None) -> list[int]:
     """The ids to generate from: everything of a sample up to where the answer starts."""
+    check_text(instruction)
     prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True)
     ids = [tokenizer.bos_id]
     for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
@@ -274,26 +290,35 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 # Real data formats. Each reader returns a list of Samples; image paths are relative to image_root.
 
 def _read_json_records(path: str | Path) -> list[dict]:
-    """A JSON list (or {"annotations": [...]}) or JSONL file of objects."""
+    """A JSON list (or {"annotations": [...]}) or JSONL file of objects; at least one."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither JSON nor JSONL ({e})") from None
+            raise DataError(f"{path}: neither JSON nor JSONL (line {e.lineno}: {e.msg})") from None
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a list of objects")
+        raise DataError(f"{path}: expected a list of objects (JSON) or one object per line (JSONL)")
+    if not data:
+        raise DataError(f"{path}: holds no records")
     return data
 
 
 def _field(record: dict, key: str, path, i: int):
     if key not in record:
-        raise ValueError(f"{path}: record {i} has no {key!r} field (fields: {sorted(record)})")
+        raise DataError(f"{path}: record {i} has no {key!r} field (fields: {sorted(record)})")
     return record[key]
 
 
@@ -331,7 +356,7 @@ def read_caption_shards(shards: Sequence[str | Path]) -> list[Sample]:
             else:
                 caption = None
             if image is None or not caption:
-                raise ValueError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(files)})")
+                raise DataError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(files)})")
             samples.append(Sample(EncodedImage(f"{shard}:{key}", image), [(CAPTION_INSTRUCTION, caption)],
                                   meta={"source": str(shard)}))
     return samples
@@ -362,10 +387,10 @@ def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
         turns = []
         for q, a in zip(conv[::2], conv[1::2]):
             if q.get("from") != "human" or a.get("from") != "gpt":
-                raise ValueError(f"{path}: record {i}: turns must alternate human / gpt")
+                raise DataError(f"{path}: record {i}: turns must alternate human / gpt")
             turns.append((q["value"].replace("<image>", "").strip(), a["value"].strip()))
         if not turns:
-            raise ValueError(f"{path}: record {i} has no human / gpt turn")
+            raise DataError(f"{path}: record {i} has no human / gpt turn")
         samples.append(Sample(root / _field(r, "image", path, i), turns, meta={"source": str(path)}))
     return samples
 
@@ -381,7 +406,7 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
             answers = [_field(r, "answer", path, i)]
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
         if not answers:
-            raise ValueError(f"{path}: record {i} has an empty answer list")
+            raise DataError(f"{path}: record {i} has an empty answer list")
         best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
         samples.append(Sample(root / _field(r, "image", path, i),
                               [(template.format(_field(r, "question", path, i)), best)], task="[vqa]",
@@ -426,31 +451,46 @@ def load_image(sample: Sample) -> Image.Image:
 
 
 class VLMDataset(torch.utils.data.Dataset):
-    """Samples -> model inputs. With skip_bad, an unreadable image makes __getitem__ return None (the collate
-    function drops it) and is counted in .skipped and reported; without it, the ImageError stops the run."""
+    """Samples -> model inputs. A sample that cannot be used (an unreadable image, text that cannot be encoded, more
+    tokens than the model has positions) stops the run with its message; with skip_bad, __getitem__ returns None
+    instead (collate drops it), and the sample is counted in .skipped and reported (the first few printed)."""
+
+    SHOWN = 3           # skipped samples printed one by one; the rest are only counted
 
     def __init__(self, samples: Sequence[Sample], tokenizer: Tokenizer, stage: int, image_size: int,
-                 num_image_tokens: int, max_len: int | None = None, skip_bad: bool = False):
+                 num_image_tokens: int, max_len: int | None = None, skip_bad: bool = False,
+                 max_positions: int | None = None):
         self.samples, self.tokenizer, self.stage = list(samples), tokenizer, stage
         self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
-        self.skip_bad = skip_bad
+        self.skip_bad, self.max_positions = skip_bad, max_positions
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict | None:
-        sample = self.samples[i]
         try:
-            pixels = preprocess(load_image(sample), self.image_size)
-        except ImageError as e:
+            ids, labels = self.tokens(i)
+            pixels = preprocess(load_image(self.samples[i]), self.image_size)
+        except (ImageError, PromptError) as e:
             if not self.skip_bad:
                 raise
-            self.skipped.append(str(e))
-            print(f"skipping sample {i}: {e}")
+            self.skip(i, e)
             return None
-        ids, labels = encode(sample, self.tokenizer, self.stage, self.num_image_tokens, self.max_len)
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
+
+    def tokens(self, i: int) -> tuple[list[int], list[int]]:
+        ids, labels = encode(self.samples[i], self.tokenizer, self.stage, self.num_image_tokens, self.max_len)
+        if self.max_positions and len(ids) > self.max_positions:
+            raise PromptError(f"sample {i}: {len(ids)} tokens with the image, more than the model's "
+                              f"{self.max_positions} positions")
+        return ids, labels
+
+    def skip(self, i: int, e: Exception) -> None:
+        self.skipped.append(str(e))
+        if len(self.skipped) <= self.SHOWN:
+            print(f"skipping sample {i}: {e}" + (" (further ones are counted, not shown)"
+                                                 if len(self.skipped) == self.SHOWN else ""))
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -465,8 +505,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.base.samples[i]
-        ids, labels = encode(s, self.base.tokenizer, self.base.stage, self.base.num_image_tokens, self.base.max_len)
+        ids, labels = self.base.tokens(i)
         return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
 
 
@@ -494,12 +533,23 @@ def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
 
 class Mixture:
     """Several datasets mixed by sample ratio: each iteration draws one dataset (probability proportional to its
-    ratio) and a batch from it, as TinyGPT-V's runner does; each dataset is shuffled and cycled on its own."""
+    ratio) and a batch from it, as TinyGPT-V's runner does; each dataset is shuffled and cycled on its own. A
+    dataset whose last UNUSABLE_LIMIT draws were all skipped stops the run (a wrong --image-root, say), rather than
+    drawing forever."""
+
+    UNUSABLE_LIMIT = 256
 
     def __init__(self, datasets: dict[str, torch.utils.data.Dataset], ratios: dict[str, float], batch_size: int,
                  seed: int = 42, pad_id: int = 0):
         if set(datasets) != set(ratios):
             raise ValueError(f"ratios {sorted(ratios)} do not match datasets {sorted(datasets)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        empty = [n for n, d in datasets.items() if len(d) == 0]
+        if empty:
+            raise DataError(f"data set {empty[0]} has no samples")
+        if any(not (r >= 0 and r < float("inf")) for r in ratios.values()) or not sum(ratios.values()) > 0:
+            raise DataError(f"sample ratios must be finite, at least 0 and not all 0: {ratios}")
         self.datasets, self.batch_size, self.pad_id = datasets, batch_size, pad_id
         self.names = sorted(datasets)
         total = sum(ratios.values())
@@ -517,9 +567,16 @@ class Mixture:
         return batch
 
     def __iter__(self) -> Iterator[tuple[str, dict]]:
+        unusable = {n: 0 for n in self.names}          # draws in a row that gave no sample
         while True:
             name = self.rng.choices(self.names, self.weights)[0]
-            batch = collate([self.datasets[name][i] for i in self._next_indices(name)], self.pad_id)
+            items = [self.datasets[name][i] for i in self._next_indices(name)]
+            unusable[name] = 0 if any(it is not None for it in items) else unusable[name] + len(items)
+            if unusable[name] >= self.UNUSABLE_LIMIT:
+                skipped = getattr(self.datasets[name], "skipped", None) or ["?"]
+                raise DataError(f"data set {name}: none of the last {unusable[name]} samples drawn could be used "
+                                f"(e.g. {skipped[-1]}); is --image-root right?")
+            batch = collate(items, self.pad_id)
             if batch is not None:
                 yield name, batch
 
@@ -839,21 +896,56 @@ def preview(path: str | Path, n: int = 12, stage: int = 4, seed: int = 0, scale:
     return Path(path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preview", nargs="?", const="shapes_preview.png", help="write a grid of samples to this PNG")
-    p.add_argument("--stage", type=int, default=4, help="which stage's samples to preview (1-4)")
-    p.add_argument("--build-tokenizer", action="store_true", help=f"retrain and write {SHAPES_TOKENIZER.name}")
-    args = p.parse_args()
+@dataclass
+class DataConfig:
+    preview: bool = False           # draw a sheet of 12 samples of --stage, with their texts and boxes (to --out)
+    out: str = "out/shapes_preview.png"   # where --preview writes its sheet
+    stage: int = 4                  # the samples of which stage: 1-2 captions, 3 descriptions, 4 the six tasks
+    scene: str = ""                 # write one held-out scene of the shapes world to this PNG and print what is in it
+    seed: int = 0                   # which scene (--scene), or which samples (--preview)
+    build_tokenizer: bool = False   # retrain the shapes world's tokenizer and write assets/shapes_tokenizer.json
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"stage": (1, 2, 3, 4)}
+    LIMITS: ClassVar[dict[str, tuple]] = {"seed": (0, None)}
+
+
+def write_scene(path: str | Path, seed: int = 0, size: int = 256) -> Scene:
+    """The seed-th scene of the held-out test split, drawn at `size` px, to ask the model about."""
+    scene = ShapesWorld().scenes("test", seed + 1)[seed]
+    scene.render(size).save(path)
+    return scene
+
+
+def scene_truth(scene: Scene) -> str:
+    """What is in a scene, and questions a stage-4 model answers about it, with the answers it should give."""
+    lines = [ShapesWorld.description(scene)]
+    lines += [f"  {s.size:<5} {s.name:<16} {s.region():<22} box {format_box(s.box)}" for s in scene.shapes]
+    rng = random.Random(0)
+    s = scene.shapes[0]
+    asks = [("[vqa]", *ShapesWorld.vqa(scene, rng)), ("[vqa]", "how many shapes are there?", str(len(scene.shapes))),
+            ("[refer]", f"give me the location of the {s.name}", format_box(s.box)),
+            ("[identify]", f"what object is in this location {format_box(s.box)}", s.name)]
+    lines.append("to ask a stage-4 model (python tinyvlm.py --image FILE --task TASK \"QUESTION\"), with the true answers:")
+    lines += [f"  --task {t:<11} \"{q}\"  ->  {a}" for t, q, a in asks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import cli
+    args = cli.config_from_args(DataConfig, cli.parser_for(DataConfig, __doc__).parse_args(argv))
+    if not (args.build_tokenizer or args.preview or args.scene):
+        raise UserError("nothing to do: pass --preview, --scene FILE or --build-tokenizer (see --help)")
     if args.build_tokenizer:
         ASSETS.mkdir(exist_ok=True)
         train_shapes_tokenizer(ShapesWorld()).save(str(SHAPES_TOKENIZER))
         print(f"wrote {SHAPES_TOKENIZER} ({len(shapes_tokenizer())} tokens)")
     if args.preview:
-        print(f"wrote {preview(args.preview, stage=args.stage)}")
-    if not (args.build_tokenizer or args.preview):
-        p.print_help()
+        print(f"wrote {preview(cli.writable_file(args.out, '--out'), stage=args.stage, seed=args.seed)}")
+    if args.scene:
+        scene = write_scene(cli.writable_file(args.scene, "--scene"), args.seed)
+        print(f"wrote {args.scene}: test scene {args.seed}\n{scene_truth(scene)}")
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.run(main)

@@ -54,31 +54,43 @@ def answer_text(tok: data.Tokenizer, tokens: list[int], stage: int) -> str:
 
 @torch.no_grad()
 def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int, device,
-                     max_new_tokens: int | None = None, batch_size: int = 64, limit: int | None = None) -> list[str]:
-    """Greedy answers to the first turn of every sample, or of the first `limit` (left-padded batches, KV cache)."""
+                     max_new_tokens: int | None = None, batch_size: int = 64,
+                     limit: int | None = None) -> list[str | None]:
+    """Greedy answers to the first turn of every sample, or of the first `limit` (left-padded batches, KV cache).
+    None for a sample that cannot be asked: its image unreadable, its text holding the image marker, or its prompt
+    and answer longer than the model's positions."""
     max_new_tokens = max_new_tokens or EVAL_NEW_TOKENS[stage]
     model.eval()
-    answers = []
-    samples = dataset.samples
-    samples = samples[:limit]
+    samples = dataset.samples[:limit]
+    answers: list[str | None] = [None] * len(samples)
     for i in range(0, len(samples), batch_size):
-        idx = list(range(i, min(i + batch_size, len(samples))))
-        prompts = [data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens, samples[j].task)
-                   for j in idx]
+        rows, prompts, images = [], [], []
+        for j in range(i, min(i + batch_size, len(samples))):
+            try:
+                prompt = data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens,
+                                            samples[j].task)
+                if len(prompt) + max_new_tokens > model.cfg.phi.max_positions:
+                    raise data.PromptError(f"sample {j}: a prompt of {len(prompt)} tokens leaves no room for an answer")
+                images.append(dataset.features[dataset.feature_index[j]] if isinstance(dataset, data.FeatureDataset)
+                              else data.preprocess(data.load_image(samples[j]), dataset.image_size))
+            except (data.ImageError, data.PromptError):
+                continue
+            rows.append(j)
+            prompts.append(prompt)
+        if not rows:
+            continue
         T = max(map(len, prompts))
-        ids = torch.full((len(idx), T), tok.eos_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        ids = torch.full((len(rows), T), tok.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-        if isinstance(dataset, data.FeatureDataset):
-            kw = {"features": torch.stack([dataset.features[dataset.feature_index[j]] for j in idx]).to(device)}
-        else:
-            kw = {"pixels": torch.stack([data.preprocess(data.load_image(samples[j]), dataset.image_size)
-                                         for j in idx]).to(device)}
-        out = model.generate(kw.get("pixels"), ids.to(device), mask.to(device), features=kw.get("features"),
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
+        images = torch.stack(images).to(device)
+        features = images if isinstance(dataset, data.FeatureDataset) else None
+        out = model.generate(None if features is not None else images, ids.to(device), mask.to(device),
+                             features=features, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
                              stop_strings=(data.END[stage],), decode=tok.decode)
-        answers += [answer_text(tok, t, stage) for t in out]
+        for j, tokens in zip(rows, out):
+            answers[j] = answer_text(tok, tokens, stage)
     return answers
 
 
@@ -111,10 +123,14 @@ def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: i
     """Per-task tables: every metric averaged over the held-out samples of that task."""
     table: dict[str, dict[str, list[float]]] = {}
     examples = []
+    skipped: dict[str, int] = {}
     for name, ds in datasets.items():
         samples = ds.samples
         preds = generate_answers(model, tok, ds, stage, device, max_new_tokens)
         for i, (s, p) in enumerate(zip(samples, preds)):
+            if p is None:
+                skipped[s.task or name] = skipped.get(s.task or name, 0) + 1
+                continue
             row = table.setdefault(s.task or name, {})
             for k, v in score(s, p).items():
                 row.setdefault(k, []).append(v)
@@ -122,16 +138,20 @@ def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: i
                 # chance level: the same prediction scored against another image of the set
                 other = samples[(i + 1) % len(samples)]
                 row.setdefault("shape recall (wrong image)", []).append(score(other, p)["shape recall"])
-        examples += [(s.task or name, s.turns[0][0], s.turns[0][1], p) for s, p in list(zip(samples, preds))[:3]]
+        examples += [(s.task or name, s.turns[0][0], s.turns[0][1], p) for s, p in zip(samples, preds)
+                     if p is not None][:3]
     metrics = {task: {k: sum(v) / len(v) for k, v in row.items()} | {"n": len(next(iter(row.values())))}
                for task, row in sorted(table.items())}
+    for task, n in skipped.items():          # samples that could not be asked are counted, not scored
+        metrics.setdefault(task, {})["skipped"] = n
     return {"metrics": metrics, "examples": examples}
 
 
 def print_report(result: dict) -> None:
     print("\nheld-out evaluation")
     for task, row in result["metrics"].items():
-        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {int(v)}" for k, v in row.items()))
+        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f}" if k not in ("n", "skipped") else f"{k} {int(v)}"
+                                            for k, v in row.items()))
     print("examples (task | question | truth | model):")
     for task, q, truth, pred in result["examples"][:8]:
         print(f"  {task} | {q[:60]} | {truth[:60]} | {pred[:60]}")

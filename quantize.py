@@ -27,15 +27,17 @@ Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import evaluation
 import tinyvlm as tv
@@ -185,8 +187,11 @@ class PackedLinear(nn.Module):
         self.path = "auto"
         self._packed = None
 
+    def kernel_fits(self) -> bool:
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "reference" or not self.FAST or x.device.type != "cpu":
+        if self.path == "reference" or not self.FAST or x.device.type != "cpu" or not self.kernel_fits():
             return self.forward_reference(x)
         y = self.forward_fast(x.reshape(-1, self.in_features))
         if self.bias is not None:
@@ -215,6 +220,9 @@ class Int4Linear(PackedLinear):
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
         return layer
+
+    def kernel_fits(self) -> bool:
+        return self.out_features % 16 == 0        # the packed int4 kernel works on tiles of 16 output rows
 
     def codes(self) -> torch.Tensor:
         return torch.stack((self.weight & 15, self.weight >> 4), dim=-1).view(self.out_features, self.in_features)
@@ -317,14 +325,15 @@ def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
     return dataclasses.replace(cfg, lora=None)
 
 
-def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_size: int | None = None) -> Path:
+def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_size: int | None = None,
+                   train_config: dict | None = None) -> Path:
     """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config, the quantization recipe,
     and the stage and image size it was trained for (its prompt template and input) in its metadata. LoRA is
     already merged, so the saved config has none."""
     state = {k: v.detach() for k, v in model.state_dict().items() if ".lora_" not in k}
     meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
             "quantization": json.dumps(model.quantization), "stage": json.dumps(stage),
-            "image_size": json.dumps(image_size or model.cfg.vit.image_size)}
+            "image_size": json.dumps(image_size or model.cfg.vit.image_size), "train_config": json.dumps(train_config)}
     weights.atomic_write(path, lambda tmp: weights.write_safetensors(state, tmp, meta))
     return Path(path)
 
@@ -332,11 +341,9 @@ def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_si
 def load_quantized(path: str | Path) -> tv.TinyVLM:
     """Build the model on the meta device, swap in the quantized layers, then take the file's tensors as they are
     (memory-mapped): the full-precision model is never built, so peak memory stays near the quantized size."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = weights.read_metadata(path)
     if meta.get("format") != "tinyvlm-quantized":
-        raise weights.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint")
+        raise weights.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint (write one with quantize.py --out)")
     cfg = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
     recipe = json.loads(meta["quantization"])
     with torch.device("meta"):
@@ -350,7 +357,9 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
             raise weights.CheckpointError(f"{path}: key '{k}' has shape {tuple(t.shape)} but the model expects "
-                                     f"{tuple(expected[k].shape)}")
+                                          f"{tuple(expected[k].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise weights.CheckpointError(f"{path}: key '{k}' holds NaN or infinite values")
     model.load_state_dict(tensors, assign=True)
     # The int8 kernel takes its weight as it lies: one that the file left unaligned is copied once, here. Files
     # written by save_quantized are laid out aligned (weights.write_safetensors), so theirs stay memory-mapped.
@@ -359,7 +368,8 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
             layer.weight = aligned(layer.weight)
     model.quantization = recipe
     model.trained_for = {"stage": json.loads(meta.get("stage", "4")),
-                         "image_size": json.loads(meta.get("image_size", str(cfg.vit.image_size)))}
+                         "image_size": json.loads(meta.get("image_size", str(cfg.vit.image_size))),
+                         "train_config": json.loads(meta.get("train_config", "null"))}
     return model
 
 
@@ -393,46 +403,60 @@ def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> di
     return {"max |logit error|": max_err, "mean |logit error|": sum_err / n, "top-1 agreement": agree / n}
 
 
+@dataclass
+class QuantizeConfig:
+    checkpoint: str = "out/stage4/model.safetensors"   # a model.safetensors written by train.py
+    mode: str = "int8"              # int8 (per-channel), int4 (grouped) or fp16 (FBGEMM's CPU kernel)
+    parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections
+    group: int = 128                # int4: inputs per group (the tiny model's 192-wide layers need 64)
+    outlier_threshold: float = 6.0  # int8 on a GPU: activation columns above this stay in floating point
+    eval_samples: int = 100         # held-out samples per task for the comparison
+    out: str = ""                   # write the quantized model to this .safetensors file
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"mode": MODES, "group": (32, 64, 128, 256)}
+    LIMITS: ClassVar[dict[str, tuple]] = {"outlier_threshold": (0.0, None), "eval_samples": (1, None)}
+
+
 def main(argv: list[str] | None = None) -> None:
     import copy
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out/stage4/model.safetensors", help="a stage checkpoint of train.py")
-    p.add_argument("--stage", type=int, default=4, help="the stage the checkpoint is from (its prompts and data)")
-    p.add_argument("--mode", choices=MODES, default="int8")
-    p.add_argument("--parts", default="phi", help=f"comma-separated, from {','.join(PARTS)}")
-    p.add_argument("--group", type=int, default=128, help="int4 group size")
-    p.add_argument("--outlier-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold")
-    p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task")
-    p.add_argument("--out", default="", help="write the quantized model here (safetensors)")
-    args = p.parse_args(argv)
+    args = cli.config_from_args(QuantizeConfig, cli.parser_for(QuantizeConfig, __doc__).parse_args(argv))
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if not parts or set(parts) - set(PARTS):
+        raise cli.UserError(f"--parts {args.parts!r}: expected a comma-separated list from {', '.join(PARTS)}")
+    if args.out:
+        cli.writable_file(args.out, "--out")
     if not Path(args.checkpoint).exists():
-        raise SystemExit(f"{args.checkpoint} not found: train it first (python train.py --stage {args.stage})")
-    cfg = train.resolve(train.TrainConfig(stage=args.stage, init=args.checkpoint, eval_samples=args.eval_samples))
+        raise cli.UserError(f"--checkpoint {args.checkpoint}: not found; train it first (python train.py --stage 4)")
+    cfg = train.config_of_checkpoint(args.checkpoint, eval_samples=args.eval_samples, device="cpu")
     reference, _ = train.build_model(cfg, torch.device("cpu"))
     reference.eval()
-    quantized = quantize_model(copy.deepcopy(reference), args.mode, tuple(args.parts.split(",")), args.group,
-                               args.outlier_threshold).eval()
+    if args.mode == "int4" and any(m.in_features % args.group for m in reference.modules() if isinstance(m, nn.Linear)):
+        print(f"note: layers whose input width is not a multiple of --group {args.group} stay int8")
+    quantized = quantize_model(copy.deepcopy(reference), args.mode, parts, args.group, args.outlier_threshold).eval()
     before, after = part_bytes(reference), part_bytes(quantized)
-    print(f"{args.mode} ({args.parts}) of {args.checkpoint}\n\n| part | before | after | ratio |\n|---|---|---|---|")
+    print(f"{args.mode} ({args.parts}) of {args.checkpoint} (stage {cfg.stage})\n\n| part | before | after | ratio |\n"
+          f"|---|---|---|---|")
     for part in before:
         print(f"| {part} | {before[part] / 1e6:.2f} MB | {after[part] / 1e6:.2f} MB | {before[part] / after[part]:.2f}x |")
     print(f"| all | {sum(before.values()) / 1e6:.2f} MB | {sum(after.values()) / 1e6:.2f} MB | "
           f"{sum(before.values()) / sum(after.values()):.2f}x |")
     tok = train.build_tokenizer(cfg)
     val = {k: ds for k, (ds, _) in train.make_datasets(cfg, reference, tok, "val", args.eval_samples, "cpu").items()}
-    batches = [data.collate([ds[i] for i in range(j, min(j + 32, len(ds)))], tok.eos_id)
-               for ds in val.values() for j in range(0, len(ds), 32)]
+    batches = [b for ds in val.values() for j in range(0, len(ds), 32)
+               if (b := data.collate([ds[i] for i in range(j, min(j + 32, len(ds)))], tok.eos_id)) is not None]
     print("\nquality against the unquantized model (held-out, teacher-forced, answer positions):")
     for k, v in logit_agreement(reference, quantized, batches).items():
         print(f"  {k}: {v:.4f}")
     print("\nheld-out task metrics, unquantized -> quantized:")
-    ref_metrics = evaluation.evaluate(reference, tok, val, args.stage, "cpu")["metrics"]
-    q_metrics = evaluation.evaluate(quantized, tok, val, args.stage, "cpu")["metrics"]
+    ref_metrics = evaluation.evaluate(reference, tok, val, cfg.stage, "cpu")["metrics"]
+    q_metrics = evaluation.evaluate(quantized, tok, val, cfg.stage, "cpu")["metrics"]
     for task, row in ref_metrics.items():
-        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items() if k != "n"))
+        print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items()
+                                            if k not in ("n", "skipped")))
     if args.out:
-        print(f"\nwrote {save_quantized(quantized, args.out, args.stage, cfg.image_size)}")
+        path = save_quantized(quantized, args.out, cfg.stage, cfg.image_size, dataclasses.asdict(cfg))
+        print(f"\nwrote {path}; ask it with: python tinyvlm.py --quantized {path} --image scene.png \"...\"")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

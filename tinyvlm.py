@@ -756,4 +756,5 @@ def generate(phi: Phi, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 if __name__ == "__main__":      # `python tinyvlm.py --image ...`: the command line lives in chat.py
     import chat
-    chat.main()
+    import cli
+    cli.run(chat.main)

@@ -19,7 +19,6 @@ fields left at 0.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -31,12 +30,14 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import evaluation
 import tinyvlm as tv
@@ -51,51 +52,62 @@ STAGE0 = ASSETS / "stage0.safetensors"
 
 @dataclass
 class TrainConfig:
-    stage: int = 1                  # 0 (tiny backbones), 1 warm-up, 2 pre-train, 3 instruction, 4 multi-task
-    preset: str = "tiny"            # model sizes when no public weights are given: "tiny" (or "tinygptv")
-    backbones: str = str(STAGE0)    # the tiny pretrained ViT, Q-Former and LM: stage 0 writes it, stages 1-4 read it
-    out_dir: str = "out"            # stage N writes out_dir/stageN/
-    init: str = ""                  # trainable weights to start from; default: out_dir/stage{N-1}/model.safetensors
+    # what to run
+    stage: int = 1                  # 0 the tiny backbones, 1 warm-up, 2 pre-train, 3 instruction, 4 multi-task
+    preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
+    backbones: str = ""             # the tiny pretrained ViT, Q-Former and LM (default: assets/stage0.safetensors)
+    out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
+    init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors)
+    resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
+    eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
     # real weights and data (empty: the built-in tiny backbones and shapes world)
-    phi: str = ""                   # microsoft/phi-2 folder
-    blip2: str = ""                 # Salesforce/blip2-* folder (or LAVIS blip2_pretrained_*.pth with --vit)
-    vit: str = ""                   # LAVIS eva_vit_g.pth, when --blip2 is a LAVIS pickle
+    phi: str = ""                   # a microsoft/phi-2 folder
+    blip2: str = ""                 # a Salesforce/blip2-* folder (or LAVIS's blip2_pretrained_*.pth, with --vit)
+    vit: str = ""                   # LAVIS's eva_vit_g.pth, when --blip2 is a LAVIS pickle
     checkpoint: str = ""            # a TinyGPT-V stage .pth to start from (instead of --init)
-    tokenizer: str = ""             # tokenizer.json (default: the phi folder's, or the shapes world's)
-    data: str = ""                  # FORMAT:PATH[:RATIO],... formats: captions llava vqa refer identify cc_sbu_align
-    image_root: str = "."
-    val_data: str = ""              # same syntax; default: a held-out slice of --data
-    skip_bad: bool = True           # skip (and count) unreadable images instead of stopping
-    # recipe (0 = the stage's default, printed by --help)
-    batch_size: int = 0
-    grad_accum: int = 1
-    max_iters: int = 0
-    warmup_iters: int = -1
-    lr: float = 0.0                 # the peak ("init") learning rate
-    min_lr: float = 0.0
-    warmup_lr: float = 0.0
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    image_size: int = 0
+    tokenizer: str = ""             # a tokenizer.json (default: the phi folder's, or the shapes world's)
+    data: str = ""                  # FORMAT:PATH[:RATIO],...; formats: captions llava vqa refer identify cc_sbu_align
+    image_root: str = "."           # the folder that image paths in --data are relative to
+    val_data: str = ""              # held-out data, same syntax (default: the last 5% of each --data set)
+    skip_bad: bool = True           # skip and count unusable samples (unreadable image, text too long) instead of stopping
+    # recipe (0 and -1: the stage's own, listed below)
+    batch_size: int = 0             # samples per iteration
+    grad_accum: int = 1             # micro-batches per iteration (the batch is split, the gradient summed)
+    max_iters: int = 0              # iterations
+    warmup_iters: int = -1          # iterations of linear warm-up from --warmup-lr to --lr
+    lr: float = 0.0                 # the peak learning rate, reached after the warm-up
+    min_lr: float = 0.0             # where the cosine ends
+    warmup_lr: float = 0.0          # where the warm-up starts
+    weight_decay: float = 0.05      # AdamW's, on matrices only
+    grad_clip: float = 1.0          # clip the gradients' global norm to this (0: no clipping)
+    image_size: int = 0             # pixels of the square input image
     train_scenes: int = 0           # built-in world: how many training scenes
     # the paper's ablation (workshop flags): switch a TinyGPT-V addition off and watch what happens
-    qk_norm: bool = True
-    post_attn_norm: bool = True
+    qk_norm: bool = True            # LayerNorm on each head's queries and keys
+    post_attn_norm: bool = True     # RMSNorm on the attention output
     input_norm: bool = True         # train the input LayerNorm's weight (off: it stays frozen)
-    lora: bool = True               # stages 2-4
-    lora_rank: int = 0              # 0: the preset's (64 for TinyGPT-V)
+    lora: bool = True               # low-rank adapters on the attention's qkv and dense (stages 2-4)
+    lora_rank: int = 0              # the adapters' rank (0: the preset's, 64 for TinyGPT-V)
     # running
-    device: str = "auto"            # auto | cpu | cuda
-    dtype: str = "auto"             # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    device: str = "auto"            # auto: CUDA when present, else the CPU
+    dtype: str = "auto"             # autocast dtype (auto: bfloat16 on CUDA, float32 on a CPU)
     frozen_dtype: str = "bfloat16"  # real weights: the frozen parts' dtype (trainable tensors are always fp32)
-    seed: int = 42
-    log_interval: int = 25
+    seed: int = 42                  # of the data order, the initialisation and dropout
+    log_interval: int = 25          # print the loss every N iterations
     eval_interval: int = 200        # validation loss and a few generated answers every N iterations (0: at the end only)
     eval_samples: int = 200         # held-out samples per task in the final report
-    ckpt_interval: int = 200
-    resume: bool = False            # continue out_dir/stageN exactly where it stopped
-    eval_only: bool = False         # evaluate --init / the stage's output on the validation data and exit
+    ckpt_interval: int = 200        # save model.safetensors and state.pt every N iterations (and at the end)
     cache_features: bool = True     # compute the frozen ViT + Q-Former once per image (built-in world)
+
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
+    LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
+        "batch_size": (0, None), "grad_accum": (1, None), "max_iters": (0, None), "warmup_iters": (-1, None),
+        "lr": (0.0, None), "min_lr": (0.0, None), "warmup_lr": (0.0, None), "weight_decay": (0.0, None),
+        "grad_clip": (0.0, None), "image_size": (0, 4096), "train_scenes": (0, None), "lora_rank": (0, None),
+        "seed": (0, None), "log_interval": (1, None), "eval_interval": (0, None), "eval_samples": (1, None),
+        "ckpt_interval": (1, None)}
 
 
 @dataclass
@@ -131,16 +143,6 @@ RECIPES: dict[str, dict[int, Recipe]] = {
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per dataclass field (underscores become dashes; booleans get --x / --no-x)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default: {f.default!r}")
-
-
 def recipe_table() -> str:
     """The recipes as text, for --help: what the fields left at 0 become."""
     lines = ["recipes (fields left at 0 / -1 take these):", "  preset    stage  batch  iters  warmup  lr -> min (from)    image"]
@@ -151,15 +153,11 @@ def recipe_table() -> str:
     return "\n".join(lines)
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the fields left at 0 from the stage's recipe."""
     recipes = RECIPES["tinygptv" if cfg.phi else cfg.preset]
     if cfg.stage not in recipes:
-        raise SystemExit(f"stage {cfg.stage} has no recipe for preset {cfg.preset!r} (stages: {sorted(recipes)})")
+        raise cli.UserError(f"--stage {cfg.stage}: preset {cfg.preset!r} has no recipe for it (stages: {sorted(recipes)})")
     r = recipes[cfg.stage]
     fill = {k: getattr(r, k) for k in ("batch_size", "max_iters", "lr", "min_lr", "warmup_lr", "image_size",
                                         "train_scenes") if not getattr(cfg, k)}
@@ -229,6 +227,27 @@ def model_config(cfg: TrainConfig) -> tv.TinyVLMConfig:
     return dataclasses.replace(mcfg, phi=phi, lora=lora)
 
 
+def init_path(cfg: TrainConfig) -> str:
+    """The trainable weights the stage starts from: --init, else the previous stage's output (stages 2-4)."""
+    if cfg.init:
+        return cfg.init
+    if cfg.checkpoint or cfg.stage < 2:
+        return ""
+    return str(Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors")
+
+
+def check_init(cfg: TrainConfig) -> None:
+    """The stage's starting checkpoint exists and fits this run's model (sizes, ablation flags), checked before the
+    model (perhaps gigabytes of public weights) is loaded."""
+    init = init_path(cfg)
+    if not init:
+        return
+    if not Path(init).exists():
+        raise cli.UserError(f"{init} not found: run stage {cfg.stage - 1} first, or pass --init")
+    if Path(init).suffix == ".safetensors":       # with public weights, the sizes are known once they are loaded
+        weights.check_own_checkpoint(Path(init), None if cfg.phi else model_config(cfg))
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str]:
     """The model for a stage, and where its starting trainable weights came from."""
     if cfg.phi:
@@ -238,22 +257,44 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str
         source = cfg.checkpoint or "fresh projections"
     else:
         model = tv.TinyVLM(model_config(cfg))
-        if not Path(cfg.backbones).exists():
-            raise SystemExit(f"{cfg.backbones} is missing: run `python train.py --stage 0` first")
+        backbones = cfg.backbones or str(STAGE0)
+        if not Path(backbones).exists():
+            raise cli.UserError(f"{backbones} is missing: run `python train.py --stage 0` first")
         # an ablation that removes a norm leaves its stage-0 weights unused, deliberately
         removed = tuple(n for n, on in (("q_layernorm.", cfg.qk_norm), ("k_layernorm.", cfg.qk_norm),
                                         ("post_attn_norm.", cfg.post_attn_norm)) if not on)
-        weights.load_checkpoint(model, cfg.backbones, ignore=removed)
+        weights.load_checkpoint(model, backbones, ignore=removed)
         source = "stage-0 backbones"
-    init = cfg.init or (str(Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors") if cfg.stage >= 2 else "")
-    if cfg.checkpoint and not cfg.init:
-        init = ""
+    init = init_path(cfg)
     if init:
-        if not Path(init).exists():
-            raise SystemExit(f"{init} not found: run stage {cfg.stage - 1} first, or pass --init")
+        check_init(cfg)
         weights.load_checkpoint(model, init)
         source = init
     return model.to(device), source
+
+
+def config_of_checkpoint(path: str | os.PathLike, **overrides) -> TrainConfig:
+    """The TrainConfig that a model.safetensors of ours was trained with (its metadata keeps it), pointed at that file
+    as --init: build_model then makes the model that was trained (its ablation flags, its LoRA rank), whatever the
+    defaults are now. overrides: e.g. device, or phi / blip2 folders that have moved."""
+    meta = weights.read_metadata(path)
+    if meta.get("format") != "tinyvlm" or "stage" not in meta:
+        raise weights.CheckpointError(f"{path}: not a model.safetensors written by train.py (its metadata has no "
+                                      f"tinyvlm config and stage)")
+    stage = json.loads(meta["stage"])
+    if stage == 0:
+        raise cli.UserError(f"{path}: the stage-0 backbones have no projections to answer with; give a stage 1-4 "
+                            f"model.safetensors")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "train_config" in meta:
+        cfg = TrainConfig(**{k: v for k, v in json.loads(meta["train_config"]).items() if k in fields})
+    else:                                  # written before the metadata kept the run's config: read the flags off
+        saved = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
+        cfg = TrainConfig(stage=stage, qk_norm=saved.phi.qk_norm, post_attn_norm=saved.phi.post_attn_norm,
+                          lora=saved.lora is not None, lora_rank=saved.lora.rank if saved.lora else 0)
+    cfg = dataclasses.replace(cfg, init=str(path), checkpoint="", resume=False, eval_only=False,
+                              **{k: v for k, v in overrides.items() if v not in ("", None)})
+    return resolve(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,19 +318,30 @@ READERS = {
 }
 
 
-def parse_data_spec(spec: str, image_root: str) -> dict[str, tuple[list[data.Sample], float]]:
-    """"captions:laion.jsonl:3,vqa:vqav2.json:1" -> {name: (samples, ratio)}."""
+def parse_data_spec(spec: str, image_root: str, flag: str = "--data") -> dict[str, tuple[list[data.Sample], float]]:
+    """"captions:laion.jsonl:3,vqa:vqav2.json:1" -> {name: (samples, ratio)}. Each entry is checked before any
+    training: a known format, a readable file with at least one record, a finite ratio >= 0, the ratios not all 0."""
     out = {}
     for i, part in enumerate(p for p in spec.split(",") if p):
         fields = part.split(":")
-        if len(fields) not in (2, 3) or fields[0] not in READERS:
-            raise SystemExit(f"--data entry {part!r}: expected FORMAT:PATH[:RATIO] with FORMAT in {sorted(READERS)}")
-        ratio = float(fields[2]) if len(fields) == 3 else 1.0
+        if len(fields) not in (2, 3) or fields[0] not in READERS or not fields[1]:
+            raise cli.UserError(f"{flag} entry {part!r}: expected FORMAT:PATH[:RATIO] with FORMAT one of "
+                                f"{', '.join(sorted(READERS))}")
+        try:
+            ratio = float(fields[2]) if len(fields) == 3 else 1.0
+        except ValueError:
+            raise cli.UserError(f"{flag} entry {part!r}: the ratio {fields[2]!r} is not a number") from None
+        if not (0 <= ratio < float("inf")):
+            raise cli.UserError(f"{flag} entry {part!r}: the ratio must be a finite number >= 0")
         samples = READERS[fields[0]](fields[1], image_root)
         if fields[0] == "captions":
             samples = [dataclasses.replace(s, turns=[(q, data.clean_caption(a))]) for s, (q, a) in
                        ((s, s.turns[0]) for s in samples)]
         out[f"{fields[0]}{i}"] = (samples, ratio)
+    if not out:
+        raise cli.UserError(f"{flag} {spec!r}: no data set given")
+    if sum(r for _, r in out.values()) <= 0:
+        raise cli.UserError(f"{flag} {spec!r}: every ratio is 0, so no data set would ever be drawn")
     return out
 
 
@@ -336,18 +388,30 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
     return out
 
 
-def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, split: str, n: int,
-                  device) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
+def read_user_data(cfg: TrainConfig) -> dict[str, dict[str, tuple[list[data.Sample], float]]] | None:
+    """--data and --val-data read and checked before any other work, split into {"train": ..., "val": ...}
+    (without --val-data: the last 5% of each --data set is held out); None for the built-in world."""
+    if not (cfg.data or cfg.val_data):
+        return None
+    if not Path(cfg.image_root).is_dir():
+        raise cli.UserError(f"--image-root {cfg.image_root}: no such folder")
+    if cfg.val_data and not cfg.data and not cfg.eval_only:
+        raise cli.UserError("--val-data without --data: give the training data too (or --eval-only)")
+    val = parse_data_spec(cfg.val_data, cfg.image_root, "--val-data") if cfg.val_data else None
+    train_sets = parse_data_spec(cfg.data, cfg.image_root) if cfg.data else {}
+    if val is None:
+        val = {k: (s[-max(1, len(s) // 20):], r) for k, (s, r) in train_sets.items()}
+        train_sets = {k: (s[:len(s) - max(1, len(s) // 20)] or s, r) for k, (s, r) in train_sets.items()}
+    return {"train": train_sets, "val": val}
+
+
+def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, split: str, n: int, device,
+                  user_data=None) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
     nq = model.cfg.num_image_tokens
-    if cfg.data or cfg.val_data:
-        spec = cfg.val_data if (split != "train" and cfg.val_data) else cfg.data
-        sources = parse_data_spec(spec, cfg.image_root)
-        if split != "train" and not cfg.val_data:          # a held-out slice of each training set
-            sources = {k: (s[-max(1, len(s) // 20):], r) for k, (s, r) in sources.items()}
-        elif split == "train" and not cfg.val_data:
-            sources = {k: (s[:len(s) - max(1, len(s) // 20)] or s, r) for k, (s, r) in sources.items()}
-        return {k: (data.VLMDataset(s, tok, cfg.stage, cfg.image_size, nq, skip_bad=cfg.skip_bad), r)
-                for k, (s, r) in sources.items()}
+    if user_data is not None:
+        return {k: (data.VLMDataset(s, tok, cfg.stage, cfg.image_size, nq, skip_bad=cfg.skip_bad,
+                                    max_positions=model.cfg.phi.max_positions), r)
+                for k, (s, r) in user_data[split].items()}
     out = {}
     for name, (samples, ratio) in world_samples(cfg, split, n).items():
         base = data.VLMDataset(samples, tok, cfg.stage, cfg.image_size, nq)
@@ -365,40 +429,107 @@ def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, spli
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: trainable tensors in safetensors (+ config), optimizer and loop state in a .pt; both atomic
+# Checkpoints. state.pt holds all that resuming needs (the trained tensors too); model.safetensors holds the trained
+# tensors for the next stage and the command line. Each is written atomically, state.pt first, so a kill at any
+# moment leaves a state.pt that --resume continues from exactly (beside the previous or the new model).
+
+class NonFiniteLoss(cli.UserError):
+    """Training diverged: the message names the iteration and the last checkpoint known to be good."""
+
 
 def atomic_torch_save(obj, path: Path) -> None:
     weights.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_training_state(model, optimizer, mixture, it: int, history: list, cfg: TrainConfig, stage_dir: Path) -> Path:
-    """The state first, then the weights that name it: a crash between the two leaves a pair that does not match,
-    which --resume refuses, instead of weights from one step and an optimizer from another."""
-    token = f"{it}-{time.time_ns()}"
-    state = {"iter": it, "token": token, "optimizer": optimizer.state_dict(), "mixture": json.dumps(mixture.state_dict()),
-             "torch_rng": torch.get_rng_state(), "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg))}
+    trained = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+    state = {"iter": it, "trained": trained, "optimizer": optimizer.state_dict(),
+             "mixture": json.dumps(mixture.state_dict()), "torch_rng": torch.get_rng_state(),
+             "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
+             "model_config": json.dumps(model.cfg.to_dict())}
+    stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, stage_dir / "state.pt")
+    weights.fault_point("between state.pt and model.safetensors")
     return weights.save_checkpoint(model, stage_dir / "model.safetensors",
-                              metadata={"stage": cfg.stage, "iter": it, "token": token})
+                                   metadata={"stage": cfg.stage, "iter": it, "train_config": dataclasses.asdict(cfg)})
 
 
 def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int, list]:
-    from safetensors import safe_open
-    state = torch.load(stage_dir / "state.pt", weights_only=True)
-    with safe_open(str(stage_dir / "model.safetensors"), framework="pt") as f:
-        token = json.loads(f.metadata().get("token", "null"))
-    if token != state["token"]:
-        raise SystemExit(f"{stage_dir}: model.safetensors and state.pt come from different saves (interrupted "
-                         f"between the two?); cannot resume exactly")
-    weights.load_checkpoint(model, stage_dir / "model.safetensors")
+    path = stage_dir / "state.pt"
+    if not path.exists():
+        raise cli.UserError(f"--resume: no {path}: nothing to resume; run without --resume to start the stage")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise cli.UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {e})") from None
+    if json.loads(state["model_config"]) != json.loads(json.dumps(model.cfg.to_dict())):
+        raise cli.UserError(f"--resume: {path} was saved for another model (other ablation flags or LoRA rank?); "
+                            f"resume with the flags of that run, or start over without --resume")
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state["trained"]):
+        raise cli.UserError(f"--resume: {path} trained other tensors than this run does (other flags?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["trained"][k])
     optimizer.load_state_dict(state["optimizer"])
     mixture.load_state_dict(json.loads(state["mixture"]))
     torch.set_rng_state(state["torch_rng"])
     return state["iter"], json.loads(state["history"])
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+@torch.no_grad()
+def finite_for_saving(model, batch: dict, cfg: TrainConfig, device) -> bool:
+    """Are the trained tensors finite, and is the loss they give on the last batch finite? Checked before every save,
+    so that the last saved checkpoint is always one that trains on (eval mode: no dropout, no random numbers used)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        return False
+    was_training = model.training
+    model.eval()
+    n = int((batch["labels"][:, 1:] != tv.IGNORE_INDEX).sum())
+    loss = float(micro_step(model, batch, device, cfg, 1, max(n, 1)))
+    model.train(was_training)
+    return math.isfinite(loss)
+
+
+STAGE_OUTPUTS = ("model.safetensors", "state.pt", "log.csv", "report.json", "loss.png")
+
+
+def lock_stage(out_dir: Path, stage: int):
+    """An exclusive lock on OUT_DIR/stageN for as long as this process runs: a second run into the same folder stops
+    at once (two runs there would leave one's weights beside the other's log). The lock is released by the
+    operating system when the process ends, however it ends. Returns the open lock file (keep it)."""
+    try:
+        import fcntl
+    except ImportError:              # not a POSIX system: no lock
+        return None
+    f = open(out_dir / f".stage{stage}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise cli.UserError(f"{out_dir / f'stage{stage}'} is in use by another run ({holder}); wait for it to "
+                            f"finish, or pass another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+
+def clean_stale_temp_files(stage_dir: Path) -> None:
+    """Temp files of saves that a kill interrupted (atomic_write removes its own in every other case)."""
+    for tmp in stage_dir.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def replace_earlier_run(stage_dir: Path) -> None:
+    """Before this run's first save: remove what an earlier run left that this run will not rewrite at once (its log,
+    report and plot), so the folder never holds one run's weights beside another's report. Until then, a run
+    that is stopped early has changed nothing."""
+    for name in ("log.csv", "report.json", "loss.png"):
+        (stage_dir / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -427,9 +558,10 @@ def shard(batch: dict, rank: int, world: int) -> dict:
 # The loop
 
 def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    device = cli.device(cfg.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:          # torchrun: one GPU per rank
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+    return device
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -464,6 +596,7 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 
 def train(cfg: TrainConfig) -> dict:
     """One stage: the model and its data, the loop, then the held-out evaluation and the stage's files."""
+    cli.check_config(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
         return pretrain_backbones(cfg)
@@ -473,6 +606,17 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stage_dir = Path(cfg.out_dir) / f"stage{cfg.stage}"
+    user_data = read_user_data(cfg)                 # the inputs first: a mistake there costs no waiting
+    check_init(cfg)
+    if cfg.resume and not (stage_dir / "state.pt").exists():
+        raise cli.UserError(f"--resume: no {stage_dir / 'state.pt'}: nothing to resume; run without --resume to "
+                            f"start the stage")
+    lock = None
+    if rank == 0 and not cfg.eval_only:            # then the folder: ours, and writable
+        lock = lock_stage(cli.writable_folder(cfg.out_dir, "--out-dir"), cfg.stage)
+        clean_stale_temp_files(stage_dir)
+        if not cfg.resume and any((stage_dir / n).exists() for n in STAGE_OUTPUTS):
+            log(f"{stage_dir} holds an earlier run: this run replaces it at its first checkpoint")
     tok = build_tokenizer(cfg)
     model, source = build_model(cfg, device)
     counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
@@ -480,8 +624,9 @@ def train(cfg: TrainConfig) -> dict:
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
     t0 = time.time()
-    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device)
-    val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device).items()}
+    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data)
+    val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
+                                                      user_data).items()}
     log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
     if cfg.eval_only:
         return evaluate_checkpoint(model, tok, val_sets, cfg, device, stage_dir)
@@ -489,23 +634,24 @@ def train(cfg: TrainConfig) -> dict:
     mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
                            cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    if rank == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
     start, history = 0, []
     if cfg.resume:
         start, history = load_training_state(model, optimizer, mixture, stage_dir)
+        if start >= cfg.max_iters:
+            log(f"{stage_dir} has run its {start} iterations already: nothing to do (--max-iters to train longer)")
+            return {"history": history}
         log(f"resumed at iteration {start}")
     ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = iter(mixture)
     progress = Progress(cfg, start, world, log)
-    last_saved = None
+    last_saved = f"{stage_dir / 'model.safetensors'} (iteration {start})" if cfg.resume else None
     for it in range(start, cfg.max_iters):
         lr = set_lr(optimizer, it, cfg)
-        loss, tokens = train_step(ddp_model, batches, cfg, device, rank, world)
+        loss, tokens, batch = train_step(ddp_model, batches, cfg, device, rank, world)
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss} at iteration {it} (stage {cfg.stage}); the last good "
-                                f"checkpoint is {last_saved or 'none (nothing saved yet)'}")
+            raise NonFiniteLoss(f"stopped: the loss became {loss} at iteration {it} (stage {cfg.stage}); the last "
+                                f"good checkpoint is {last_saved or 'none (nothing was saved)'}; lower --lr?")
         grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
         history.append({"iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         progress.step(it, loss, lr, grad_norm, tokens)
@@ -514,17 +660,25 @@ def train(cfg: TrainConfig) -> dict:
             log(f"iter {it:5d} | val loss {history[-1]['val_loss']:.4f}")
             show_samples(model, tok, val_sets, cfg.stage, device, log)
         if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1):
-            last_saved = save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
+            if not finite_for_saving(model, batch, cfg, device):
+                raise NonFiniteLoss(f"stopped: after iteration {it} the weights are not finite or give a non-finite "
+                                    f"loss, so they were not saved; the last good checkpoint is "
+                                    f"{last_saved or 'none (nothing was saved)'}; lower --lr?")
+            if last_saved is None:
+                replace_earlier_run(stage_dir)
+            save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
+            last_saved = f"{stage_dir / 'model.safetensors'} (iteration {it + 1})"
     result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
+    del lock                                          # held to here: the stage's files are complete
     return result
 
 
-def train_step(ddp_model, batches, cfg: TrainConfig, device, rank: int, world: int) -> tuple[float, int]:
+def train_step(ddp_model, batches, cfg: TrainConfig, device, rank: int, world: int) -> tuple[float, int, dict]:
     """Forward and backward over grad_accum micro-batches (this rank's share of each); returns the global batch's
-    mean loss and the tokens this rank saw. The gradients are left for clip_and_step."""
+    mean loss, the tokens this rank saw and the last micro-batch. The gradients are left for clip_and_step."""
     ddp_model.train()
     micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
     n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
@@ -537,7 +691,7 @@ def train_step(ddp_model, batches, cfg: TrainConfig, device, rank: int, world: i
             loss.backward()
         loss_total += loss.detach() / world
         tokens += int(part["attention_mask"].sum())
-    return float(all_reduce_sum(loss_total, world)), tokens
+    return float(all_reduce_sum(loss_total, world)), tokens, part
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float) -> float:
@@ -602,7 +756,7 @@ def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_di
     """--eval-only: the held-out report of --init, or of the stage's own output."""
     trained = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
     if not trained.exists():
-        raise SystemExit(f"--eval-only: {trained} not found (pass --init)")
+        raise cli.UserError(f"--eval-only: {trained} not found (pass --init)")
     weights.load_checkpoint(model, trained)
     result = evaluation.evaluate(model, tok, val_sets, cfg.stage, device)
     evaluation.print_report(result)
@@ -613,7 +767,7 @@ def show_samples(model, tok, val_sets, stage: int, device, log, n: int = 2) -> N
     """A few held-out answers next to the truth, to watch what the model learns."""
     for name, ds in list(val_sets.items())[:3]:
         for s, p in zip(ds.samples, evaluation.generate_answers(model, tok, ds, stage, device, limit=n)):
-            log(f"    {s.task or name} | {s.turns[0][0][:50]} | truth: {s.turns[0][1][:50]} | model: {p[:50]}")
+            log(f"    {s.task or name} | {s.turns[0][0][:50]} | truth: {s.turns[0][1][:50]} | model: {(p or '(skipped)')[:50]}")
 
 
 @torch.no_grad()
@@ -733,7 +887,7 @@ class VisionPretrainHeads(nn.Module):
 
 def pretrain_backbones(cfg: TrainConfig) -> dict:
     if cfg.phi or cfg.preset != "tiny":
-        raise SystemExit("stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
+        raise cli.UserError("--stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     model = tv.TinyVLM(model_config(dataclasses.replace(cfg, qk_norm=True, post_attn_norm=True))).to(device)
@@ -873,15 +1027,9 @@ def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_table(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, TrainConfig)
-    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
-    try:
-        train(cfg)
-    except NonFiniteLoss as e:
-        raise SystemExit(f"stopped: {e}") from None
+    parser = cli.parser_for(TrainConfig, __doc__, epilog=recipe_table())
+    train(cli.config_from_args(TrainConfig, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

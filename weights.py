@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -32,11 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tinyvlm as tv
+from cli import UserError
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading weights: safetensors memory-mapped, pickles without running code
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded: the message names the file, the key and the shapes."""
 
 
@@ -681,8 +683,11 @@ def tinygptv_checkpoint_map(cfg: tv.TinyVLMConfig, peft: bool) -> KeyMap:
 def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> tv.TinyVLM:
     """Load a partial checkpoint (projections, norms, LoRA) on top of the base weights: a TinyGPT-V stage .pth, or
     one of ours (.safetensors, our names). Every tensor of the file must land on a parameter of the right shape,
-    except those whose name contains one of `ignore` (e.g. the norms an ablation removed)."""
+    except those whose name contains one of `ignore` (e.g. the norms an ablation removed); every tensor must be
+    finite. Ours must also hold every tensor its metadata lists, and match the model's architecture."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        check_own_checkpoint(path, model.cfg, ignore)
     tensors = {k: t for k, t in read_weights(path).items() if not any(p in k for p in ignore)}
     params = dict(model.named_parameters())
     if path.suffix == ".safetensors":
@@ -707,8 +712,45 @@ def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[st
             if t.shape != params[ours].shape:
                 raise CheckpointError(f"{path}: key '{theirs}' has shape {tuple(t.shape)} but {ours} expects "
                                       f"{tuple(params[ours].shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{path}: key '{theirs}' holds NaN or infinite values: the run that wrote it "
+                                      f"diverged; use an earlier checkpoint")
             params[ours].copy_(t)
     return model
+
+
+def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """One of our safetensors checkpoints, before it is loaded into a model with config cfg: written by
+    save_checkpoint (our metadata), whole (every tensor its metadata lists is there), and (given cfg) of the same
+    architecture: the same sizes, and for a trained stage (not the stage-0 backbones, whose norms an ablation may
+    leave out through `ignore`) the same TinyGPT-V norms. Returns the metadata."""
+    meta = read_metadata(path)
+    if meta.get("format") != "tinyvlm" or "config" not in meta:
+        raise CheckpointError(f"{path}: not a tinyvlm checkpoint (its metadata holds no tinyvlm config); expected a "
+                              f"model.safetensors written by train.py")
+    saved = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
+    for part in ("vit", "qformer", "phi") if cfg is not None else ():
+        a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(cfg, part))
+        for key in a:
+            if key in ("qk_norm", "post_attn_norm", "resid_dropout", "ln_vision_eps"):
+                continue
+            if a[key] != b.get(key):
+                raise CheckpointError(f"{path}: made for a model with {part}.{key} = {a[key]}, this one has "
+                                      f"{b.get(key)}: another preset or other weights?")
+    if cfg is not None and (json.loads(meta.get("stage", "1")) != 0 or not ignore):
+        for flag in ("qk_norm", "post_attn_norm"):
+            if getattr(saved.phi, flag) != getattr(cfg.phi, flag):
+                on = "on" if getattr(saved.phi, flag) else "off"
+                raise CheckpointError(f"{path}: trained with {flag} {on}, but this model has it "
+                                      f"{'off' if on == 'on' else 'on'}: pass --{'' if on == 'on' else 'no-'}"
+                                      f"{flag.replace('_', '-')} (the ablation flags carry through the stages)")
+    listed = json.loads(meta.get("tensors", "[]"))
+    present = read_safetensors_header(path)[0]
+    missing = [k for k in listed if k not in present]
+    if missing:
+        raise CheckpointError(f"{path}: tensor '{missing[0]}' is listed in its metadata but missing from the file "
+                              f"(and {len(missing) - 1} more): edited or damaged; use another checkpoint")
+    return meta
 
 
 def save_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, only_trainable: bool = True,
@@ -718,7 +760,8 @@ def save_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, only_trainable: 
     path = Path(path)
     state = {k: p.detach().to(dtype or p.dtype) for k, p in model.named_parameters()
              if p.requires_grad or not only_trainable}
-    meta = {"format": "tinyvlm", "config": json.dumps(model.cfg.to_dict()), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    meta = {"format": "tinyvlm", "config": json.dumps(model.cfg.to_dict()), "tensors": json.dumps(sorted(state)),
+            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     atomic_write(path, lambda tmp: write_safetensors(state, tmp, meta))
     return path
 
@@ -731,6 +774,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        fault_point(f"writing {path.name}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600 files; a checkpoint is an ordinary file
@@ -740,6 +784,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_FAULTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """For the kill test (tests/test_train.py): with TINYVLM_KILL_AT="NAME:N" in the environment, the N-th time the
+    program passes the point NAME it kills itself as `kill -9` would (no clean-up runs). Nothing otherwise."""
+    spec = os.environ.get("TINYVLM_KILL_AT")
+    if not spec or spec.rpartition(":")[0] != name:
+        return
+    _FAULTS[name] = _FAULTS.get(name, 0) + 1
+    if _FAULTS[name] == int(spec.rpartition(":")[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> tv.TinyVLMConfig:

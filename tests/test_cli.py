@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import chat
+import cli
 import tinyvlm as tv
 import train
 
@@ -35,13 +36,16 @@ def test_qformer_attention_is_a_distribution():
     assert attn.shape == (2, 16, num_patches + 1) and torch.allclose(attn.sum(-1), torch.ones(2, 16), atol=1e-5)
 
 
-def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path):
+def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    with pytest.raises(SystemExit, match="broken.jpg: cannot read image"):
-        chat.main(["--image", str(tmp_path / "broken.jpg"), "--checkpoint", str(checkpoint), "what is it?"])
+    with pytest.raises(SystemExit) as e:
+        cli.run(chat.main, ["--image", str(tmp_path / "broken.jpg"), "--checkpoint", str(checkpoint), "what is it?"])
+    assert e.value.code == 2 and "broken.jpg: cannot read image" in capsys.readouterr().err
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
-    with pytest.raises(SystemExit, match=r"unknown task identifier '\[vqaa\]'"):
-        chat.main(["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
+    with pytest.raises(SystemExit) as e:
+        cli.run(chat.main, ["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'[vqaa]'" in err and "[detection]" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])

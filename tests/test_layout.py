@@ -1,6 +1,6 @@
 """The project's modules depend on each other one way, from the model up to the programs:
 
-    tinyvlm (the model)  <-  data, weights  <-  evaluation  <-  train  <-  quantize  <-  chat, bench
+    tinyvlm (the model), cli  <-  data, weights  <-  evaluation  <-  train  <-  quantize  <-  chat, bench
 
 Each module is imported in a fresh interpreter and must pull in exactly the project modules below it; and no import
 statement anywhere (a function's lazy import included) points up or sideways in that order."""
@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVEL = {"tinyvlm": 0, "data": 1, "weights": 1, "evaluation": 2, "train": 3, "quantize": 4, "chat": 5, "bench": 5}
+LEVEL = {"cli": 0, "tinyvlm": 0, "data": 1, "weights": 1, "evaluation": 2, "train": 3, "quantize": 4, "chat": 5,
+         "bench": 5}
 PULLS_IN = {
+    "cli": set(),
     "tinyvlm": set(),
-    "data": {"tinyvlm"},
-    "weights": {"tinyvlm"},
-    "evaluation": {"tinyvlm", "data"},
-    "train": {"tinyvlm", "data", "weights", "evaluation"},
-    "quantize": {"tinyvlm", "data", "weights", "evaluation", "train"},
-    "chat": {"tinyvlm", "data", "weights", "evaluation", "train", "quantize"},
-    "bench": {"tinyvlm", "data", "weights", "evaluation", "train", "quantize"},
+    "data": {"cli", "tinyvlm"},
+    "weights": {"cli", "tinyvlm"},
+    "evaluation": {"cli", "tinyvlm", "data"},
+    "train": {"cli", "tinyvlm", "data", "weights", "evaluation"},
+    "quantize": {"cli", "tinyvlm", "data", "weights", "evaluation", "train"},
+    "chat": {"cli", "tinyvlm", "data", "weights", "evaluation", "train", "quantize"},
+    "bench": {"cli", "tinyvlm", "data", "weights", "evaluation", "train", "quantize"},
 }
 
 

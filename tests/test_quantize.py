@@ -107,7 +107,7 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     assert after["phi"] < before["phi"] / {"fp16": 1.9, "int8": 3, "int4": 4}[mode]
     path = q.save_quantized(model, tmp_path / f"{mode}.safetensors")
     loaded = q.load_quantized(path)
-    assert loaded.trained_for == {"stage": 4, "image_size": 64} and loaded.quantization["mode"] == mode
+    assert loaded.trained_for == {"stage": 4, "image_size": 64, "train_config": None} and loaded.quantization["mode"] == mode
     ids = torch.randint(0, 600, (2, 9))
     with torch.no_grad():
         assert torch.equal(model.phi(ids), loaded.phi(ids))
@@ -216,8 +216,13 @@ def test_layers_hold_aligned_weights_after_loading(quantized_files, tmp_path, mo
     with safe_open(str(quantized_files["int8"]), "pt") as f:
         meta = f.metadata()
     other = tmp_path / "their-layout.safetensors"
-    save_file({k: v.contiguous() for k, v in read(quantized_files["int8"]).items()}, other, metadata=meta)
-    assert any(t.data_ptr() % weights.ALIGNMENT for t in read(other).values())
+    for pad in range(64):        # the library aligns its data to 8 bytes only: lengthen the header until it shows
+        save_file({k: v.contiguous() for k, v in read(quantized_files["int8"]).items()}, other,
+                  metadata={**meta, "pad": "x" * pad})
+        if any(t.data_ptr() % weights.ALIGNMENT for t in read(other).values() if t.dtype == torch.int8):
+            break
+    else:
+        raise AssertionError("no header length left an int8 weight unaligned")
     theirs = q.load_quantized(other)
     assert all(m.weight.data_ptr() % weights.ALIGNMENT == 0 for m in theirs.modules() if isinstance(m, q.Int8Linear))
     ids = torch.randint(0, 600, (1, 7))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import data
 import evaluation
 import tinyvlm as tv
@@ -45,9 +46,8 @@ def test_learning_rate_schedule():
 
 
 def test_cli_is_generated_from_the_config():
-    parser = train.argparse.ArgumentParser()
-    train.add_config_args(parser, train.TrainConfig)
-    cfg = train.config_from_args(train.TrainConfig, parser.parse_args(["--stage", "3", "--no-qk-norm", "--lr", "0.5"]))
+    parser = cli.parser_for(train.TrainConfig, "doc")
+    cfg = cli.config_from_args(train.TrainConfig, parser.parse_args(["--stage", "3", "--no-qk-norm", "--lr", "0.5"]))
     assert (cfg.stage, cfg.qk_norm, cfg.lr, cfg.post_attn_norm) == (3, False, 0.5, True)
 
 
@@ -126,20 +126,41 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
-    real = train.micro_step
+    real = train.train_step
 
-    def poisoned(model, batch, device, cfg, world, n_tokens):
-        loss = real(model, batch, device, cfg, world, n_tokens)
-        return loss * float("nan") if poisoned.calls >= 12 else loss
+    def poisoned(*a, **k):
+        loss, tokens, batch = real(*a, **k)
+        poisoned.calls += 1
+        return (float("nan") if poisoned.calls > 11 else loss), tokens, batch
     poisoned.calls = 0
 
-    def counting(*a, **k):
-        poisoned.calls += 1
-        return poisoned(*a, **k)
-
-    monkeypatch.setattr(train, "micro_step", counting)
-    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at iteration 11 .*stage1[/\\]model\.safetensors"):
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at iteration 11 .*stage1[/\\]model\.safetensors "
+                                                  r"\(iteration 10\)"):
         train.train(tiny_cfg(tmp_path, stage=1, max_iters=30))
+    saved = weights.read_weights(tmp_path / "stage1" / "model.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())       # the last good one is good
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
+    """As with --lr 1e30: the step itself makes the weights unusable. The save after it refuses, and the last
+    checkpoint on disk stays the good one it names."""
+    real = train.clip_and_step
+
+    def blow_up(model, optimizer, clip):
+        norm = real(model, optimizer, clip)
+        if optimizer.state[next(iter(optimizer.state))]["step"] == 20:       # the step just before the save at 20
+            with torch.no_grad():
+                model.llama_proj.weight.mul_(float("inf"))
+        return norm
+
+    monkeypatch.setattr(train, "clip_and_step", blow_up)
+    with pytest.raises(train.NonFiniteLoss, match=r"after iteration 19 the weights .* not saved; the last good "
+                                                  r"checkpoint is .*stage1[/\\]model\.safetensors \(iteration 10\)"):
+        train.train(tiny_cfg(tmp_path, stage=1, max_iters=30))
+    saved = weights.read_weights(tmp_path / "stage1" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert json.loads(weights.read_metadata(tmp_path / "stage1" / "model.safetensors")["iter"]) == 10
 
 
 def test_interrupted_state_save_keeps_previous(tmp_path, monkeypatch):
@@ -233,3 +254,42 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     assert not any(k.startswith("llama_proj") or "lora_" in k for k in keys)
     result = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, backbones=str(backbones)))
     assert len(result["history"]) == 2
+
+
+KILL_POINTS = ["writing state.pt:2",                              # state.pt's temp file written, not yet renamed
+               "between state.pt and model.safetensors:2",        # the new state beside the previous model
+               "writing model.safetensors:2",                     # the model's temp file written, not yet renamed
+               "writing state.pt:3"]                              # the last save of the run
+
+
+def test_a_kill_during_a_save_always_leaves_a_resumable_stage(tmp_path):
+    """kill -9 (through weights.fault_point) at each point of the second and third saves: --resume then finishes
+    the stage with exactly the weights of a run that was never interrupted, and no temp file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+    args = ["--stage", "1", "--max-iters", "6", "--ckpt-interval", "2", "--train-scenes", "32", "--batch-size", "4",
+            "--eval-samples", "2", "--eval-interval", "0", "--warmup-iters", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(out, kill_at=None, *more):
+        e = {**env, "TINYVLM_KILL_AT": kill_at} if kill_at else env
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(out), *more],
+                              capture_output=True, text=True, env=e, cwd=tmp_path, timeout=300)
+
+    def killed_then_resumed(point):
+        out = tmp_path / point.replace(" ", "_").replace(":", "_")
+        first = run(out, point)
+        resumed = run(out, None, "--resume")
+        return first, resumed, out
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        reference = pool.submit(run, tmp_path / "reference")
+        outcomes = list(pool.map(killed_then_resumed, KILL_POINTS))
+    assert reference.result().returncode == 0, reference.result().stderr[-1000:]
+    want = weights.read_weights(tmp_path / "reference" / "stage1" / "model.safetensors")
+    for point, (first, resumed, out) in zip(KILL_POINTS, outcomes):
+        assert first.returncode == -9, (point, first.returncode, first.stderr[-500:])
+        assert resumed.returncode == 0, (point, resumed.stderr[-1000:])
+        got = weights.read_weights(out / "stage1" / "model.safetensors")
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), point
+        assert not list((out / "stage1").glob("*.tmp")), point
+        assert (out / "stage1" / "report.json").exists(), point
