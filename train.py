@@ -227,6 +227,28 @@ def model_config(cfg: TrainConfig) -> tv.TinyVLMConfig:
     return dataclasses.replace(mcfg, phi=phi, lora=lora)
 
 
+def check_flags(cfg: TrainConfig) -> None:
+    """Flags that only make sense together, and files that must exist, checked before anything runs."""
+    if cfg.stage == 0 and cfg.phi:
+        raise cli.UserError("--stage 0 pretrains the tiny backbones; with --phi the public weights are the backbones "
+                            "(start at --stage 1)")
+    for flag, value in (("--checkpoint", cfg.checkpoint), ("--vit", cfg.vit), ("--blip2", cfg.blip2)):
+        if value and not cfg.phi:
+            raise cli.UserError(f"{flag} belongs to a run on the public weights: give --phi and --blip2 too")
+    if cfg.phi and not cfg.blip2:
+        raise cli.UserError("--phi needs --blip2 (the ViT and the Q-Former)")
+    inputs = [("--phi", cfg.phi), ("--blip2", cfg.blip2), ("--vit", cfg.vit), ("--checkpoint", cfg.checkpoint),
+              ("--tokenizer", cfg.tokenizer)] + ([("--backbones", cfg.backbones)] if cfg.stage else [])
+    if cfg.stage == 0:                        # stage 0 writes the backbones
+        cli.writable_file(cfg.backbones or STAGE0, "--backbones")
+    for flag, value in inputs:
+        if value and not Path(value).exists():
+            raise cli.UserError(f"{flag} {value}: no such file or folder")
+    patch = tv.PRESETS["tinygptv" if cfg.phi else cfg.preset]().vit.patch_size
+    if cfg.image_size % patch:
+        raise cli.UserError(f"--image-size {cfg.image_size}: must be a multiple of the ViT's patch size ({patch})")
+
+
 def init_path(cfg: TrainConfig) -> str:
     """The trainable weights the stage starts from: --init, else the previous stage's output (stages 2-4)."""
     if cfg.init:
@@ -597,6 +619,7 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 def train(cfg: TrainConfig) -> dict:
     """One stage: the model and its data, the loop, then the held-out evaluation and the stage's files."""
     cli.check_config(cfg)
+    check_flags(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
         return pretrain_backbones(cfg)
@@ -608,6 +631,7 @@ def train(cfg: TrainConfig) -> dict:
     stage_dir = Path(cfg.out_dir) / f"stage{cfg.stage}"
     user_data = read_user_data(cfg)                 # the inputs first: a mistake there costs no waiting
     check_init(cfg)
+    tok = build_tokenizer(cfg)
     if cfg.resume and not (stage_dir / "state.pt").exists():
         raise cli.UserError(f"--resume: no {stage_dir / 'state.pt'}: nothing to resume; run without --resume to "
                             f"start the stage")
@@ -617,7 +641,6 @@ def train(cfg: TrainConfig) -> dict:
         clean_stale_temp_files(stage_dir)
         if not cfg.resume and any((stage_dir / n).exists() for n in STAGE_OUTPUTS):
             log(f"{stage_dir} holds an earlier run: this run replaces it at its first checkpoint")
-    tok = build_tokenizer(cfg)
     model, source = build_model(cfg, device)
     counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
     trainable_in_fp32(model)
@@ -905,7 +928,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     # ship the backbones (no projections, no LoRA: those belong to stages 1-4), in bf16 to keep the repo small
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(("vit.", "qformer.", "phi.")) and ".lora_" not in name)
-    out = Path(cfg.backbones)
+    out = Path(cfg.backbones or STAGE0)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.save_checkpoint(model, out, dtype=torch.bfloat16,
                        metadata={"stage": 0, "vision": vision_report, "text_val_loss": text_val})
