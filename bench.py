@@ -43,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -74,6 +75,11 @@ class BenchConfig:
     stages: str = "1,2,3,4"         # tiny default stages to time
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
     worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS)}
+    LIMITS: ClassVar[dict[str, tuple]] = {"repeats": (1, None), "prompt_tokens": (1, None), "new_tokens": (1, None),
+                                          "train_batch": (1, None), "train_text_tokens": (1, None),
+                                          "stage_iters": (0, None)}
 
 
 def peak_rss_gb() -> float:
@@ -528,15 +534,13 @@ def targets(inf: dict, bw: float | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     bc = cli.config_from_args(BenchConfig, cli.parser_for(BenchConfig, __doc__).parse_args(argv))
-    if bc.preset not in tv.PRESETS:
-        raise SystemExit(f"unknown preset {bc.preset!r}; choose from {sorted(tv.PRESETS)}")
     bc = dataclasses.replace(bc, cache=bc.cache or str(Path(tempfile.gettempdir()) / f"tinyvlm-bench-{bc.preset}"))
     if bc.worker:
         return worker_main(bc)
     sections = [s for s in bc.only.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        raise SystemExit(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+        raise cli.UserError(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     cache = Path(bc.cache)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {}
@@ -580,4 +584,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
