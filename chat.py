@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -99,11 +100,19 @@ class Loaded:
 
 
 def newest_checkpoint(out_dir: str) -> str:
+    """The newest stage's model.safetensors in out_dir; else, before any training, the shipped stage-4 model."""
     found = sorted(Path(out_dir).glob("stage[1-4]/model.safetensors"))
-    if not found:
-        raise cli.UserError(f"no trained model in {Path(out_dir).resolve()}: run `python train.py --stage 1` (and on "
-                            f"to 4) first, or pass --checkpoint")
-    return str(found[-1])
+    if found:
+        return str(found[-1])
+    if out_dir == "out" and SHIPPED.exists():
+        print(f"note: no trained model in {Path(out_dir).resolve()}: asking the shipped stage-4 model ({SHIPPED.name})",
+              file=sys.stderr)
+        return str(SHIPPED)
+    raise cli.UserError(f"no trained model in {Path(out_dir).resolve()}: run `python train.py --stage 1` (and on to 4) "
+                        f"first, or pass --checkpoint")
+
+
+SHIPPED = train.ASSETS / "stage4.safetensors"
 
 
 def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
@@ -196,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
             cli.writable_file(path, flag)
     device = cli.device(cfg.device)
     data.check_text(args.question)
-    image = data.open_image(cfg.image)                     # before the model: a wrong path costs no waiting
+    notices: list[str] = []
+    image = data.open_image(cfg.image, notices)            # before the model: a wrong path costs no waiting
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
     loaded = load_model(cfg, device)
     task = check_request(cfg, args.question, loaded.stage)
     print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
@@ -225,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         n = draw_boxes(image, " ".join(a for _, a in turns), cfg.draw)
         print(f"wrote {cfg.draw} ({n} box{'es' if n != 1 else ''})", file=sys.stderr)
     if cfg.attention:
-        save_attention_picture(loaded.model, pixels, image, cfg.attention)
+        asked = " / ".join(f'"{q}" -> {a}' for q, a in turns) if turns and turns[0][0] else (turns[0][1] if turns else "")
+        save_attention_picture(loaded.model, pixels, image, cfg.attention,
+                               f"where each Q-Former query looks ({loaded.name}, stage {loaded.stage}): {asked}")
         print(f"wrote {cfg.attention}", file=sys.stderr)
 
 
@@ -242,22 +256,48 @@ def draw_boxes(image, text: str, path: str) -> int:
     return len(boxes)
 
 
-def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path: str) -> None:
-    """One tile per query: the image, tinted by how much that query's cross-attention looks at each patch."""
-    from PIL import Image
+def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path: str, title: str = "") -> None:
+    """One tile per Q-Former query: the picture, lightened, with a red tint where that query's cross-attention looks
+    (one colour scale for all tiles, drawn below them), and the grid cell the query was taught to read (stage 0: a
+    query per cell of a sqrt(Q) x sqrt(Q) grid) outlined. The title says what was asked and answered."""
+    import numpy as np
+    from PIL import Image, ImageDraw
     attn = qformer_attention(model, pixels)[0].float()                     # (Q, N)
     n_cls = int(model.vit.cls_token is not None)
     side = math.isqrt(attn.shape[1] - n_cls)
-    grid = attn[:, n_cls:].reshape(-1, side, side)
-    grid = grid / grid.amax(dim=(1, 2), keepdim=True)
-    tile = 96
-    base = image.convert("RGB").resize((tile, tile))
-    cols = math.ceil(math.sqrt(grid.shape[0]))
-    sheet = Image.new("RGB", (cols * (tile + 4), math.ceil(grid.shape[0] / cols) * (tile + 4)), (255, 255, 255))
-    for j, g in enumerate(grid):
-        heat = Image.fromarray((g.numpy() * 255).astype("uint8")).resize((tile, tile), Image.BICUBIC)
-        red = Image.merge("RGB", (heat, Image.new("L", heat.size), Image.new("L", heat.size)))
-        sheet.paste(Image.blend(base, red, 0.55), ((j % cols) * (tile + 4), (j // cols) * (tile + 4)))
+    heat = attn[:, n_cls:].reshape(-1, side, side)                          # (Q, side, side): over the patches
+    top = float(heat.max())
+    Q, tile, gap, cols = heat.shape[0], 120, 8, math.ceil(math.sqrt(heat.shape[0]))
+    grid = math.isqrt(Q)
+    rows = math.ceil(Q / cols)
+    lines = [line for part in (title or "").split("\n") for line in textwrap.wrap(part, 90)]
+    head = 12 + 16 * len(lines)
+    width = gap + cols * (tile + gap)
+    sheet = Image.new("RGB", (width, head + rows * (tile + 22) + 44), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    small = data.font(11)
+    for k, line in enumerate(lines):
+        draw.text((gap, 6 + 16 * k), line, fill=(0, 0, 0), font=data.font(13))
+    light = np.asarray(image.convert("RGB").resize((tile, tile)), dtype=np.float32) * 0.45 + 255 * 0.55
+    red = np.array([220, 20, 20], dtype=np.float32)
+    for j in range(Q):
+        h = np.asarray(Image.fromarray((heat[j].numpy() / top * 255).astype("uint8")).resize((tile, tile),
+                                                                                         Image.BICUBIC),
+                       dtype=np.float32)[..., None] / 255
+        tinted = Image.fromarray((light * (1 - h) + red * h).clip(0, 255).astype("uint8"))
+        x0, y0 = gap + (j % cols) * (tile + gap), head + (j // cols) * (tile + 22)
+        sheet.paste(tinted, (x0, y0 + 16))
+        cell = tile / grid
+        cx, cy = x0 + (j % grid) * cell, y0 + 16 + (j // grid) * cell
+        draw.rectangle([cx, cy, cx + cell, cy + cell], outline=(30, 90, 220), width=2)
+        draw.text((x0, y0 + 2), f"query {j} (cell {j // grid},{j % grid})", fill=(0, 0, 0), font=small)
+    y = head + rows * (tile + 22) + 10                                       # the colour scale
+    bar = np.linspace(0, 1, width - 2 * gap, dtype=np.float32)[None, :, None]
+    strip = (np.full((1, 1, 3), 255, np.float32) * (1 - bar) + red * bar).repeat(12, axis=0)
+    sheet.paste(Image.fromarray(strip.astype("uint8")), (gap, y))
+    draw.text((gap, y + 14), "0", fill=(0, 0, 0), font=small)
+    label = f"{top:.3f} of a query's attention on one patch (blue: the cell the query reads)"
+    draw.text((width - gap - draw.textlength(label, font=small), y + 14), label, fill=(0, 0, 0), font=small)
     sheet.save(path)
 
 

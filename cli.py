@@ -103,9 +103,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         allowed = choices.get(f.name)
         bounds = ("" if allowed else f"; {low} or more" if high is None and low is not None else
                   f"; {low} to {high}" if low is not None else "")
+        said = "default" in text                 # the comment names the default itself (what an empty value means)
+        suffix = (f" ({bounds[2:]})" if bounds else "") if said else f" (default: {describe(f.default)}{bounds})"
         target.add_argument(flag, type=checked(type(f.default), flag, low, high, allowed, f.default), default=f.default,
                             metavar="{" + ",".join(map(str, allowed)) + "}" if allowed else f.name.upper(),
-                            help=f"{text} (default: {describe(f.default)}{bounds})")
+                            help=text + suffix)
 
 
 def check_config(cfg) -> None:
@@ -170,6 +172,26 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
 def os_error_text(e: OSError) -> str:
     name = f"{e.filename}: " if getattr(e, "filename", None) else ""
     return f"{name}{e.strerror or e}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress of the long phases
+
+class Ticker:
+    """Progress of a phase that may take a while: after `every` seconds, a line now and then with how far it is, how
+    long it has taken and an ETA from the pace so far; a phase that ends sooner prints nothing."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0, log: Callable[[str], None] = print):
+        import time
+        self.label, self.total, self.every, self.log, self.clock = label, total, every, log, time.time
+        self.start = self.last = self.clock()
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if now - self.last >= self.every and 0 < done < self.total:
+            self.last = now
+            eta = (now - self.start) / done * (self.total - done)
+            self.log(f"{self.label}: {done:,} of {self.total:,} ({now - self.start:.0f} s, ETA {eta:.0f} s)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import random
 import re
 import tarfile
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
@@ -50,16 +51,42 @@ class DataError(UserError):
     """A data file that cannot be used: missing, empty, malformed. The message names the file (and the record)."""
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """An RGB pillow image with its EXIF orientation applied (phone photos are often stored sideways)."""
-    try:
-        with Image.open(path) as img:
-            img.load()                  # decode now, so that a truncated file fails here and not in a worker
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from None
+TRANSPARENT_SHOWN_ON = (255, 255, 255)      # the background the transparent parts of a picture are composited on
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with the transparent parts of a picture (an alpha channel, or a transparent palette or colour entry)
+    composited onto white, TRANSPARENT_SHOWN_ON: what a viewer shows, not whatever colour the file keeps under
+    them (often black)."""
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")                # from a palette, also the way that keeps partial transparency
+        canvas = Image.new("RGBA", rgba.size, TRANSPARENT_SHOWN_ON + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(source, name: str, notices: list[str] | None = None) -> Image.Image:
+    """An RGB pillow image from a path or a file object, its EXIF orientation applied (phone photos are often
+    stored sideways), decoded at once (a truncated file fails here, not later). The library's warnings about a
+    picture (odd EXIF data, a very large picture) become notices naming the file, added to `notices`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(source) as img:
+                img.load()
+                out = to_rgb(ImageOps.exif_transpose(img))
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such image file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{name}: cannot read image ({e})") from None
+    if notices is not None:
+        notices += [f"{name}: {w.message}" for w in caught]
+    return out
+
+
+def open_image(path: str | Path, notices: list[str] | None = None) -> Image.Image:
+    return decode_image(path, str(path), notices)
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
@@ -215,8 +242,9 @@ class Sample:
 
 
 def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
-           max_len: int | None = None) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one sample. The image marker becomes num_image_tokens IMAGE_TOKEN slots; labels are
+           max_len: int | None = None, image_text: str | None = None) -> tuple[list[int], list[int]]:
+    """input_ids and labels of one sample. The image marker becomes num_image_tokens IMAGE_TOKEN slots (or, given
+    image_text, that text: stage 0 shows the language model scenes written out in words); labels are
     IGNORE_INDEX everywhere but the answers and their end symbols. Text longer than max_len (the stage's, by
     default) is cut from the right of the last answer; the prompt and the image slots are never cut, and a prompt
     that alone leaves no room for an answer is an error."""
@@ -228,8 +256,9 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
         prompt = turn_prompt(stage, instruction, first=(i == 0))
         for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
             if j:
-                ids += [IMAGE_TOKEN] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
+                image = [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
+                ids += image
+                labels += [IGNORE_INDEX] * len(image)
             piece_ids = tokenizer.encode(piece) if piece else []
             ids += piece_ids
             labels += [IGNORE_INDEX] * len(piece_ids)
@@ -248,14 +277,14 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
 
 
 def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
-                  task: str | None = None) -> list[int]:
+                  task: str | None = None, image_text: str | None = None) -> list[int]:
     """The ids to generate from: everything of a sample up to where the answer starts."""
     check_text(instruction)
     prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True)
     ids = [tokenizer.bos_id]
     for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
         if j:
-            ids += [IMAGE_TOKEN] * num_image_tokens
+            ids += [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
         ids += tokenizer.encode(piece) if piece else []
     return ids
 
@@ -434,20 +463,15 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
     return samples
 
 
-def load_image(sample: Sample) -> Image.Image:
+def load_image(sample: Sample, notices: list[str] | None = None) -> Image.Image:
     image = sample.image
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, Scene):
         return image.render()
     if isinstance(image, EncodedImage):
-        try:
-            with Image.open(io.BytesIO(image.data)) as img:
-                img.load()
-                return ImageOps.exif_transpose(img).convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{image.name}: cannot read image ({e})") from None
-    return open_image(image)
+        return decode_image(io.BytesIO(image.data), image.name, notices)
+    return open_image(image, notices)
 
 
 class VLMDataset(torch.utils.data.Dataset):
@@ -464,6 +488,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
         self.skip_bad, self.max_positions = skip_bad, max_positions
         self.skipped: list[str] = []
+        self.notices: list[str] = []           # the image library's warnings, one per picture that had one
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -471,7 +496,12 @@ class VLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict | None:
         try:
             ids, labels = self.tokens(i)
-            pixels = preprocess(load_image(self.samples[i]), self.image_size)
+            seen = len(self.notices)
+            pixels = preprocess(load_image(self.samples[i], self.notices), self.image_size)
+            for notice in self.notices[seen:]:
+                if len(self.notices) <= self.SHOWN:
+                    print(f"note: {notice}" + (" (further notes are counted, not shown)"
+                                               if len(self.notices) == self.SHOWN else ""))
         except (ImageError, PromptError) as e:
             if not self.skip_bad:
                 raise
@@ -629,6 +659,17 @@ class Shape:
             return abs(u - 0.5) + abs(v - 0.5) <= 0.5
         return True
 
+    def cell_candidates(self, grid: int, margin: float = 0.04) -> list[int]:
+        """The cells of a grid x grid (row by row) that may hold this shape: the one of its centre first, then, when
+        the centre is within `margin` of a cell border, the cells on the other side. A query's idea of where a
+        centre lies is a little blurred; at a border either neighbour may fairly claim the shape."""
+        cx, cy = self.centre
+        cols = [min(int(cx * grid), grid - 1)] + [c for c in {int((cx - margin) * grid), int((cx + margin) * grid)}
+                                                   if 0 <= c < grid and c != min(int(cx * grid), grid - 1)]
+        rows = [min(int(cy * grid), grid - 1)] + [r for r in {int((cy - margin) * grid), int((cy + margin) * grid)}
+                                                   if 0 <= r < grid and r != min(int(cy * grid), grid - 1)]
+        return [r * grid + c for r in rows for c in cols]
+
     def region(self) -> str:
         x, y = self.centre
         v = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else "middle"
@@ -644,6 +685,25 @@ class Shape:
 class Scene:
     shapes: tuple[Shape, ...]
     size: int = 64                 # pixels the scene is rendered at
+
+    def cells(self, grid: int, rng: random.Random | None = None) -> list[Shape | None]:
+        """The scene on a grid x grid of cells, row by row: each cell holds the shape whose centre lies in it (two
+        centres in one cell are rare; the first shape keeps it). The tiny Q-Former's queries read the picture this
+        way (one query per cell), and stage 0's language curriculum writes scenes this way. With rng, a shape near a
+        cell border goes to one of its cell_candidates at random, as the queries may read it on either side."""
+        cells: list[Shape | None] = [None] * grid * grid
+        for s in self.shapes:
+            candidates = s.cell_candidates(grid)
+            if rng is not None:
+                rng.shuffle(candidates)
+            j = next((c for c in candidates if cells[c] is None), None)
+            if j is not None:
+                cells[j] = s
+        return cells
+
+    def text(self, grid: int) -> str:
+        """The scene written out in words, cell by cell: each shape's size, colour, kind and box."""
+        return "; ".join(f"{s.size} {s.name} {format_box(s.box)}" for s in self.cells(grid) if s is not None)
 
     def key(self) -> str:
         """A canonical description: two scenes with the same key are the same picture."""
@@ -743,9 +803,12 @@ class ShapesWorld:
         parts = [f"A {s.size} {s.name} {s.region()}." for s in scene.shapes]
         return " ".join([head] + parts)
 
+    VQA_TYPES = ("count", "count_kind", "exists", "colour", "shape", "position")
+
     @staticmethod
-    def vqa(scene: Scene, rng: random.Random) -> tuple[str, str]:
-        """One free-form question: colour, shape, count, existence (yes / no) or relative position (yes / no)."""
+    def vqa(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+        """One free-form question, its answer and its type: colour, shape, count (of all shapes or of one kind),
+        existence (yes / no) or relative position (yes / no)."""
         shapes = scene.shapes
         kinds = [s.kind for s in shapes]
         colours = [s.colour for s in shapes]
@@ -758,35 +821,35 @@ class ShapesWorld:
             options.append("position")
         q = rng.choice(options)
         if q == "count":
-            return "how many shapes are there?", str(len(shapes))
+            return "how many shapes are there?", str(len(shapes)), q
         if q == "count_kind":
             kind = rng.choice(KINDS)
-            return f"how many {kind}s are there?", str(kinds.count(kind))
+            return f"how many {kind}s are there?", str(kinds.count(kind)), q
         if q == "exists":
             if rng.random() < 0.5:
                 s = rng.choice(shapes)
-                return f"is there a {s.name}?", "yes"
+                return f"is there a {s.name}?", "yes", q
             absent = [(k, c) for k in KINDS for c in COLOURS if (k, c) not in {(s.kind, s.colour) for s in shapes}]
             k, c = rng.choice(absent)
-            return f"is there a {c} {k}?", "no"
+            return f"is there a {c} {k}?", "no", q
         if q == "colour":
             s = rng.choice([s for s in shapes if kinds.count(s.kind) == 1])
-            return f"what color is the {s.kind}?", s.colour
+            return f"what color is the {s.kind}?", s.colour, q
         if q == "shape":
             s = rng.choice([s for s in shapes if colours.count(s.colour) == 1])
-            return f"what shape is the {s.colour} one?", s.kind
+            return f"what shape is the {s.colour} one?", s.kind, q
         a, b = rng.sample(list(shapes), 2)
         relation = rng.choice(["left of", "right of", "above", "below"])
         (ax, ay), (bx, by) = a.centre, b.centre
         truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
-        return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no"
+        return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no", q
 
     def task_sample(self, scene: Scene, task: str, rng: random.Random) -> Sample:
         """A stage-4 sample for one of the six task identifiers."""
         s = rng.choice(scene.shapes)
         if task == "[vqa]":
-            q, a = self.vqa(scene, rng)
-            return Sample(scene, [(q, a)], task, {"answers": [a]})
+            q, a, kind = self.vqa(scene, rng)
+            return Sample(scene, [(q, a)], task, {"answers": [a], "qtype": kind})
         if task == "[caption]":
             return Sample(scene, [("briefly describe the image", self.caption(scene, rng))], task)
         if task == "[refer]":
@@ -822,6 +885,32 @@ class ShapesWorld:
                 raise ValueError(f"stage must be 1-4, got {stage}")
         return out
 
+    def curriculum(self, split: str, n: int, seed: int = 0, conversations: int = 3) -> list[tuple[int, Sample]]:
+        """Stage 0's language curriculum: for each of n scenes, (stage, sample) pairs of every kind the stages will
+        ask about it. What lists the whole scene comes alone: a caption (stage 1 or stage 4's [caption]), a detailed
+        description (3), the [grounding] text (4). The short answers, where the hard part is finding the shape a
+        question means, come as `conversations` conversations in a random order (4; the task identifier in each
+        turn): two [vqa] questions, [refer] and [identify] about two different shapes, [detection], so that one
+        reading of the scene serves five answers and no answer gives away another."""
+        rng = random.Random(f"{self.seed}-curriculum-{split}-{seed}")
+        out = []
+        for scene in self.scenes(split, n):
+            caption = self.task_sample(scene, "[caption]", rng)
+            out.append((4, caption) if rng.random() < 0.5 else (1, Sample(scene, [(CAPTION_INSTRUCTION, caption.turns[0][1])])))
+            out.append((3, Sample(scene, [("Describe this image in detail.", self.description(scene))])))
+            out.append((4, self.task_sample(scene, "[grounding]", rng)))
+            for _ in range(conversations):
+                a, b = rng.sample(scene.shapes, 2) if len(scene.shapes) > 1 else (scene.shapes[0], None)
+                turns = [self.task_sample(scene, "[vqa]", rng), self.task_sample(scene, "[vqa]", rng),
+                         Sample(scene, [(f"give me the location of the {a.name}", format_box(a.box))], "[refer]"),
+                         self.task_sample(scene, "[detection]", rng)]
+                if b is not None:
+                    turns.append(Sample(scene, [(f"what object is in this location {format_box(b.box)}", b.name)],
+                                        "[identify]"))
+                rng.shuffle(turns)
+                out.append((4, Sample(scene, [(f"{t.task} {t.turns[0][0]}", t.turns[0][1]) for t in turns])))
+        return out
+
     def task_samples(self, task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
         """n stage-4 samples of one task (for evaluation per task)."""
         rng = random.Random(f"{self.seed}-{task}-{split}-{seed}")
@@ -833,7 +922,7 @@ class ShapesWorld:
         rng = random.Random(f"{self.seed}-text-{split}-{seed}")
         lines = []
         for scene in self.scenes(split, n):
-            q, a = self.vqa(scene, rng)
+            q, a, _ = self.vqa(scene, rng)
             task = self.task_sample(scene, rng.choice(TASKS), rng)
             (ti, ta), = task.turns
             lines.append(self.caption(scene, rng) + "\n")
@@ -872,26 +961,46 @@ def shapes_tokenizer() -> Tokenizer:
 # ----------------------------------------------------------------------------------------------------------------------
 # Preview
 
+STAGE_SAMPLES = {1: "captions (stage 1: no prompt)", 2: "captions (stage 2: no prompt)",
+                 3: "detailed descriptions (stage 3: ###Human prompts)", 4: "the six tasks (stage 4: [INST] prompts)"}
+
+
+def font(size: int):
+    """Pillow's bundled scalable font (its bitmap default loses the spaces between words at small sizes)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:                 # Pillow before 10.1
+        return ImageFont.load_default()
+
+
 def preview(path: str | Path, n: int = 12, stage: int = 4, seed: int = 0, scale: int = 3) -> Path:
-    """A grid of samples with their texts and boxes drawn, so a student can see the data."""
-    world = ShapesWorld(seed)
-    samples = world.samples(stage, "train", n)
-    cell_w, text_h = 64 * scale, 84
-    cols = 4
-    rows = (n + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (cell_w + 8), rows * (cell_w + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, s in enumerate(samples):
-        x0, y0 = (i % cols) * (cell_w + 8), (i // cols) * (cell_w + text_h)
-        img = s.image.render().resize((cell_w, cell_w), Image.NEAREST)
-        d = ImageDraw.Draw(img)
+    """A sheet of samples with their full texts and boxes drawn, titled with what they are, so a student can see
+    the data a stage trains on."""
+    samples = ShapesWorld().samples(stage, "train", n, seed=seed)
+    cell, cols, pad, line_h = 64 * scale, 4, 10, 15
+    text_font, title_font = font(12), font(16)
+    texts = []
+    for s in samples:
         question, answer = s.turns[0]
-        for box in parse_boxes(question + " " + answer):
-            d.rectangle([v * cell_w / 100 for v in box], outline=(0, 0, 0), width=2)
+        text = f"{s.task + ' ' if s.task else ''}{question or '(no prompt)'}\n-> {answer}"
+        texts.append([w for part in text.split("\n") for w in textwrap.wrap(part, 30) or [""]])
+    rows = (n + cols - 1) // cols
+    text_h = line_h * max(len(t) for t in texts) + pad
+    title_h = 34
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, title_h + rows * (cell + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), f"the built-in shapes world: {STAGE_SAMPLES[stage]}, {n} training samples (seed {seed})",
+              fill=(0, 0, 0), font=title_font)
+    for i, (s, lines) in enumerate(zip(samples, texts)):
+        x0, y0 = pad + (i % cols) * (cell + pad), title_h + (i // cols) * (cell + text_h)
+        img = s.image.render().resize((cell, cell), Image.NEAREST)
+        d = ImageDraw.Draw(img)
+        for box in parse_boxes(" ".join(s.turns[0])):
+            d.rectangle([v * cell / 100 for v in box], outline=(0, 0, 0), width=2)
         sheet.paste(img, (x0, y0))
-        text = f"{s.task or ''} {question}\n-> {answer}".strip()
-        wrapped = "\n".join(textwrap.wrap(text, 32, replace_whitespace=False, drop_whitespace=True)[:6])
-        draw.multiline_text((x0 + 2, y0 + cell_w + 2), wrapped, fill=(0, 0, 0))
+        for k, line in enumerate(lines):
+            draw.text((x0, y0 + cell + 3 + k * line_h), line, fill=(0, 0, 0), font=text_font)
     sheet.save(path)
     return Path(path)
 
@@ -922,7 +1031,7 @@ def scene_truth(scene: Scene) -> str:
     lines += [f"  {s.size:<5} {s.name:<16} {s.region():<22} box {format_box(s.box)}" for s in scene.shapes]
     rng = random.Random(0)
     s = scene.shapes[0]
-    asks = [("[vqa]", *ShapesWorld.vqa(scene, rng)), ("[vqa]", "how many shapes are there?", str(len(scene.shapes))),
+    asks = [("[vqa]", *ShapesWorld.vqa(scene, rng)[:2]), ("[vqa]", "how many shapes are there?", str(len(scene.shapes))),
             ("[refer]", f"give me the location of the {s.name}", format_box(s.box)),
             ("[identify]", f"what object is in this location {format_box(s.box)}", s.name)]
     lines.append("to ask a stage-4 model (python tinyvlm.py --image FILE --task TASK \"QUESTION\"), with the true answers:")

@@ -10,10 +10,13 @@ evaluation.py: what a trained model answers on held-out data, and how good that 
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 
 import torch
 
+import cli
 import data
 import tinyvlm as tv
 
@@ -40,6 +43,108 @@ def vqa_score(prediction: str, answers: list[str]) -> float:
     if len(truth) == 1:
         return float(p == truth[0])
     return min(truth.count(p) / 3.0, 1.0)
+
+
+# Caption metrics, as the COCO caption evaluation defines them: BLEU-4 (Papineni et al. 2002) over the whole set,
+# with the reference length closest to each caption's for the brevity penalty; CIDEr-D (Vedantam et al. 2015), the
+# tf-idf weighted n-gram agreement with each image's references, its document frequencies taken from the
+# references of the set. Both on lowercased words without punctuation.
+
+def caption_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def ngram_counts(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-4: the geometric mean of the 1- to 4-gram precisions, each n-gram counted at most as often as
+    in the reference that has it most, times the brevity penalty exp(1 - r / c) when the predictions' length c is
+    below r, the sum of each prediction's closest reference length."""
+    matched, total, c, r = [0] * 4, [0] * 4, 0, 0
+    for prediction, refs in zip(predictions, references):
+        words, ref_words = caption_words(prediction), [caption_words(x) for x in refs]
+        c += len(words)
+        r += min((abs(len(x) - len(words)), len(x)) for x in ref_words)[1]
+        for n in range(1, 5):
+            counts = ngram_counts(words, n)
+            most = Counter()
+            for x in ref_words:
+                most |= ngram_counts(x, n)                          # per n-gram, its largest count in one ref
+            matched[n - 1] += sum(min(k, most[g]) for g, k in counts.items())
+            total[n - 1] += sum(counts.values())
+    if min(matched) == 0:
+        return 0.0
+    precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    return math.exp(precision + min(0.0, 1 - r / c))
+
+
+def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D, the mean over images of: for n = 1..4, the cosine between the prediction's and each reference's
+    tf-idf vectors of n-grams (the prediction's weights clipped at the reference's), damped by a Gaussian of their
+    length difference (sigma 6); averaged over n and the references, times 10. idf = log(images / images whose
+    references hold the n-gram)."""
+    refs = [[caption_words(x) for x in rs] for rs in references]
+    df = Counter(g for rs in refs for g in {g for x in rs for n in range(1, 5) for g in ngram_counts(x, n)})
+    log_images = math.log(len(refs))
+
+    def vectors(words):
+        return [{g: k * (log_images - math.log(max(1, df[g]))) for g, k in ngram_counts(words, n).items()}
+                for n in range(1, 5)]
+
+    def norm(v):
+        return math.sqrt(sum(x * x for x in v.values()))
+
+    scores = []
+    for prediction, rs in zip(predictions, refs):
+        words = caption_words(prediction)
+        vec = vectors(words)
+        total = 0.0
+        for x in rs:
+            ref = vectors(x)
+            penalty = math.exp(-((len(words) - len(x)) ** 2) / (2 * sigma ** 2))
+            for h, g in zip(vec, ref):
+                if norm(h) and norm(g):
+                    total += penalty * sum(min(w, g.get(k, 0.0)) * g.get(k, 0.0) for k, w in h.items()) / (norm(h) * norm(g))
+        scores.append(10 * total / 4 / len(rs))
+    return sum(scores) / len(scores)
+
+
+def token_f1(prediction: str, refs: list[str]) -> float:
+    """The best, over the references, harmonic mean of word precision and recall (words as a multiset)."""
+    words = Counter(caption_words(prediction))
+    best = 0.0
+    for ref in refs:
+        truth = Counter(caption_words(ref))
+        common = sum((words & truth).values())
+        if common:
+            p, r = common / sum(words.values()), common / sum(truth.values())
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def caption_metrics(samples: list[data.Sample], predictions: list[str]) -> dict[str, float]:
+    """BLEU-4, CIDEr-D and token F1 of one prediction per image against all of that image's references in the set,
+    each beside its wrong-image control: the same predictions scored against the next image's references, what
+    a model that ignores the picture would get."""
+    refs: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    for s, p in zip(samples, predictions):
+        key = s.image.key() if isinstance(s.image, data.Scene) else str(getattr(s.image, "name", s.image))
+        refs.setdefault(key, []).append(s.turns[0][1])
+        first.setdefault(key, p)
+    keys = list(refs)
+    if len(keys) < 2:
+        return {}
+    preds, truth = [first[k] for k in keys], [refs[k] for k in keys]
+    wrong = truth[1:] + truth[:1]
+    out = {}
+    for name, metric in (("BLEU-4", bleu4), ("CIDEr-D", cider_d)):
+        out[name], out[f"{name} (wrong image)"] = metric(preds, truth), metric(preds, wrong)
+    out["token F1"] = sum(token_f1(p, t) for p, t in zip(preds, truth)) / len(keys)
+    out["token F1 (wrong image)"] = sum(token_f1(p, t) for p, t in zip(preds, wrong)) / len(keys)
+    return out
 
 
 # new tokens to generate per answer in evaluation: captions, detailed descriptions, task answers (TinyGPT-V's
@@ -124,24 +229,36 @@ def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: i
     table: dict[str, dict[str, list[float]]] = {}
     examples = []
     skipped: dict[str, int] = {}
+    corpus: dict[str, dict[str, float]] = {}
+    tick = cli.Ticker("evaluation", sum(len(ds) for ds in datasets.values()))
+    done = 0
     for name, ds in datasets.items():
         samples = ds.samples
         preds = generate_answers(model, tok, ds, stage, device, max_new_tokens)
+        done += len(ds)
+        tick(done)
         for i, (s, p) in enumerate(zip(samples, preds)):
             if p is None:
                 skipped[s.task or name] = skipped.get(s.task or name, 0) + 1
                 continue
             row = table.setdefault(s.task or name, {})
-            for k, v in score(s, p).items():
+            scores = score(s, p)
+            for k, v in scores.items():
                 row.setdefault(k, []).append(v)
+            if "qtype" in s.meta:                 # the built-in world's VQA: one more row per kind of question
+                for k, v in scores.items():
+                    table.setdefault(f"{s.task} {s.meta['qtype']}", {}).setdefault(k, []).append(v)
             if isinstance(s.image, data.Scene) and stage in (1, 2, 3):
                 # chance level: the same prediction scored against another image of the set
                 other = samples[(i + 1) % len(samples)]
                 row.setdefault("shape recall (wrong image)", []).append(score(other, p)["shape recall"])
         examples += [(s.task or name, s.turns[0][0], s.turns[0][1], p) for s, p in zip(samples, preds)
                      if p is not None][:3]
-    metrics = {task: {k: sum(v) / len(v) for k, v in row.items()} | {"n": len(next(iter(row.values())))}
-               for task, row in sorted(table.items())}
+        answered = [(s, p) for s, p in zip(samples, preds) if p is not None and s.task in (None, "[caption]")]
+        if answered:                              # captions and descriptions: the corpus metrics too
+            corpus[answered[0][0].task or name] = caption_metrics(*map(list, zip(*answered)))
+    metrics = {task: {k: sum(v) / len(v) for k, v in row.items()} | corpus.get(task, {})
+               | {"n": len(next(iter(row.values())))} for task, row in sorted(table.items())}
     for task, n in skipped.items():          # samples that could not be asked are counted, not scored
         metrics.setdefault(task, {})["skipped"] = n
     return {"metrics": metrics, "examples": examples}
@@ -152,6 +269,6 @@ def print_report(result: dict) -> None:
     for task, row in result["metrics"].items():
         print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f}" if k not in ("n", "skipped") else f"{k} {int(v)}"
                                             for k, v in row.items()))
-    print("examples (task | question | truth | model):")
-    for task, q, truth, pred in result["examples"][:8]:
-        print(f"  {task} | {q[:60]} | {truth[:60]} | {pred[:60]}")
+    print("examples:")
+    for task, q, truth, pred in result["examples"][:12]:
+        print(f"  {task}  {q}\n      truth: {truth}\n      model: {pred}")

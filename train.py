@@ -60,6 +60,7 @@ class TrainConfig:
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
     eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
+    quick: bool = False             # a short run for a class: a quarter of the iterations, 100 held-out per task
     # real weights and data (empty: the built-in tiny backbones and shapes world)
     phi: str = ""                   # a microsoft/phi-2 folder
     blip2: str = ""                 # a Salesforce/blip2-* folder (or LAVIS's blip2_pretrained_*.pth, with --vit)
@@ -163,6 +164,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                         "train_scenes") if not getattr(cfg, k)}
     if cfg.warmup_iters < 0:
         fill["warmup_iters"] = r.warmup_iters
+    if cfg.quick:
+        fill["max_iters"] = fill.get("max_iters", cfg.max_iters) // 4
+        fill["warmup_iters"] = fill.get("warmup_iters", cfg.warmup_iters) // 4
+        fill["eval_samples"] = min(cfg.eval_samples, 100)
     return dataclasses.replace(cfg, **fill)
 
 
@@ -250,12 +255,17 @@ def check_flags(cfg: TrainConfig) -> None:
 
 
 def init_path(cfg: TrainConfig) -> str:
-    """The trainable weights the stage starts from: --init, else the previous stage's output (stages 2-4)."""
+    """The trainable weights the stage starts from: --init, else the previous stage's output (stages 2-4), else
+    (built-in world) the shipped output of the previous stage, assets/stage{N-1}.safetensors, where there is one."""
     if cfg.init:
         return cfg.init
     if cfg.checkpoint or cfg.stage < 2:
         return ""
-    return str(Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors")
+    own = Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors"
+    shipped = ASSETS / f"stage{cfg.stage - 1}.safetensors"
+    if not own.exists() and shipped.exists() and not (cfg.phi or cfg.data) and cfg.preset == "tiny":
+        return str(shipped)
+    return str(own)
 
 
 def check_init(cfg: TrainConfig) -> None:
@@ -400,9 +410,11 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
         return torch.load(path, weights_only=True)
     model.eval()
     feats = []
+    tick = cli.Ticker(f"frozen ViT + Q-Former features of {len(scenes):,} scenes at {image_size} px", len(scenes))
     for i in range(0, len(scenes), 128):
         pixels = data.pixels_of(scenes[i:i + 128], image_size)
         feats.append(model.visual_features(pixels.to(device)).float().cpu())
+        tick(i + 128)
     out = torch.cat(feats)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -647,6 +659,8 @@ def train(cfg: TrainConfig) -> dict:
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
     t0 = time.time()
+    if user_data is None:
+        log(f"data: drawing the shapes world ({cfg.train_scenes:,} training scenes) and its frozen features ...")
     train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data)
     val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
                                                       user_data).items()}
@@ -762,7 +776,12 @@ def finish_stage(model, tok, train_sets, val_sets, history: list, cfg: TrainConf
     skipped = {k: len(ds.skipped) for k, (ds, _) in train_sets.items() if getattr(ds, "skipped", None)}
     if skipped:
         result["skipped_images"] = skipped
-        log("skipped unreadable images: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
+        log("skipped unusable samples: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
+    notices = {k: len(ds.notices) for k, (ds, _) in train_sets.items() if getattr(ds, "notices", None)}
+    if notices:
+        result["image_notices"] = notices
+        log("pictures the image library warned about (used all the same): "
+            + ", ".join(f"{k} {n}" for k, n in notices.items()))
     if rank == 0:
         result["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
         result.update(evaluation.evaluate(model, tok, val_sets, cfg.stage, device))
@@ -770,9 +789,22 @@ def finish_stage(model, tok, train_sets, val_sets, history: list, cfg: TrainConf
             f"{progress.seconds:.0f} s ({time.time() - t0:.0f} s with data and evaluation) | "
             f"val loss {result['val_loss']:.4f}")
         evaluation.print_report(result)
-        write_logs(history, result, cfg, stage_dir)
+        written = write_logs(history, result, cfg, stage_dir)
+        log(f"\nwrote {stage_dir}/: {', '.join(['model.safetensors', 'state.pt'] + written)}")
+        log(next_steps(cfg, stage_dir))
     result["history"] = history
     return result
+
+
+def next_steps(cfg: TrainConfig, stage_dir: Path) -> str:
+    """What a student can run next, after a stage."""
+    ask = f"python tinyvlm.py --image scene.png --checkpoint {stage_dir / 'model.safetensors'}"
+    question = ' "what shape is the red one?"' if cfg.stage == 4 else ' "Describe this image."' if cfg.stage == 3 else ""
+    also = f"ask it: python data.py --scene scene.png, then {ask}{question}"
+    if cfg.stage == 4:
+        return f"next: {also}"
+    more = f" --out-dir {cfg.out_dir}" if cfg.out_dir != "out" else ""
+    return f"next: python train.py --stage {cfg.stage + 1}{more}   (or {also})"
 
 
 def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_dir: Path) -> dict:
@@ -808,8 +840,10 @@ def validation_loss(model, val_sets, cfg: TrainConfig, device, tok) -> float:
     return total / max(count, 1)
 
 
-def write_logs(history: list, result: dict, cfg: TrainConfig, stage_dir: Path) -> None:
-    """log.csv and report.json always; loss.png when matplotlib is installed."""
+def write_logs(history: list, result: dict, cfg: TrainConfig, stage_dir: Path) -> list[str]:
+    """log.csv and report.json always; with matplotlib installed, loss.png (this stage's training and validation
+    loss, the final validation loss included) and OUT_DIR/stages.png (every stage's curve in OUT_DIR, one after
+    the other). Returns the names written in stage_dir."""
     with open(stage_dir / "log.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["iter", "loss", "lr", "grad_norm", "val_loss"])
         writer.writeheader()
@@ -821,17 +855,48 @@ def write_logs(history: list, result: dict, cfg: TrainConfig, stage_dir: Path) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib not installed: no loss.png (the curve is in {stage_dir / 'log.csv'})")
-        return
+        print(f"matplotlib not installed (pip install matplotlib): no loss.png; the curve is in {stage_dir / 'log.csv'}")
+        return ["log.csv", "report.json"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["iter"] for h in history], [h["loss"] for h in history], lw=0.8, label="train")
     val = [(h["iter"], h["val_loss"]) for h in history if "val_loss" in h]
+    if "val_loss" in result and history:
+        val.append((history[-1]["iter"] + 1, result["val_loss"]))
     if val:
-        ax.plot(*zip(*val), "o-", label="val")
+        ax.plot(*zip(*val), "o-", label="validation")
     ax.set(xlabel="iteration", ylabel="loss", title=f"stage {cfg.stage}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(stage_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    plot_stages(Path(cfg.out_dir), plt)
+    return ["log.csv", "report.json", "loss.png"]
+
+
+def plot_stages(out_dir: Path, plt) -> None:
+    """OUT_DIR/stages.png: the training loss of every stage found in OUT_DIR, one after the other on one axis, with
+    each stage's final validation loss."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    offset = 0
+    for stage in range(1, 5):
+        log_csv, report = out_dir / f"stage{stage}" / "log.csv", out_dir / f"stage{stage}" / "report.json"
+        if not log_csv.exists():
+            continue
+        rows = list(csv.DictReader(log_csv.open()))
+        if not rows:
+            continue
+        iters = [offset + int(r["iter"]) for r in rows]
+        ax.plot(iters, [float(r["loss"]) for r in rows], lw=0.8, label=f"stage {stage}")
+        if report.exists():
+            val = json.loads(report.read_text()).get("val_loss")
+            if val is not None:
+                ax.plot([iters[-1]], [val], "ko", ms=4)
+        offset = iters[-1] + 1
+    ax.set(xlabel="iteration (the stages one after the other)", ylabel="loss",
+           title="training loss per stage (dots: held-out loss at the end)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "stages.png", dpi=120)
     plt.close(fig)
 
 
@@ -856,21 +921,24 @@ class VisionPretrainHeads(nn.Module):
         super().__init__()
         self.grid = math.isqrt(num_queries)
         nc, nk = len(self.COLOURS), len(self.KINDS)
-        self.slot = nn.Linear(qformer_hidden, (nc + 1) + nk + 1 + 4)
+        self.slot = nn.Linear(qformer_hidden, (nc + 1) + nk + 1 + BOX_WIDTH)
         self.patch = nn.Linear(vit_width, (nc + 1) + (nk + 1) + 4)
 
+    MAX_SHAPES = 4
+
     def targets(self, scenes: list, patch_grid: int) -> dict[str, torch.Tensor]:
-        B, Q, P, nc, nk = len(scenes), self.grid ** 2, patch_grid ** 2, len(self.COLOURS), len(self.KINDS)
-        t = {"colour": torch.full((B, Q), nc), "kind": torch.zeros(B, Q, dtype=torch.long), "large": torch.zeros(B, Q),
-             "box": torch.zeros(B, Q, 4), "patch_colour": torch.full((B, P), nc), "patch_kind": torch.full((B, P), nk),
-             "patch_box": torch.zeros(B, P, 4)}
+        """Per patch: the shape under its centre. Per shape (up to MAX_SHAPES, -1 for none): its colour, kind,
+        size, box and the cells that may claim it (Shape.cell_candidates); slot_loss picks one per step."""
+        B, S, P, nc, nk = len(scenes), self.MAX_SHAPES, patch_grid ** 2, len(self.COLOURS), len(self.KINDS)
+        t = {"colour": torch.full((B, S), -1), "kind": torch.zeros(B, S, dtype=torch.long), "large": torch.zeros(B, S),
+             "box": torch.zeros(B, S, 4), "cells": torch.full((B, S, 4), -1), "patch_colour": torch.full((B, P), nc),
+             "patch_kind": torch.full((B, P), nk), "patch_box": torch.zeros(B, P, 4)}
         for b, scene in enumerate(scenes):
-            for s in scene.shapes:
-                cx, cy = s.centre
-                j = min(int(cy * self.grid), self.grid - 1) * self.grid + min(int(cx * self.grid), self.grid - 1)
-                if t["colour"][b, j] == nc:        # two centres in one cell is rare; the first one keeps it
-                    t["colour"][b, j], t["kind"][b, j] = self.COLOURS.index(s.colour), self.KINDS.index(s.kind)
-                    t["large"][b, j], t["box"][b, j] = float(s.size == "large"), torch.tensor(s.box)
+            for k, s in enumerate(scene.shapes):
+                t["colour"][b, k], t["kind"][b, k] = self.COLOURS.index(s.colour), self.KINDS.index(s.kind)
+                t["large"][b, k], t["box"][b, k] = float(s.size == "large"), torch.tensor(s.box)
+                cells = s.cell_candidates(self.grid)
+                t["cells"][b, k, :len(cells)] = torch.tensor(cells)
             for p in range(P):
                 x, y = ((p % patch_grid) + 0.5) / patch_grid, ((p // patch_grid) + 0.5) / patch_grid
                 for s in scene.shapes:
@@ -893,18 +961,47 @@ class VisionPretrainHeads(nn.Module):
         return loss, metrics
 
     def slot_loss(self, queries: torch.Tensor, t: dict) -> tuple[torch.Tensor, dict]:
+        """Each shape is matched to the one of its candidate cells whose query reads it best (the lowest loss; a
+        cell taken by one shape is not given to another), every other query is taught "empty"; then the loss of
+        colour (or empty), kind, size and box (as box_features) over the queries."""
         nc, nk = len(self.COLOURS), len(self.KINDS)
         o = self.slot(queries)                                           # (B, Q, ...)
-        present = t["colour"] < nc
-        loss = F.cross_entropy(o[..., :nc + 1].flatten(0, 1), t["colour"].flatten())
-        if present.any():
-            loss = loss + F.cross_entropy(o[..., nc + 1:nc + 1 + nk][present], t["kind"][present]) \
-                + F.binary_cross_entropy_with_logits(o[..., nc + 1 + nk][present], t["large"][present]) \
-                + 10 * (o[..., -4:][present] - t["box"][present]).abs().mean()
+        B, Q = o.shape[:2]
+        box = o[..., nc + 2 + nk:]                                       # the box as box_features: (B, Q, BOX_WIDTH)
+        corners = box[..., ::BOX_WIDTH // 4]                             # its four bare coordinates
+        colour_t = torch.full((B, Q), nc, device=o.device)
+        kind_t, large_t = torch.zeros(B, Q, dtype=torch.long, device=o.device), torch.zeros(B, Q, device=o.device)
+        box_t = torch.zeros(B, Q, 4, device=o.device)
         with torch.no_grad():
-            metrics = {"slot colour": float((o[..., :nc + 1].argmax(-1) == t["colour"]).float().mean()),
-                       "slot kind": float((o[..., nc + 1:nc + 1 + nk].argmax(-1)[present] == t["kind"][present]).float().mean()),
-                       "slot box L1": float((o[..., -4:][present] - t["box"][present]).abs().mean())}
+            logp = o[..., :nc + 1].log_softmax(-1).transpose(1, 2)                     # (B, colours, Q)
+            cost = -logp.gather(1, t["colour"].clamp(min=0)[..., None].expand(-1, -1, Q)) \
+                + (corners[:, None] - t["box"][:, :, None]).abs().sum(-1) * 10          # (B, S, Q)
+            for b in range(B):
+                taken = set()
+                for k in torch.argsort(cost[b].min(-1).values).tolist():      # the surest shape chooses first
+                    if t["colour"][b, k] < 0:
+                        continue
+                    cells = [c for c in t["cells"][b, k].tolist() if c >= 0 and c not in taken]
+                    if not cells:
+                        continue
+                    j = min(cells, key=lambda c: float(cost[b, k, c]))
+                    taken.add(j)
+                    colour_t[b, j], kind_t[b, j] = t["colour"][b, k], t["kind"][b, k]
+                    large_t[b, j], box_t[b, j] = t["large"][b, k], t["box"][b, k]
+        present = colour_t < nc
+        loss = F.cross_entropy(o[..., :nc + 1].flatten(0, 1), colour_t.flatten())
+        if present.any():
+            loss = loss + F.cross_entropy(o[..., nc + 1:nc + 1 + nk][present], kind_t[present]) \
+                + F.binary_cross_entropy_with_logits(o[..., nc + 1 + nk][present], large_t[present]) \
+                + 10 * (box[present] - box_features(box_t[present])).abs().mean()
+        with torch.no_grad():
+            colour, kind = o[..., :nc + 1].argmax(-1), o[..., nc + 1:nc + 1 + nk].argmax(-1)
+            right = (colour == colour_t) & ((kind == kind_t) | ~present)      # (B, Q): the slot read right
+            metrics = {"slot present": float(((colour < nc) == present).float().mean()),
+                       "slot colour": float((colour == colour_t)[present].float().mean()),
+                       "slot kind": float((kind == kind_t)[present].float().mean()),
+                       "slot box L1": float((corners[present] - box_t[present]).abs().mean()),
+                       "scene exact": float(right.all(-1).float().mean())}
         return loss, metrics
 
 
@@ -913,17 +1010,18 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         raise cli.UserError("--stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
-    model = tv.TinyVLM(model_config(dataclasses.replace(cfg, qk_norm=True, post_attn_norm=True))).to(device)
+    # no LoRA here: the backbones are plain pretrained weights, as Phi-2 is (LoRA belongs to stages 2-4)
+    model = tv.TinyVLM(model_config(dataclasses.replace(cfg, qk_norm=True, post_attn_norm=True, lora=False))).to(device)
     world = data.ShapesWorld(seed=0)
     rng = random.Random(cfg.seed)
     t0 = time.time()
     heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden, model.cfg.vit.width).to(device)
-    scenes = world.scenes("train", cfg.train_scenes)
-    pretrain_vit(model.vit, heads, scenes, cfg, rng, device, t0)
+    scenes = world.scenes("train", cfg.train_scenes * QFORMER_SCENES)
+    pretrain_vit(model.vit, heads, scenes[:cfg.train_scenes], cfg, rng, device, t0)
     pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
     vision_report = evaluate_vision(model, heads, world, device)
     print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in vision_report.items()))
-    text_val = pretrain_language(model.phi, world, cfg, rng, device, t0)
+    language = pretrain_language(model, world, cfg, rng, device, t0)
 
     # ship the backbones (no projections, no LoRA: those belong to stages 1-4), in bf16 to keep the repo small
     for name, p in model.named_parameters():
@@ -931,9 +1029,9 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     out = Path(cfg.backbones or STAGE0)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.save_checkpoint(model, out, dtype=torch.bfloat16,
-                       metadata={"stage": 0, "vision": vision_report, "text_val_loss": text_val})
+                            metadata={"stage": 0, "vision": vision_report, "language": language})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
-    return {"vision": vision_report, "text_val_loss": text_val}
+    return {"vision": vision_report, "language": language}
 
 
 def pretrain_vit(vit: tv.ViT, heads: VisionPretrainHeads, scenes: list, cfg: TrainConfig, rng: random.Random,
@@ -959,7 +1057,9 @@ def pretrain_vit(vit: tv.ViT, heads: VisionPretrainHeads, scenes: list, cfg: Tra
 
 def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list, cfg: TrainConfig,
                      rng: random.Random, device, t0: float) -> None:
-    """The Q-Former's slots on the frozen ViT's tokens, computed once per scene and size (BLIP-2's order)."""
+    """The Q-Former's slots on the frozen ViT's tokens, computed once per scene and size (BLIP-2's order), half
+    the steps at 64 px (stages 1-3) and half at 96 px (stage 4). It sees more scenes than the ViT did: with few,
+    it learns them by heart (its held-out read-out stops well below its training one)."""
     patch = model.cfg.vit.patch_size
     model.vit.eval()
     cached = {}
@@ -976,7 +1076,7 @@ def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list
     schedule = dataclasses.replace(cfg, max_iters=iters)
     for it in range(iters):
         lr = set_lr(opt, it, schedule)
-        tokens, targets = cached[96 if it % 4 == 3 else 64]
+        tokens, targets = cached[96 if it % 2 else 64]
         idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
         loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
         step(opt, loss, params, cfg.grad_clip)
@@ -985,31 +1085,152 @@ def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list
                   + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f} s")
 
 
-def pretrain_language(phi: tv.Phi, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
-                      t0: float) -> float:
-    """The language model on the world's text alone (captions, descriptions, questions, boxes, templates);
-    returns its held-out loss."""
+class SceneWriter(nn.Module):
+    """Stage 0's way of showing the language model a scene in the shape the picture will take: one position per cell
+    of the Q-Former's grid (the 16 image tokens), each holding its shape written in the world's own words, folded
+    into that one position: the sum of the embeddings of its size, colour and kind words (the language model's own
+    embedding table), plus its box through a linear map; an empty cell is a learned vector. A linear map of the
+    Q-Former's queries reaches this space (they encode the same attributes linearly), so the projections of stages
+    1-4 have a place to land, and the language model already reasons over it. `noise` blurs the cells in training,
+    as the real queries will be blurred."""
+
+    WORDS = list(data.SIZES) + list(data.COLOURS) + list(data.KINDS)
+
+    def __init__(self, embed: nn.Embedding, tok: data.Tokenizer, grid: int, noise: float = 0.0):
+        super().__init__()
+        self.embed, self.grid, self.noise = embed, grid, noise
+        self.word_id = {}
+        for w in self.WORDS:
+            ids = tok.encode(" " + w)
+            if len(ids) != 1:
+                raise ValueError(f"the tokenizer splits ' {w}' into {len(ids)} tokens; the scene writer needs one")
+            self.word_id[w] = ids[0]
+        self.box = nn.Linear(BOX_WIDTH, embed.embedding_dim)
+        self.empty = nn.Parameter(0.02 * torch.randn(embed.embedding_dim))
+        self.rng = random.Random(0)          # a shape near a cell border goes to either side, as the queries may put it
+
+    def forward(self, scenes: list) -> torch.Tensor:
+        Q = self.grid ** 2
+        words = torch.zeros(len(scenes), Q, 3, dtype=torch.long)
+        boxes = torch.zeros(len(scenes), Q, 4)
+        present = torch.zeros(len(scenes), Q, dtype=torch.bool)
+        for b, scene in enumerate(scenes):
+            for j, s in enumerate(scene.cells(self.grid, self.rng)):
+                if s is not None:
+                    words[b, j] = torch.tensor([self.word_id[s.size], self.word_id[s.colour], self.word_id[s.kind]])
+                    boxes[b, j], present[b, j] = torch.tensor(s.box), True
+        device = self.empty.device
+        x = self.embed(words.to(device)).sum(2) + self.box(box_features(boxes.to(device)))   # (B, Q, C)
+        x = torch.where(present.to(device)[..., None], x, self.empty)
+        if self.training and self.noise:
+            x = x + self.noise * x.detach().std() * torch.randn_like(x)
+        return x
+
+
+BOX_FREQUENCIES = (1, 2, 4, 8)
+BOX_WIDTH = 4 * (1 + 2 * len(BOX_FREQUENCIES))      # a box as box_features: per corner its value, sines, cosines
+
+
+def number_features(v: torch.Tensor) -> torch.Tensor:
+    """Numbers in 0..1 (..., n) -> (..., n * (1 + 2 * len(BOX_FREQUENCIES))): each with sines and cosines of itself
+    at a few frequencies, positions as a transformer writes them, from which a precise number (0..100) is easier to
+    read than from the bare value."""
+    angles = torch.pi * v[..., None] * torch.tensor(BOX_FREQUENCIES, dtype=v.dtype, device=v.device)
+    return torch.cat((v[..., None], angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+box_features = number_features
+
+
+def curriculum_batch(model: tv.TinyVLM, writer: SceneWriter | None, items: list, tok: data.Tokenizer,
+                     device) -> torch.Tensor:
+    """The answer-only loss on (stage, sample) pairs, the scene given as words (writer None: written out in text)
+    or as the writer's cells in the image slots."""
+    grid = math.isqrt(model.cfg.num_image_tokens)
+    encoded = [data.encode(s, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
+                           image_text=None if writer else s.image.text(grid)) for stage, s in items]
+    batch = data.collate([{"input_ids": ids, "labels": labels, "index": i} for i, (ids, labels) in enumerate(encoded)],
+                         tok.eos_id)
+    ids = batch["input_ids"].to(device)
+    x = model.embed(ids, writer([s.image for _, s in items]) if writer else None)
+    logits = model.phi(inputs_embeds=x, attention_mask=batch["attention_mask"].to(device))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten().to(device),
+                           ignore_index=tv.IGNORE_INDEX)
+
+
+def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
+                      t0: float) -> dict:
+    """The language model on the world's text, a curriculum taken two ways in turn:
+    - each scene written out in text, then a caption, a description and the six tasks about it: the world's
+      reasoning (find the shape a question means, compare, count, write its box) learnt on words;
+    - the same scenes written into the 16 image positions by the SceneWriter: the same reasoning over the form
+      the image tokens will take.
+    Returns the held-out accuracy of each task both ways."""
     tok = data.shapes_tokenizer()
-
-    def as_ids(lines: list[str]) -> list[list[int]]:
-        return [[tok.bos_id] + tok.encode(line) + [tok.eos_id] for line in lines]
-
-    seqs = as_ids(world.text_corpus("train", cfg.train_scenes))
-    params = list(phi.parameters())
-    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay), lr=cfg.lr)
-    print(f"stage 0 | language: {sum(p.numel() for p in params):,} parameters, {len(seqs):,} lines")
-    iters = cfg.max_iters // 2          # the world's text is repetitive: the LM converges quickly
-    schedule = dataclasses.replace(cfg, max_iters=iters)
+    phi = model.phi
+    lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
+    writer = SceneWriter(phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+    own = [p for n, p in writer.named_parameters() if not n.startswith("embed.")]
+    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay) + [{"params": own, "weight_decay": 0.0}], lr=cfg.lr)
+    params = list(phi.parameters()) + own
+    print(f"stage 0 | language: {sum(p.numel() for p in phi.parameters()):,} parameters, {len(lessons):,} lessons")
+    iters = cfg.max_iters * LANGUAGE_ITERS
+    schedule = dataclasses.replace(cfg, max_iters=iters, lr=LANGUAGE_LR)
+    report = {}
     for it in range(iters):
+        phi.train(), writer.train()
         lr = set_lr(opt, it, schedule)
-        loss = lm_loss(phi, rng.sample(seqs, cfg.batch_size), tok.eos_id, device)
+        kind = ("scene as text", "scene as cells")[it % 2]
+        loss = curriculum_batch(model, writer if kind == "scene as cells" else None,
+                                rng.sample(lessons, LANGUAGE_BATCH), tok, device)
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
-            print(f"text iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
-    with torch.no_grad():
-        text_val = float(lm_loss(phi.eval(), as_ids(world.text_corpus("val", 200)), tok.eos_id, device))
-    print(f"language held-out loss {text_val:.4f}")
-    return text_val
+            print(f"text iter {it:5d} | {kind:<14} loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
+        if (it + 1) % (iters // 4) == 0 or it == iters - 1:
+            phi.eval(), writer.eval()
+            report = {kind: curriculum_accuracy(model, None if kind == "scene as text" else writer, world, tok, device,
+                                                n=cfg.eval_samples)
+                      for kind in ("scene as text", "scene as cells")}
+            for kind, row in report.items():
+                print(f"held-out after {it + 1} | {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return report
+
+
+QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
+LANGUAGE_BATCH = 32       # lessons per iteration
+LANGUAGE_LR = 3e-3
+LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
+LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
+
+
+@torch.no_grad()
+def curriculum_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
+                        device, n: int = 200) -> dict[str, float]:
+    """Greedy answers on held-out scenes, scored as stage 4's evaluation scores them: the headline metric per task."""
+    grid = math.isqrt(model.cfg.num_image_tokens)
+    headline = {"[vqa]": "accuracy", "[identify]": "accuracy", "[refer]": "iou>=0.5", "[caption]": "shape recall",
+                "[grounding]": "box recall", "[detection]": "box recall"}
+    out = {}
+    for task, metric in headline.items():
+        samples = world.task_samples(task, "val", n)
+        answers = []
+        for i in range(0, n, 100):
+            chunk = samples[i:i + 100]
+            prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
+                                          image_text=None if writer else s.image.text(grid)) for s in chunk]
+            T = max(map(len, prompts))
+            ids = torch.full((len(chunk), T), tok.eos_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+            x = model.embed(ids.to(device), writer([s.image for s in chunk]) if writer else None)
+            tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
+                                                   eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
+                                len(chunk))
+            answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
+        scores = [evaluation.score(s, a)[metric] for s, a in zip(samples, answers)]
+        out[task] = sum(scores) / len(scores)
+    return out
 
 
 def set_lr(opt: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:
@@ -1038,13 +1259,24 @@ def step(opt, loss, params, clip):
 
 @torch.no_grad()
 def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, float]:
+    """The held-out read-out of the frozen features, at stages 1-3's 64 px and stage 4's 96 px: per patch and per
+    query (after matching), and per shape what the language model will meet: the shape named right (colour and
+    kind) by exactly one query, by none (missing), or by two."""
     scenes = world.scenes("val", n)
     out = {}
+    nc, nk = len(heads.COLOURS), len(heads.KINDS)
     for size in (64, 96):
-        pixels = data.pixels_of(scenes, size).to(device)
-        tokens = model.vit(pixels)
+        tokens = model.vit(data.pixels_of(scenes, size).to(device))
         t = {k: v.to(device) for k, v in heads.targets(scenes, size // model.cfg.vit.patch_size).items()}
-        metrics = heads.patch_loss(tokens, t)[1] | heads.slot_loss(model.qformer(tokens), t)[1]
+        queries = model.qformer(tokens)
+        metrics = heads.patch_loss(tokens, t)[1] | heads.slot_loss(queries, t)[1]
+        o = heads.slot(queries)
+        colour, kind = o[..., :nc + 1].argmax(-1), o[..., nc + 1:nc + 1 + nk].argmax(-1)
+        named = [[(heads.COLOURS[c], heads.KINDS[k]) for c, k in zip(cs.tolist(), ks.tolist()) if c < nc]
+                 for cs, ks in zip(colour, kind)]
+        counts = [names.count((s.colour, s.kind)) for scene, names in zip(scenes, named) for s in scene.shapes]
+        metrics |= {"shapes once": counts.count(1) / len(counts), "shapes missing": counts.count(0) / len(counts),
+                    "shapes twice": sum(c > 1 for c in counts) / len(counts)}
         out.update({f"{k} @{size}": v for k, v in metrics.items()})
     return out
 

@@ -49,6 +49,30 @@ def test_bad_images_name_the_file(tmp_path):
             data.open_image(tmp_path / name)
 
 
+def test_transparent_pictures_are_composited_on_white_without_warnings(tmp_path, monkeypatch):
+    """RGBA, LA and palette pictures with transparency (bytes of alpha per palette entry, which Pillow warns about
+    when converted straight to RGB) come out RGB on white; a warning of the image library becomes a notice."""
+    import warnings
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
+    Image.new("LA", (4, 4), (0, 128)).save(tmp_path / "la.png")
+    pal = Image.new("P", (4, 4))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    pal.save(tmp_path / "pal.png", transparency=bytes([0, 128] + [255] * 254))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # nothing may leak to the user
+        assert data.open_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
+        assert data.open_image(tmp_path / "la.png").getpixel((0, 0)) == (127, 127, 127)
+        img = data.open_image(tmp_path / "pal.png")
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 1)) == (255, 127, 127)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)       # a 16-pixel picture is then a "decompression bomb"
+    notices = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.open_image(tmp_path / "rgba.png", notices)
+    assert len(notices) == 1 and "rgba.png" in notices[0] and "decompression bomb" in notices[0].lower()
+
+
 def test_loader_skips_bad_images_only_when_asked_and_counts_them(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
@@ -288,7 +312,7 @@ def test_world_answers_are_true():
     rng = random.Random(0)
     for scene in world.scenes("val", 100):
         for _ in range(5):
-            q, a = world.vqa(scene, rng)
+            q, a, _ = world.vqa(scene, rng)
             if q == "how many shapes are there?":
                 assert a == str(len(scene.shapes))
             elif q.startswith("is there a "):
@@ -323,9 +347,48 @@ def test_shipped_tokenizer_is_the_one_the_world_trains():
     assert shipped.decode(shipped.encode(text)) == text
 
 
-def test_preview(tmp_path):
-    path = data.preview(tmp_path / "p.png", n=4)
-    assert Image.open(path).size[0] > 400
+def test_preview_and_scene_commands(tmp_path):
+    """`python data.py --preview` (titled sheet, to out/ by default) and `--scene FILE` (a held-out picture and
+    what is in it), through the command line."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *args: subprocess.run([sys.executable, str(root / "data.py"), *args], capture_output=True, text=True,
+                                       cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    preview = run("--preview", "--stage", "3")
+    assert preview.returncode == 0 and Image.open(tmp_path / "out" / "shapes_preview.png").size[0] > 700
+    scene = run("--scene", "scene.png", "--seed", "2")
+    assert scene.returncode == 0 and Image.open(tmp_path / "scene.png").size == (256, 256)
+    truth = data.ShapesWorld().scenes("test", 3)[2]
+    assert all(data.format_box(s.box) in scene.stdout and s.name in scene.stdout for s in truth.shapes)
+    assert "--task [refer]" in scene.stdout and data.ShapesWorld.description(truth) in scene.stdout
+
+
+def test_scene_cells_and_text_follow_the_grid():
+    """One rule for which of the 4 x 4 cells holds a shape (the Q-Former's queries and stage 0's curriculum share it):
+    the cell of its centre, row by row; the text lists the shapes in that order."""
+    for scene in data.ShapesWorld().scenes("train", 50):
+        cells = scene.cells(4)
+        for j, s in enumerate(cells):
+            if s is not None:
+                cx, cy = s.centre
+                assert (min(int(cy * 4), 3), min(int(cx * 4), 3)) == divmod(j, 4)
+        assert scene.text(4).split("; ") == [f"{s.size} {s.name} {data.format_box(s.box)}" for s in cells if s]
+
+
+def test_curriculum_covers_every_stage_and_task_without_giveaways():
+    lessons = data.ShapesWorld().curriculum("train", 20)
+    stages = {st for st, _ in lessons}
+    tasks = {s.task for st, s in lessons if s.task} | {t[0].split()[0] for st, s in lessons for t in s.turns if not s.task
+                                                        and t[0].startswith("[")}
+    assert stages == {1, 3, 4} and tasks == set(data.TASKS)
+    for st, s in lessons:
+        if len(s.turns) > 1:                    # a conversation: short answers only, refer and identify about
+            asked = [q.split()[0] for q, _ in s.turns]          # two different shapes
+            assert "[grounding]" not in asked and "[caption]" not in asked
+            refer = next(a for q, a in s.turns if q.startswith("[refer]"))
+            identify = [q for q, _ in s.turns if q.startswith("[identify]")]
+            assert not identify or refer not in identify[0]
 
 
 def test_shape_geometry_matches_the_drawing():

@@ -72,13 +72,17 @@ def tiny_cfg(tmp_path, **kw) -> train.TrainConfig:
     return train.TrainConfig(**(base | kw))
 
 
-def test_short_stage_run_loss_drops_and_chains(tmp_path):
+def test_short_stage_run_loss_drops_and_chains(tmp_path, capsys):
     r1 = train.train(tiny_cfg(tmp_path, stage=1, max_iters=40, lr=3e-3))
     losses = [h["loss"] for h in r1["history"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     stage1 = tmp_path / "stage1"
-    for name in ("model.safetensors", "state.pt", "log.csv", "report.json"):
+    for name in ("model.safetensors", "state.pt", "log.csv", "report.json", "loss.png"):
         assert (stage1 / name).exists(), name
+    assert (tmp_path / "stages.png").exists()
+    out = capsys.readouterr().out
+    assert f"wrote {stage1}/: model.safetensors, state.pt, log.csv, report.json, loss.png" in out
+    assert f"next: python train.py --stage 2 --out-dir {tmp_path}" in out
     from safetensors.torch import load_file
     saved = set(load_file(stage1 / "model.safetensors"))
     assert any(k.startswith("llama_proj") for k in saved) and not any("lora" in k or k.startswith("vit.") for k in saved)
@@ -246,8 +250,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     backbones = tmp_path / "backbones.safetensors"
     report = train.train(train.TrainConfig(stage=0, backbones=str(backbones), max_iters=4, train_scenes=64,
-                                           batch_size=8, log_interval=2))
-    assert backbones.exists() and "slot kind @64" in report["vision"] and math.isfinite(report["text_val_loss"])
+                                           batch_size=8, log_interval=2, eval_samples=3))
+    assert backbones.exists() and "slot kind @64" in report["vision"]
+    for way in ("scene as text", "scene as cells"):       # the language curriculum's held-out score, both ways
+        assert set(report["language"][way]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]",
+                                                "[detection]"}
+        assert all(0 <= v <= 1 for v in report["language"][way].values())
     from safetensors.torch import load_file
     keys = set(load_file(backbones))
     assert any(k.startswith("vit.") for k in keys) and any(k.startswith("qformer.") for k in keys)
@@ -293,3 +301,16 @@ def test_a_kill_during_a_save_always_leaves_a_resumable_stage(tmp_path):
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), point
         assert not list((out / "stage1").glob("*.tmp")), point
         assert (out / "stage1" / "report.json").exists(), point
+
+
+def test_world_vqa_is_reported_per_question_type():
+    """The built-in world's [vqa] report has one more row per kind of question (count, colour, position ...): the
+    target is on each, not only on their mean."""
+    model = tv.TinyVLM(train.model_config(train.TrainConfig()))
+    weights.load_checkpoint(model, train.STAGE0)
+    tok = data.shapes_tokenizer()
+    samples = data.ShapesWorld().task_samples("[vqa]", "val", 40)
+    result = evaluation.evaluate(model, tok, {"[vqa]": data.VLMDataset(samples, tok, 4, 96, 16)}, 4, "cpu")
+    types = {k.split(" ", 1)[1] for k in result["metrics"] if k.startswith("[vqa] ")}
+    assert types == {s.meta["qtype"] for s in samples} and types <= set(data.ShapesWorld.VQA_TYPES)
+    assert sum(result["metrics"][f"[vqa] {t}"]["n"] for t in types) == result["metrics"]["[vqa]"]["n"] == 40
