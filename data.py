@@ -958,6 +958,26 @@ def shapes_tokenizer() -> Tokenizer:
     return Tokenizer.from_file(SHAPES_TOKENIZER)
 
 
+def world_words(world: ShapesWorld | None = None, n: int = 300) -> set[str]:
+    """The words the tiny language model met in stage 0: those of the built-in world's text."""
+    world = world or ShapesWorld(seed=0)
+    return {w for line in world.text_corpus("train", n) for w in re.findall(r"[a-z]+", line.lower())}
+
+
+def vocabulary_check(texts: Sequence[str], tok: Tokenizer, known: set[str]) -> dict[str, float]:
+    """How foreign a user's text is to a tokenizer and a language model: the share of its words the model never
+    met, and the share of its letters that the tokenizer can only write one letter at a time (a word cut into
+    single letters is a word the tokenizer has not learnt)."""
+    words = [w for t in texts for w in re.findall(r"[a-z]+", t.lower())]
+    lone = 0
+    for w in set(words):
+        pieces = [tok.decode([i]).strip() for i in tok.encode(" " + w)]
+        if len(pieces) > 1:
+            lone += words.count(w) * sum(len(p) == 1 for p in pieces)
+    return {"unseen words": sum(w not in known for w in words) / max(1, len(words)),
+            "letters in one-letter pieces": lone / max(1, sum(map(len, words)))}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Preview
 

@@ -439,6 +439,24 @@ def read_user_data(cfg: TrainConfig) -> dict[str, dict[str, tuple[list[data.Samp
     return {"train": train_sets, "val": val}
 
 
+FOREIGN_WORDS = 0.2      # above this share of words the tiny LM never met, a user's data gets a warning
+
+
+def warn_if_foreign(user_data: dict, tok: data.Tokenizer, log) -> dict[str, float]:
+    """The tiny language model knows only the shapes world's words (stage 0): say so before training on text that
+    is not, and what to do instead."""
+    texts = [a for samples, _ in user_data["train"].values() for s in samples[:2000] for _, a in s.turns]
+    figures = data.vocabulary_check(texts, tok, data.world_words())
+    if figures["unseen words"] > FOREIGN_WORDS:
+        log(f"warning: {figures['unseen words']:.0%} of the words in your data never occur in the shapes world's "
+            f"text, the only text the tiny language model knows ({figures['letters in one-letter pieces']:.0%} of "
+            f"their letters fall to one-letter pieces of its tokenizer). It can learn to tie pictures to words it "
+            f"knows, but not to write new words from a few hundred pictures: expect garbled text. For your own "
+            f"language use the real Phi-2, --phi DIR --blip2 DIR (on a 2-core CPU about a minute per iteration "
+            f"of 4 samples: docs/performance.md).")
+    return figures
+
+
 def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, split: str, n: int, device,
                   user_data=None) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
     nq = model.cfg.num_image_tokens
@@ -644,6 +662,8 @@ def train(cfg: TrainConfig) -> dict:
     user_data = read_user_data(cfg)                 # the inputs first: a mistake there costs no waiting
     check_init(cfg)
     tok = build_tokenizer(cfg)
+    if user_data is not None and not (cfg.phi or cfg.tokenizer):
+        warn_if_foreign(user_data, tok, log)
     if cfg.resume and not (stage_dir / "state.pt").exists():
         raise cli.UserError(f"--resume: no {stage_dir / 'state.pt'}: nothing to resume; run without --resume to "
                             f"start the stage")

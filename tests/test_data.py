@@ -406,3 +406,24 @@ def test_shape_geometry_matches_the_drawing():
                 agree += int(np.abs(img[y, x].astype(int) - expected).max() < 30)
                 total += 1
     assert agree / total > 0.999, agree / total
+
+
+def test_vocabulary_check_tells_the_world_from_other_text():
+    tok = data.shapes_tokenizer()
+    world = data.ShapesWorld(seed=0)
+    known = data.world_words(world)
+    own = data.vocabulary_check([s.turns[0][1] for s in world.samples(1, "val", 50)], tok, known)
+    assert own == {"unseen words": 0.0, "letters in one-letter pieces": pytest.approx(0.0, abs=0.05)}
+    english = ["a brown dog jumps over the wooden fence", "two children eat ice cream on a bench"]
+    foreign = data.vocabulary_check(english, tok, known)
+    words = " ".join(english).split()
+    assert foreign["unseen words"] == pytest.approx(sum(w not in known for w in words) / len(words))
+    assert foreign["unseen words"] > 0.6 and foreign["letters in one-letter pieces"] > 0.2
+
+
+def test_training_on_foreign_captions_warns_first(capsys):
+    import train
+    samples = [data.Sample(None, [("", "a brown dog jumps over the wooden fence")])] * 3
+    figures = train.warn_if_foreign({"train": {"captions": (samples, 1.0)}}, data.shapes_tokenizer(), print)
+    assert figures["unseen words"] > train.FOREIGN_WORDS
+    assert "--phi DIR" in capsys.readouterr().out
