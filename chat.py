@@ -64,12 +64,14 @@ class ChatConfig:
     task: str = ""                  # a stage-4 model's task identifier (default: [vqa])
     chat: bool = False              # several turns: read questions from the terminal until an empty line
     # the model (default: the newest OUT_DIR/stageN/model.safetensors)
-    checkpoint: str = ""            # a model.safetensors written by train.py
+    checkpoint: str = ""            # a model.safetensors written by train.py, or a TinyGPT-V stage .pth (with --phi, --blip2)
+    stage: int = 0                  # a TinyGPT-V .pth: the stage it is from (default: the number in its file name)
     out_dir: str = "out"            # where to look for the newest stage when --checkpoint is not given
     quantized: str = ""             # a file written by quantize.py --out, to run instead
     quantize: str = ""              # quantize the language model as it loads: int8, int4 or fp16
     phi: str = ""                   # real weights: the microsoft/phi-2 folder (default: the one it was trained with)
-    blip2: str = ""                 # real weights: the Salesforce/blip2-* folder (default: likewise)
+    blip2: str = ""                 # real weights: the Salesforce/blip2-* folder or LAVIS pickle (default: likewise)
+    vit: str = ""                   # real weights: LAVIS's eva_vit_g.pth, when --blip2 is a LAVIS pickle
     tokenizer: str = ""             # a tokenizer.json (default: the one it was trained with)
     device: str = "cpu"             # auto: CUDA when present, else the CPU
     # generation (TinyGPT-V's demo: --temperature 1.0 --top-p 0.9 --repetition-penalty 1.05)
@@ -86,7 +88,8 @@ class ChatConfig:
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "device": ("auto", "cpu", "cuda")}
     LIMITS: ClassVar[dict[str, tuple]] = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_k": (0, None),
-                                          "top_p": (0.01, 1.0), "repetition_penalty": (0.01, None), "seed": (0, None)}
+                                          "top_p": (0.01, 1.0), "repetition_penalty": (0.01, None), "seed": (0, None),
+                                          "stage": (0, 4)}
 
 
 @dataclass
@@ -125,12 +128,39 @@ def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
                                                       phi=cfg.phi or stored.get("phi", "")))
         return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized)
     checkpoint = cfg.checkpoint or newest_checkpoint(cfg.out_dir)
+    if Path(checkpoint).suffix in (".pth", ".pt"):
+        return load_release(cfg, checkpoint, device)
+    if cfg.stage:
+        raise cli.UserError("--stage is for a TinyGPT-V .pth; a model.safetensors of ours carries its stage")
     tcfg = train.config_of_checkpoint(checkpoint, phi=cfg.phi, blip2=cfg.blip2, tokenizer=cfg.tokenizer,
                                       device=cfg.device)
     model, _ = train.build_model(tcfg, device)
     if cfg.quantize:
         model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
     return Loaded(model.eval(), train.build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint)
+
+
+def load_release(cfg: ChatConfig, checkpoint: str, device: torch.device) -> Loaded:
+    """A stage checkpoint as TinyGPT-V releases it (TinyGPT-V_for_Stage4.pth: what the stage trained, its names),
+    on the public weights: its sizes read off its tensors, its frozen weights in bf16 (multiplied in fp32 on a CPU),
+    its stage's prompt, and its stage's image size (448 px for stage 4, the ViT's own 224 before)."""
+    if not (cfg.phi and cfg.blip2):
+        raise cli.UserError(f"{checkpoint}: a TinyGPT-V stage checkpoint holds only what its stage trained; give the "
+                            f"public weights too: --phi (microsoft/phi-2 folder) and --blip2 (a Salesforce/blip2-* "
+                            f"folder, or LAVIS's blip2_pretrained_flant5xxl.pth with --vit eva_vit_g.pth)")
+    for flag, value in (("--phi", cfg.phi), ("--blip2", cfg.blip2), ("--vit", cfg.vit)):
+        if value and not Path(value).exists():
+            raise cli.UserError(f"{flag} {value}: no such file or folder")
+    mcfg, named = weights.tinygptv_checkpoint_config(checkpoint, tv.PRESETS["tinygptv"]())
+    stage = cfg.stage or named or 4
+    if not (cfg.stage or named):
+        print(f"note: {Path(checkpoint).name} does not say its stage: taken as stage 4 (--stage to say)",
+              file=sys.stderr)
+    model = weights.load_tinyvlm(cfg.phi, cfg.blip2, vit=cfg.vit or None, checkpoint=checkpoint, cfg=mcfg,
+                                 dtype=torch.bfloat16)
+    tok = data.Tokenizer.from_file(cfg.tokenizer or cfg.phi)
+    size = model.cfg.vit.image_size * (2 if stage == 4 else 1)
+    return Loaded(model.to(device).eval(), tok, stage, size, checkpoint)
 
 
 STAGE_CAN = {1: "captions only (no prompt): it describes the picture",

@@ -170,22 +170,23 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder (model.safetensors, or shards through model.safetensors.index.json),
     a single .safetensors file, or a torch pickle (.pth / .pt / .bin)."""
     path = Path(path)
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            tensors = {}
-            for shard in sorted(set(weight_map.values())):
-                part = read_safetensors(path / shard)
-                for key, file in weight_map.items():
-                    if file == shard:
-                        if key not in part:
-                            raise CheckpointError(f"{path / shard}: key '{key}' is listed in the index but missing")
-                        tensors[key] = part[key]
-            return tensors
-        if (path / "model.safetensors").exists():
-            return read_safetensors(path / "model.safetensors")
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
+    if path.is_dir():      # safetensors first; older Hugging Face folders (e.g. Phi-2's first revisions) hold pickles
+        for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_pickle)):
+            index = path / f"{name}.index.json"
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                tensors = {}
+                for shard in sorted(set(weight_map.values())):
+                    part = read(path / shard)
+                    for key, file in weight_map.items():
+                        if file == shard:
+                            if key not in part:
+                                raise CheckpointError(f"{path / shard}: key '{key}' is listed in the index but missing")
+                            tensors[key] = part[key]
+                return tensors
+            if (path / name).exists():
+                return read(path / name)
+        raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json in this folder")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.suffix == ".safetensors":
@@ -680,6 +681,25 @@ def tinygptv_checkpoint_map(cfg: tv.TinyVLMConfig, peft: bool) -> KeyMap:
     }
 
 
+# TinyGPT-V's runner saves the model's state dict less its frozen parameters, so its buffers come along: the
+# Q-Former's position ids (0..511, which our Q-Former computes). Nothing else in a stage file is a buffer.
+TINYGPTV_BUFFERS = ("Qformer.bert.embeddings.position_ids",)
+
+
+def tinygptv_checkpoint_config(path: str | os.PathLike, cfg: tv.TinyVLMConfig) -> tuple[tv.TinyVLMConfig, int | None]:
+    """cfg with the sizes a TinyGPT-V stage .pth was trained with, read off its tensors: the projections' width and
+    the LoRA rank (none in a stage-1 file); and the stage its name says (TinyGPT-V_for_Stage3.pth: 3), if it says."""
+    tensors = read_weights(path)
+    if "llama_proj.weight" not in tensors:
+        raise CheckpointError(f"{path}: not a TinyGPT-V stage checkpoint (no llama_proj.weight among its "
+                              f"{len(tensors)} tensors)")
+    lora_a = next((t for k, t in tensors.items() if k.endswith("lora_A.weight")), None)
+    lora = None if lora_a is None else dataclasses.replace(cfg.lora or tv.LoRAConfig(), rank=lora_a.shape[0])
+    named = re.search(r"stage[_ -]?([1-4])", Path(path).name, re.IGNORECASE)
+    return (dataclasses.replace(cfg, proj_dim=tensors["llama_proj.weight"].shape[0], lora=lora),
+            int(named.group(1)) if named else None)
+
+
 def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> tv.TinyVLM:
     """Load a partial checkpoint (projections, norms, LoRA) on top of the base weights: a TinyGPT-V stage .pth, or
     one of ours (.safetensors, our names). Every tensor of the file must land on a parameter of the right shape,
@@ -688,6 +708,8 @@ def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[st
     path = Path(path)
     if path.suffix == ".safetensors":
         check_own_checkpoint(path, model.cfg, ignore)
+    if path.suffix != ".safetensors":
+        ignore = ignore + TINYGPTV_BUFFERS
     tensors = {k: t for k, t in read_weights(path).items() if not any(p in k for p in ignore)}
     params = dict(model.named_parameters())
     if path.suffix == ".safetensors":

@@ -67,3 +67,46 @@ def test_saved_quantized_model_answers_in_a_fresh_process(checkpoint, tmp_path, 
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.strip()
+
+
+def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
+    """TinyGPT-V_for_Stage4.pth as the original runner saves it (trained tensors under "model", plus the Q-Former's
+    position-id buffer, the optimizer, config, scaler and epoch), on a Phi folder of .bin pickles (Phi-2's first
+    revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, asked in a process of its
+    own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from transformers import PhiConfig, PhiForCausalLM
+    from conftest import randomize_
+    from test_checkpoints import stage_checkpoint, vlm_config
+    import data
+    phi = randomize_(PhiForCausalLM(PhiConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, partial_rotary_factor=0.4, qk_layernorm=True)))
+    phi.config.save_pretrained(tmp_path / "phi")          # the weights as pytorch_model.bin, as Phi-2 first shipped
+    torch.save(phi.state_dict(), tmp_path / "phi" / "pytorch_model.bin")
+    sd = stage_checkpoint(vlm_config(), tv.PhiConfig(hidden=64, num_heads=4, num_layers=2), stage=4)
+    sd["Qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]
+    release = tmp_path / "TinyGPT-V_for_Stage4.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+                "config": {"run": {"task": "image_text_pretrain"}}, "scaler": None, "epoch": 49}, release)
+    blip2 = str(hf_blip2_dir[1])
+    cfg = chat.ChatConfig(checkpoint=str(release), phi=str(tmp_path / "phi"), blip2=blip2,
+                          tokenizer=str(data.SHAPES_TOKENIZER))
+    loaded = chat.load_model(cfg, torch.device("cpu"))
+    assert (loaded.stage, loaded.image_size, loaded.model.cfg.lora.rank, loaded.model.cfg.proj_dim) == (4, 112, 4, 24)
+    assert torch.equal(loaded.model.llama_proj2.weight, sd["llama_proj2.weight"])
+
+    Image.new("RGB", (80, 60), (200, 40, 40)).save(tmp_path / "red.png")
+    run = subprocess.run([sys.executable, str(Path(chat.__file__).with_name("tinyvlm.py")), "--image",
+                          str(tmp_path / "red.png"), "--checkpoint", str(release), "--phi", str(tmp_path / "phi"),
+                          "--blip2", blip2, "--tokenizer", str(data.SHAPES_TOKENIZER), "--max-new-tokens", "4",
+                          "what colour is it?"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+    assert "stage 4" in run.stderr
+    unnamed = tmp_path / "finetuned.pth"
+    release.rename(unnamed)
+    run = subprocess.run([sys.executable, str(Path(chat.__file__).with_name("tinyvlm.py")), "--image",
+                          str(tmp_path / "red.png"), "--checkpoint", str(unnamed), "--phi", str(tmp_path / "phi"),
+                          "--tokenizer", str(data.SHAPES_TOKENIZER), "q"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--blip2" in run.stderr and "Traceback" not in run.stderr
