@@ -182,7 +182,8 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
         raise cli.UserError(f"a stage-{stage} model needs a question or an instruction (or --chat), e.g. "
                             f"\"what shape is the red one?\"")
     if stage == 3 and question:
-        note("stage 3 was trained on one kind of instruction, to describe the picture; other questions get a description")
+        note("stage 3 was trained on one kind of instruction, to describe the picture; its answer to another "
+             "question is a guess (stage 4 is trained on questions)")
     if cfg.task and stage != 4:
         note(f"--task {cfg.task} needs a stage-4 model; a stage-{stage} one has no task identifiers: ignored")
     if cfg.draw and stage != 4:
@@ -300,9 +301,10 @@ def save_attention_picture(model: tv.TinyVLM, pixels: torch.Tensor, image, path:
     Q, tile, gap, cols = heat.shape[0], 120, 8, math.ceil(math.sqrt(heat.shape[0]))
     grid = math.isqrt(Q)
     rows = math.ceil(Q / cols)
-    lines = [line for part in (title or "").split("\n") for line in textwrap.wrap(part, 90)]
-    head = 12 + 16 * len(lines)
     width = gap + cols * (tile + gap)
+    per_line = max(20, (width - 2 * gap) // 7)               # characters of a 13 px font that fit the width
+    lines = [line for part in (title or "").split("\n") for line in textwrap.wrap(part, per_line)]
+    head = 12 + 16 * len(lines)
     sheet = Image.new("RGB", (width, head + rows * (tile + 22) + 44), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     small = data.font(11)
