@@ -110,3 +110,18 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
                           str(tmp_path / "red.png"), "--checkpoint", str(unnamed), "--phi", str(tmp_path / "phi"),
                           "--tokenizer", str(data.SHAPES_TOKENIZER), "q"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "--blip2" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
+    """A fresh clone, before `train.py` has run: `python tinyvlm.py --image scene.png "..."` asks the shipped stage-4
+    model, says so, and answers the held-out scene's count right."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import data
+    data.write_scene(tmp_path / "scene.png", seed=3)                     # four shapes
+    run = subprocess.run([sys.executable, str(Path(chat.__file__).with_name("tinyvlm.py")), "--image", "scene.png",
+                          "how many shapes are there?"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "shipped stage-4 model" in run.stderr and "stage 4" in run.stderr
+    assert run.stdout.strip() == "4"
