@@ -708,7 +708,7 @@ def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[st
     path = Path(path)
     if path.suffix == ".safetensors":
         check_own_checkpoint(path, model.cfg, ignore)
-    if path.suffix != ".safetensors":
+    else:
         ignore = ignore + TINYGPTV_BUFFERS
     tensors = {k: t for k, t in read_weights(path).items() if not any(p in k for p in ignore)}
     params = dict(model.named_parameters())
