@@ -359,5 +359,6 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
     answers = [r["answer"] for r in json.loads(val_file.read_text())]
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
     accuracy = report["metrics"]["[vqa]"]["accuracy"]
-    # measured: 0.52 against a majority answer of about 0.2 (250 iterations; the words are new to the tiny LM)
-    assert accuracy >= majority + 0.25, (accuracy, majority)
+    # measured: 0.52 against a majority answer of 0.18 (250 iterations; the words are new to the tiny LM); the
+    # margin leaves room for other CPUs' rounding, which changes a training run's path
+    assert accuracy >= majority + 0.2, (accuracy, majority)
