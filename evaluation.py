@@ -89,12 +89,12 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
     df = Counter(g for rs in refs for g in {g for x in rs for n in range(1, 5) for g in ngram_counts(x, n)})
     log_images = math.log(len(refs))
 
-    def vectors(words):
-        return [{g: k * (log_images - math.log(max(1, df[g]))) for g, k in ngram_counts(words, n).items()}
-                for n in range(1, 5)]
-
-    def norm(v):
-        return math.sqrt(sum(x * x for x in v.values()))
+    def vectors(words):      # per n: the tf-idf vector of the n-grams, and its norm
+        out = []
+        for n in range(1, 5):
+            v = {g: k * (log_images - math.log(max(1, df[g]))) for g, k in ngram_counts(words, n).items()}
+            out.append((v, math.sqrt(sum(x * x for x in v.values()))))
+        return out
 
     scores = []
     for prediction, rs in zip(predictions, refs):
@@ -102,11 +102,10 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
         vec = vectors(words)
         total = 0.0
         for x in rs:
-            ref = vectors(x)
             penalty = math.exp(-((len(words) - len(x)) ** 2) / (2 * sigma ** 2))
-            for h, g in zip(vec, ref):
-                if norm(h) and norm(g):
-                    total += penalty * sum(min(w, g.get(k, 0.0)) * g.get(k, 0.0) for k, w in h.items()) / (norm(h) * norm(g))
+            for (h, h_norm), (g, g_norm) in zip(vec, vectors(x)):
+                if h_norm and g_norm:
+                    total += penalty * sum(min(w, g.get(k, 0.0)) * g.get(k, 0.0) for k, w in h.items()) / (h_norm * g_norm)
         scores.append(10 * total / 4 / len(rs))
     return sum(scores) / len(scores)
 

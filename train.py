@@ -165,7 +165,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.warmup_iters < 0:
         fill["warmup_iters"] = r.warmup_iters
     if cfg.quick:
-        fill["max_iters"] = fill.get("max_iters", cfg.max_iters) // 4
+        fill["max_iters"] = max(1, fill.get("max_iters", cfg.max_iters) // 4)
         fill["warmup_iters"] = fill.get("warmup_iters", cfg.warmup_iters) // 4
         fill["eval_samples"] = min(cfg.eval_samples, 100)
     return dataclasses.replace(cfg, **fill)
@@ -1151,15 +1151,13 @@ BOX_FREQUENCIES = (1, 2, 4, 8)
 BOX_WIDTH = 4 * (1 + 2 * len(BOX_FREQUENCIES))      # a box as box_features: per corner its value, sines, cosines
 
 
-def number_features(v: torch.Tensor) -> torch.Tensor:
-    """Numbers in 0..1 (..., n) -> (..., n * (1 + 2 * len(BOX_FREQUENCIES))): each with sines and cosines of itself
+def box_features(v: torch.Tensor) -> torch.Tensor:
+    """Boxes, numbers in 0..1 (..., 4) -> (..., BOX_WIDTH): each number with sines and cosines of itself
     at a few frequencies, positions as a transformer writes them, from which a precise number (0..100) is easier to
     read than from the bare value."""
     angles = torch.pi * v[..., None] * torch.tensor(BOX_FREQUENCIES, dtype=v.dtype, device=v.device)
     return torch.cat((v[..., None], angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
-
-box_features = number_features
 
 
 def curriculum_batch(model: tv.TinyVLM, writer: SceneWriter | None, items: list, tok: data.Tokenizer,
@@ -1206,7 +1204,7 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
             print(f"text iter {it:5d} | {kind:<14} loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
-        if (it + 1) % (iters // 4) == 0 or it == iters - 1:
+        if (it + 1) % max(1, iters // 4) == 0 or it == iters - 1:
             phi.eval(), writer.eval()
             report = {kind: curriculum_accuracy(model, None if kind == "scene as text" else writer, world, tok, device,
                                                 n=cfg.eval_samples)
