@@ -663,12 +663,11 @@ class Shape:
         """The cells of a grid x grid (row by row) that may hold this shape: the one of its centre first, then, when
         the centre is within `margin` of a cell border, the cells on the other side. A query's idea of where a
         centre lies is a little blurred; at a border either neighbour may fairly claim the shape."""
+        def along(v: float) -> list[int]:         # the centre's row (or column), then a neighbour within margin
+            home = min(int(v * grid), grid - 1)
+            return [home] + [i for i in {int((v - margin) * grid), int((v + margin) * grid)} if 0 <= i < grid and i != home]
         cx, cy = self.centre
-        cols = [min(int(cx * grid), grid - 1)] + [c for c in {int((cx - margin) * grid), int((cx + margin) * grid)}
-                                                   if 0 <= c < grid and c != min(int(cx * grid), grid - 1)]
-        rows = [min(int(cy * grid), grid - 1)] + [r for r in {int((cy - margin) * grid), int((cy + margin) * grid)}
-                                                   if 0 <= r < grid and r != min(int(cy * grid), grid - 1)]
-        return [r * grid + c for r in rows for c in cols]
+        return [r * grid + c for r in along(cy) for c in along(cx)]
 
     def region(self) -> str:
         x, y = self.centre
@@ -844,9 +843,10 @@ class ShapesWorld:
         truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
         return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no", q
 
-    def task_sample(self, scene: Scene, task: str, rng: random.Random) -> Sample:
-        """A stage-4 sample for one of the six task identifiers."""
-        s = rng.choice(scene.shapes)
+    def task_sample(self, scene: Scene, task: str, rng: random.Random, shape: Shape | None = None) -> Sample:
+        """A stage-4 sample for one of the six task identifiers, about `shape` where the task names one (default:
+        one drawn at random)."""
+        s = shape or rng.choice(scene.shapes)
         if task == "[vqa]":
             q, a, kind = self.vqa(scene, rng)
             return Sample(scene, [(q, a)], task, {"answers": [a], "qtype": kind})
@@ -902,11 +902,9 @@ class ShapesWorld:
             for _ in range(conversations):
                 a, b = rng.sample(scene.shapes, 2) if len(scene.shapes) > 1 else (scene.shapes[0], None)
                 turns = [self.task_sample(scene, "[vqa]", rng), self.task_sample(scene, "[vqa]", rng),
-                         Sample(scene, [(f"give me the location of the {a.name}", format_box(a.box))], "[refer]"),
-                         self.task_sample(scene, "[detection]", rng)]
+                         self.task_sample(scene, "[refer]", rng, shape=a), self.task_sample(scene, "[detection]", rng)]
                 if b is not None:
-                    turns.append(Sample(scene, [(f"what object is in this location {format_box(b.box)}", b.name)],
-                                        "[identify]"))
+                    turns.append(self.task_sample(scene, "[identify]", rng, shape=b))
                 rng.shuffle(turns)
                 out.append((4, Sample(scene, [(f"{t.task} {t.turns[0][0]}", t.turns[0][1]) for t in turns])))
         return out
