@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import time
 import tokenize
 from pathlib import Path
 from typing import Callable
@@ -182,12 +183,11 @@ class Ticker:
     long it has taken and an ETA from the pace so far; a phase that ends sooner prints nothing."""
 
     def __init__(self, label: str, total: int, every: float = 5.0, log: Callable[[str], None] = print):
-        import time
-        self.label, self.total, self.every, self.log, self.clock = label, total, every, log, time.time
-        self.start = self.last = self.clock()
+        self.label, self.total, self.every, self.log = label, total, every, log
+        self.start = self.last = time.time()
 
     def __call__(self, done: int) -> None:
-        now = self.clock()
+        now = time.time()
         if now - self.last >= self.every and 0 < done < self.total:
             self.last = now
             eta = (now - self.start) / done * (self.total - done)
