@@ -20,7 +20,8 @@ What it does, section by section (--only picks some):
              (ViT + Q-Former), prefill (--prompt-tokens random ids) and decode (batch 1, KV cache,
              --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
              norm off) so the two compute the same thing: the fp32 logits and image features are compared.
-  train      one full-size stage-2 step (LoRA r64 on qkv and dense, frozen weights bf16, trainable fp32).
+  train      one full-size training step (--train-stage 2: LoRA r64 on qkv and dense; 1: projections and norms;
+             frozen weights bf16, trainable fp32).
   stages     the tiny default: `python train.py --stage N` with its default settings, N in --stages.
 
 Needs transformers (requirements-dev.txt): it is the reference here, never a dependency of tinyvlm itself.
@@ -70,13 +71,14 @@ class BenchConfig:
     repeats: int = 3                # timed runs per figure, after one untimed warm-up; the median is reported
     prompt_tokens: int = 256        # prefill length
     new_tokens: int = 64            # decode steps
+    train_stage: int = 2            # the full-size training step's stage (1: what a student's own pictures cost)
     train_batch: int = 4            # samples in the full-size training step
     train_text_tokens: int = 32     # text tokens per sample in it (stage 2's captions are short)
     stages: str = "1,2,3,4"         # tiny default stages to time
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
     worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS)}
+    CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS), "train_stage": (1, 2, 3, 4)}
     LIMITS: ClassVar[dict[str, tuple]] = {"repeats": (1, None), "prompt_tokens": (1, None), "new_tokens": (1, None),
                                           "train_batch": (1, None), "train_text_tokens": (1, None),
                                           "stage_iters": (0, None)}
@@ -336,9 +338,9 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 
 def worker_train(job: dict, bc: BenchConfig, paths: dict) -> dict:
-    """One stage-2 optimizer step at full size, as train.py takes it with --phi/--blip2 (frozen bf16, trainable
-    fp32, bf16 autocast), on random pixels and tokens."""
-    tcfg = train.resolve(train.TrainConfig(stage=2, phi=str(paths["phi"]), blip2=str(paths["blip2"])))
+    """One optimizer step of --train-stage at full size, as train.py takes it with --phi/--blip2 (frozen bf16,
+    trainable fp32, bf16 autocast), on random pixels and tokens."""
+    tcfg = train.resolve(train.TrainConfig(stage=bc.train_stage, phi=str(paths["phi"]), blip2=str(paths["blip2"])))
     device = train.pick_device(tcfg)
     t = time.perf_counter()
     model = weights.load_tinyvlm(tcfg.phi, tcfg.blip2, cfg=train.model_config(tcfg),
@@ -489,7 +491,8 @@ def table(results: dict, bc: BenchConfig) -> str:
         lines += [""] + targets(inf, bw)
     tr = results.get("train")
     if tr:
-        lines += ["", f"Training, stage 2 at full size (frozen bf16, LoRA + projections + norms fp32 = "
+        lines += ["", f"Training, stage {bc.train_stage} at full size (frozen bf16, "
+                      f"{'LoRA + ' if bc.train_stage > 1 else ''}projections + norms fp32 = "
                       f"{tr['trainable']:,} trainable, bf16 autocast): batch {tr['samples']} x {tr['tokens_per_sample']} "
                       f"tokens, **{tr['step_s']:.1f} s per step** ({tr['samples'] / tr['step_s']:.2f} samples/s), "
                       f"**peak RSS {tr['peak_rss_gb']:.1f} GB** (load {tr['load_s']:.0f} s)."]

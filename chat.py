@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 import cli
@@ -100,6 +101,7 @@ class Loaded:
     stage: int
     image_size: int
     name: str
+    shapes_world_only: bool = False      # the tiny model as shipped: it has read only the shapes world
 
 
 def newest_checkpoint(out_dir: str) -> str:
@@ -124,9 +126,13 @@ def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
     if cfg.quantized:
         model = quantize.load_quantized(cfg.quantized).to(device)
         stored = model.trained_for["train_config"] or {}
-        tok = train.build_tokenizer(train.TrainConfig(tokenizer=cfg.tokenizer or stored.get("tokenizer", ""),
-                                                      phi=cfg.phi or stored.get("phi", "")))
-        return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized)
+        if model.trained_for["tokenizer"] and not cfg.tokenizer:     # files written since quantize.py kept it
+            tok = data.Tokenizer.from_str(model.trained_for["tokenizer"])
+        else:
+            tok = train.build_tokenizer(train.TrainConfig(tokenizer=cfg.tokenizer or stored.get("tokenizer", ""),
+                                                          phi=cfg.phi or stored.get("phi", "")))
+        return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized,
+                      shapes_world_only=model.cfg.vit.image_size <= 96 and tok.to_str() == data.shapes_tokenizer().to_str())
     checkpoint = cfg.checkpoint or newest_checkpoint(cfg.out_dir)
     if Path(checkpoint).suffix in (".pth", ".pt"):
         return load_release(cfg, checkpoint, device)
@@ -137,7 +143,8 @@ def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
     model, _ = train.build_model(tcfg, device)
     if cfg.quantize:
         model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
-    return Loaded(model.eval(), train.build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint)
+    return Loaded(model.eval(), train.build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint,
+                  shapes_world_only=not tcfg.phi and "text" not in train.backbones_metadata(tcfg))
 
 
 def load_release(cfg: ChatConfig, checkpoint: str, device: torch.device) -> Loaded:
@@ -193,8 +200,8 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
 
 def looks_like_the_shapes_world(image) -> bool:
     """Most of a shapes-world picture is its grey background."""
-    small = image.convert("RGB").resize((32, 32))
-    return sum(1 for p in small.getdata() if max(abs(a - b) for a, b in zip(p, data.BACKGROUND)) < 12) > 0.4 * 32 * 32
+    small = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.int16)
+    return (np.abs(small - np.array(data.BACKGROUND)).max(-1) < 12).mean() > 0.4
 
 
 def ask(loaded: Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
@@ -202,7 +209,8 @@ def ask(loaded: Loaded, features: torch.Tensor, turns: list[tuple[str, str]], qu
     """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
     model, tok, stage = loaded.model, loaded.tok, loaded.stage
     sample = data.Sample(None, turns + [(question, "")], task)
-    ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9)
+    ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
+                         layout=model.cfg.prompt_layout)
     ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
     if len(ids) + cfg.max_new_tokens > model.cfg.phi.max_positions:
         raise cli.UserError(f"the conversation ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} do not fit "
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(cfg, device)
     task = check_request(cfg, args.question, loaded.stage)
     print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
-    if loaded.model.cfg.vit.image_size <= 96 and not looks_like_the_shapes_world(image):
+    if loaded.shapes_world_only and not looks_like_the_shapes_world(image):
         print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk of "
               "shapes", file=sys.stderr)
     pixels = data.preprocess(image, loaded.image_size)[None].to(device)

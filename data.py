@@ -133,6 +133,15 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json")
         return cls(HFTokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_str(cls, text: str) -> "Tokenizer":
+        """A tokenizer.json's content (a checkpoint keeps the tokenizer it was trained with this way)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_str(text))
+
+    def to_str(self) -> str:
+        return self.tok.to_str()
+
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -213,21 +222,32 @@ def with_task(task: str | None, instruction: str) -> str:
     return f"{task} {instruction}"
 
 
-def turn_prompt(stage: int, instruction: str, first: bool) -> str:
+# Two layouts of stage 4's prompt (stages 1-3 have one). "tinygptv" is byte for byte what TinyGPT-V's code trains
+# Phi-2 on (its conversation datasets: "<Img><ImageHere></Img> {} " wrapped in "[INST] {} [/INST]", the answer
+# right after "]", and each later turn's question after a BOS of its own): real weights are asked in it, since a
+# model answers best in the tokens it was trained on. "tiny" is ours, for the tiny model trained here from stage 0
+# on: one space after [/INST] instead of the repo's two before it, so that (Phi-2's tokenizer adding no prefix
+# space) an answer's first word is the same token as anywhere else in running text, as it is after stage 3's
+# "###Assistant: ". The shipped tiny checkpoints were trained in it. A model's config names its layout.
+LAYOUTS = ("tinygptv", "tiny")
+
+
+def turn_prompt(stage: int, instruction: str, first: bool, layout: str = "tiny") -> str:
     """The text before one answer. The image marker goes into the first turn only.
 
     stage 1-2: nothing: [BOS][image][caption + "\\n"]
     stage 3:   ###Human: <Img><ImageHere></Img> {instruction} ###Assistant:
-    stage 4:   [INST] <Img><ImageHere></Img> {[task] instruction} [/INST]
-    In stage 4 we put one space after [/INST], as stage 3 has after "###Assistant:": Phi-2's tokenizer adds no
-    prefix space, so the answer's first word is then the same token as anywhere else in running text."""
+    stage 4:   [INST] <Img><ImageHere></Img> {[task] instruction}  [/INST]      (tinygptv)
+               [INST] <Img><ImageHere></Img> {[task] instruction} [/INST]       (tiny)"""
+    if layout not in LAYOUTS:
+        raise ValueError(f"prompt layout must be one of {LAYOUTS}, got {layout!r}")
     image = IMAGE_PROMPT + " " if first else ""
     if stage in (1, 2):
         return IMAGE_MARKER if first else ""
     if stage == 3:
         return f"###Human: {image}{instruction} ###Assistant: "
     if stage == 4:
-        return f"[INST] {image}{instruction} [/INST] "
+        return f"[INST] {image}{instruction}  [/INST]" if layout == "tinygptv" else f"[INST] {image}{instruction} [/INST] "
     raise ValueError(f"stage must be 1-4, got {stage}")
 
 
@@ -242,7 +262,8 @@ class Sample:
 
 
 def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
-           max_len: int | None = None, image_text: str | None = None) -> tuple[list[int], list[int]]:
+           max_len: int | None = None, image_text: str | None = None,
+           layout: str = "tiny") -> tuple[list[int], list[int]]:
     """input_ids and labels of one sample. The image marker becomes num_image_tokens IMAGE_TOKEN slots (or, given
     image_text, that text: stage 0 shows the language model scenes written out in words); labels are
     IGNORE_INDEX everywhere but the answers and their end symbols. Text longer than max_len (the stage's, by
@@ -253,7 +274,10 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
     for i, (instruction, answer) in enumerate(sample.turns):
         check_text(instruction), check_text(answer)
         instruction = with_task(sample.task, instruction) if i == 0 and stage == 4 else instruction
-        prompt = turn_prompt(stage, instruction, first=(i == 0))
+        prompt = turn_prompt(stage, instruction, first=(i == 0), layout=layout)
+        if i and stage == 4 and layout == "tinygptv":          # TinyGPT-V starts each later question with a BOS
+            ids.append(tokenizer.bos_id)
+            labels.append(IGNORE_INDEX)
         for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
             if j:
                 image = [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
@@ -277,10 +301,11 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
 
 
 def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
-                  task: str | None = None, image_text: str | None = None) -> list[int]:
+                  task: str | None = None, image_text: str | None = None, layout: str = "tiny") -> list[int]:
     """The ids to generate from: everything of a sample up to where the answer starts."""
     check_text(instruction)
-    prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True)
+    prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True,
+                         layout=layout)
     ids = [tokenizer.bos_id]
     for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
         if j:
@@ -426,13 +451,18 @@ def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
 
 def read_vqa(path: str | Path, image_root: str | Path = ".",
              template: str = "Based on the image, respond to this question with a short answer: {}") -> list[Sample]:
-    """VQA records {"image", "question", "answer"} or {"answers": [...]} (VQAv2 / GQA style). Training uses the most
-    frequent answer; evaluation scores against all of them (meta["answers"])."""
+    """VQA records {"image", "question", "answer"}, with "answer" one string or the annotators' list (LAVIS's and
+    TinyGPT-V's VQAv2 / OK-VQA files), or {"answers": [...]} (VQAv2's own, entries strings or {"answer": ...}).
+    Training uses the most frequent answer; evaluation scores against all of them (meta["answers"]). TinyGPT-V
+    instead draws one per use, weighted by how many annotators gave it; a fixed answer keeps every batch
+    reproducible, which --resume's exactness rests on."""
     path, root, samples = Path(path), Path(image_root), []
     for i, r in enumerate(_read_json_records(path)):
         answers = r.get("answers")
         if answers is None:
-            answers = [_field(r, "answer", path, i)]
+            answers = _field(r, "answer", path, i)
+        if not isinstance(answers, list):
+            answers = [answers]
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
         if not answers:
             raise DataError(f"{path}: record {i} has an empty answer list")
@@ -483,8 +513,8 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: Sequence[Sample], tokenizer: Tokenizer, stage: int, image_size: int,
                  num_image_tokens: int, max_len: int | None = None, skip_bad: bool = False,
-                 max_positions: int | None = None):
-        self.samples, self.tokenizer, self.stage = list(samples), tokenizer, stage
+                 max_positions: int | None = None, layout: str = "tiny"):
+        self.samples, self.tokenizer, self.stage, self.layout = list(samples), tokenizer, stage, layout
         self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
         self.skip_bad, self.max_positions = skip_bad, max_positions
         self.skipped: list[str] = []
@@ -510,7 +540,8 @@ class VLMDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
 
     def tokens(self, i: int) -> tuple[list[int], list[int]]:
-        ids, labels = encode(self.samples[i], self.tokenizer, self.stage, self.num_image_tokens, self.max_len)
+        ids, labels = encode(self.samples[i], self.tokenizer, self.stage, self.num_image_tokens, self.max_len,
+                             layout=self.layout)
         if self.max_positions and len(ids) > self.max_positions:
             raise PromptError(f"sample {i}: {len(ids)} tokens with the image, more than the model's "
                               f"{self.max_positions} positions")
@@ -931,8 +962,9 @@ class ShapesWorld:
         return lines
 
 
-def train_shapes_tokenizer(world: ShapesWorld, vocab_size: int = 1024):
-    """A small byte-level BPE for the shapes world (tokenizers), with <|endoftext|> as bos = eos, as Phi-2 has."""
+def train_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A small byte-level BPE (tokenizers) learnt from corpus, with <|endoftext|> as bos = eos, as Phi-2 has. Byte
+    level: any text can be written, a word it never learnt in pieces down to single bytes."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
     tok = HFTokenizer(BPE())
@@ -941,11 +973,21 @@ def train_shapes_tokenizer(world: ShapesWorld, vocab_size: int = 1024):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def shapes_corpus(world: ShapesWorld) -> list[str]:
+    """The built-in world's text that its tokenizer is learnt from: every kind of sentence, and each stage's samples."""
     corpus = world.text_corpus("train", 4000)
     for stage in (1, 3, 4):
         corpus += [" ".join(f"{q} {a}" for q, a in s.turns) for s in world.samples(stage, "train", 1000)]
-    tok.train_from_iterator(corpus, trainer)
-    return tok
+    return corpus
+
+
+def train_shapes_tokenizer(world: ShapesWorld, vocab_size: int = 1024):
+    """The shapes world's tokenizer (it stops at 613 tokens: the world has no more pairs worth merging)."""
+    return train_tokenizer(shapes_corpus(world), vocab_size)
 
 
 SHAPES_TOKENIZER = ASSETS / "shapes_tokenizer.json"
@@ -974,6 +1016,58 @@ def vocabulary_check(texts: Sequence[str], tok: Tokenizer, known: set[str]) -> d
             lone += words.count(w) * sum(len(p) == 1 for p in pieces)
     return {"unseen words": sum(w not in known for w in words) / max(1, len(words)),
             "letters in one-letter pieces": lone / max(1, sum(map(len, words)))}
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """Plain text for stage 0's --text: one text per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"{path}: no text in it")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A real captioned picture set that can be had offline, for "bring your own pictures" (README, WORKSHOP.md):
+# the npm package emoji-datasource-google holds Noto Color Emoji (Apache 2.0) as 64 px PNGs (RGBA, transparent
+# around the drawing) and emoji.json with each one's Unicode name, category and subcategory.
+
+EMOJI_CATEGORIES = ("Animals & Nature", "Food & Drink", "Travel & Places", "Activities", "Objects")   # things
+
+
+def emoji_caption(record: dict) -> str:
+    """One line from the package's own fields: what kind of thing it is, then its name ("drink, teapot"). The kind
+    comes first because it is what a picture can tell: a model reads the picture before it writes anything."""
+    kind = record["subcategory"].replace("-", " ").replace("&", "and")
+    return f"{kind}, {record['name']}".lower()
+
+
+def write_emoji_captions(package: str | Path, out: str | Path, test_every: int = 8) -> dict[str, int]:
+    """Copy the pictures of everyday things (EMOJI_CATEGORIES, 857 in version 16.0.0) to OUT/images and write
+    OUT/train.json and OUT/test.json in the captions format, every test_every-th picture held out."""
+    package, out = Path(package), Path(out)
+    index = package / "emoji.json"
+    if not index.is_file():
+        raise UserError(f"{index}: not found; unpack the npm package first (npm pack emoji-datasource-google@16.0.0 "
+                        f"&& tar xzf emoji-datasource-google-16.0.0.tgz gives the folder `package`)")
+    records = sorted((r for r in json.loads(index.read_text()) if r["category"] in EMOJI_CATEGORIES
+                      and r.get("has_img_google") and (package / "img/google/64" / r["image"]).is_file()),
+                     key=lambda r: r["sort_order"])
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for i, r in enumerate(records):
+        (out / "images" / r["image"]).write_bytes((package / "img/google/64" / r["image"]).read_bytes())
+        splits["test" if i % test_every == test_every - 1 else "train"].append(
+            {"image": f"images/{r['image']}", "caption": emoji_caption(r)})
+    for name, rows in splits.items():
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=0) + "\n")
+    return {name: len(rows) for name, rows in splits.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1031,6 +1125,8 @@ class DataConfig:
     scene: str = ""                 # write one held-out scene of the shapes world to this PNG and print what is in it
     seed: int = 0                   # which scene (--scene), or which samples (--preview)
     build_tokenizer: bool = False   # retrain the shapes world's tokenizer and write assets/shapes_tokenizer.json
+    emoji: str = ""                 # an unpacked emoji-datasource-google npm package: write its everyday things as captions
+    emoji_out: str = "emoji"        # where --emoji writes images/, train.json and test.json
 
     CHOICES: ClassVar[dict[str, tuple]] = {"stage": (1, 2, 3, 4)}
     LIMITS: ClassVar[dict[str, tuple]] = {"seed": (0, None)}
@@ -1060,8 +1156,12 @@ def scene_truth(scene: Scene) -> str:
 def main(argv: list[str] | None = None) -> None:
     import cli
     args = cli.config_from_args(DataConfig, cli.parser_for(DataConfig, __doc__).parse_args(argv))
-    if not (args.build_tokenizer or args.preview or args.scene):
-        raise UserError("nothing to do: pass --preview, --scene FILE or --build-tokenizer (see --help)")
+    if not (args.build_tokenizer or args.preview or args.scene or args.emoji):
+        raise UserError("nothing to do: pass --preview, --scene FILE, --emoji PACKAGE or --build-tokenizer (see --help)")
+    if args.emoji:
+        counts = write_emoji_captions(args.emoji, cli.writable_folder(args.emoji_out, "--emoji-out"))
+        print(f"wrote {args.emoji_out}/images ({sum(counts.values())} pictures), {args.emoji_out}/train.json "
+              f"({counts['train']}) and {args.emoji_out}/test.json ({counts['test']})")
     if args.build_tokenizer:
         ASSETS.mkdir(exist_ok=True)
         train_shapes_tokenizer(ShapesWorld()).save(str(SHAPES_TOKENIZER))

@@ -125,8 +125,9 @@ def token_f1(prediction: str, refs: list[str]) -> float:
 
 def caption_metrics(samples: list[data.Sample], predictions: list[str]) -> dict[str, float]:
     """BLEU-4, CIDEr-D and token F1 of one prediction per image against all of that image's references in the set,
-    each beside its wrong-image control: the same predictions scored against the next image's references, what
-    a model that ignores the picture would get."""
+    each beside its wrong-image control: the same predictions scored against the references of the image half
+    the set away, what a model that ignores the picture would get. (Not the next image: in a folder listed in
+    order, a neighbour is often the same kind of picture, and the control would score as if it had looked.)"""
     refs: dict[str, list[str]] = {}
     first: dict[str, str] = {}
     for s, p in zip(samples, predictions):
@@ -137,7 +138,7 @@ def caption_metrics(samples: list[data.Sample], predictions: list[str]) -> dict[
     if len(keys) < 2:
         return {}
     preds, truth = [first[k] for k in keys], [refs[k] for k in keys]
-    wrong = truth[1:] + truth[:1]
+    wrong = truth[len(keys) // 2:] + truth[:len(keys) // 2]
     out = {}
     for name, metric in (("BLEU-4", bleu4), ("CIDEr-D", cider_d)):
         out[name], out[f"{name} (wrong image)"] = metric(preds, truth), metric(preds, wrong)
@@ -172,7 +173,7 @@ def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int
         for j in range(i, min(i + batch_size, len(samples))):
             try:
                 prompt = data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens,
-                                            samples[j].task)
+                                            samples[j].task, layout=model.cfg.prompt_layout)
                 if len(prompt) + max_new_tokens > model.cfg.phi.max_positions:
                     raise data.PromptError(f"sample {j}: a prompt of {len(prompt)} tokens leaves no room for an answer")
                 images.append(dataset.features[dataset.feature_index[j]] if isinstance(dataset, data.FeatureDataset)

@@ -326,14 +326,17 @@ def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
 
 
 def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_size: int | None = None,
-                   train_config: dict | None = None) -> Path:
+                   train_config: dict | None = None, tokenizer: str | None = None) -> Path:
     """Every tensor (int codes, scales, the unquantized parts) as safetensors; the config, the quantization recipe,
-    and the stage and image size it was trained for (its prompt template and input) in its metadata. LoRA is
-    already merged, so the saved config has none."""
+    the stage and image size it was trained for (its prompt template and input) and its tokenizer (a
+    tokenizer.json's text) in its metadata: the file is the whole model. LoRA is already merged, so the saved
+    config has none."""
     state = {k: v.detach() for k, v in model.state_dict().items() if ".lora_" not in k}
     meta = {"format": "tinyvlm-quantized", "config": json.dumps(_strip_lora(model.cfg).to_dict()),
             "quantization": json.dumps(model.quantization), "stage": json.dumps(stage),
             "image_size": json.dumps(image_size or model.cfg.vit.image_size), "train_config": json.dumps(train_config)}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer
     weights.atomic_write(path, lambda tmp: weights.write_safetensors(state, tmp, meta))
     return Path(path)
 
@@ -369,7 +372,8 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
     model.quantization = recipe
     model.trained_for = {"stage": json.loads(meta.get("stage", "4")),
                          "image_size": json.loads(meta.get("image_size", str(cfg.vit.image_size))),
-                         "train_config": json.loads(meta.get("train_config", "null"))}
+                         "train_config": json.loads(meta.get("train_config", "null")),
+                         "tokenizer": meta.get("tokenizer")}
     return model
 
 
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {task:<12} " + "  ".join(f"{k} {v:.3f} -> {q_metrics[task][k]:.3f}" for k, v in row.items()
                                             if k not in ("n", "skipped")))
     if args.out:
-        path = save_quantized(quantized, args.out, cfg.stage, cfg.image_size, dataclasses.asdict(cfg))
+        path = save_quantized(quantized, args.out, cfg.stage, cfg.image_size, dataclasses.asdict(cfg), tok.to_str())
         print(f"\nwrote {path}; ask it with: python tinyvlm.py --quantized {path} --image scene.png \"...\"")
 
 

@@ -112,6 +112,8 @@ class TinyVLMConfig:
     # "mlp": LLaVA-1.5 / TinyLLaVA (every ViT token through Linear-GELU-Linear, no Q-Former).
     connector: str = "qformer"
     proj_dim: int = 4096        # width between llama_proj and llama_proj2 (MiniGPT-4's LLaMA width)
+    # how stage 4's prompt is written for this model (data.LAYOUTS): TinyGPT-V's own bytes for the real weights
+    prompt_layout: str = "tinygptv"
 
     @property
     def num_image_tokens(self) -> int:
@@ -126,7 +128,9 @@ class TinyVLMConfig:
         if lora is not None:
             lora = LoRAConfig(**{**lora, "targets": tuple(lora["targets"])})
         return cls(vit=ViTConfig(**d["vit"]), qformer=QFormerConfig(**d["qformer"]), phi=PhiConfig(**d["phi"]),
-                   lora=lora, connector=d.get("connector", "qformer"), proj_dim=d.get("proj_dim", 4096))
+                   lora=lora, connector=d.get("connector", "qformer"), proj_dim=d.get("proj_dim", 4096),
+                   # a checkpoint from before there were two layouts was trained in the tiny one
+                   prompt_layout=d.get("prompt_layout", "tiny"))
 
 
 PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
@@ -142,7 +146,7 @@ PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
         phi=PhiConfig(vocab_size=640, hidden=192, num_layers=4, num_heads=4, mlp_dim=768, rotary_dim=20,
                       max_positions=512, qk_norm=True, post_attn_norm=True),
         lora=LoRAConfig(rank=32, alpha=8.0, dropout=0.05),  # alpha / rank = 0.25, as in TinyGPT-V
-        proj_dim=256),
+        proj_dim=256, prompt_layout="tiny"),
 }
 
 

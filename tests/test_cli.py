@@ -95,6 +95,7 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
                           tokenizer=str(data.SHAPES_TOKENIZER))
     loaded = chat.load_model(cfg, torch.device("cpu"))
     assert (loaded.stage, loaded.image_size, loaded.model.cfg.lora.rank, loaded.model.cfg.proj_dim) == (4, 112, 4, 24)
+    assert loaded.model.cfg.prompt_layout == "tinygptv"          # asked in the tokens it was trained on
     assert torch.equal(loaded.model.llama_proj2.weight, sd["llama_proj2.weight"])
 
     Image.new("RGB", (80, 60), (200, 40, 40)).save(tmp_path / "red.png")

@@ -179,6 +179,41 @@ def test_prompt_layouts(tok):
     assert ids[:len(prompt)] == prompt and labels[len(prompt)] != IGNORE_INDEX
 
 
+def test_tinygptv_layout_gives_the_repo_tokens(phi2_tokenizer_files):
+    """With the real Phi-2 tokenizer, stage-4 samples in the "tinygptv" layout are the token ids TinyGPT-V's code
+    trains on, rebuilt here the way it builds them (minigpt_base.py: prompt_template "[INST] {} [/INST]" around
+    "<Img><ImageHere></Img> {} ", each segment around the image tokenized alone, BOS first, answers + "###", each
+    later question as BOS + "[INST] {q } [/INST]"), with transformers' tokenizer on the same files."""
+    from tokenizers import AddedToken
+    from transformers import CodeGenTokenizer
+    folder, out = phi2_tokenizer_files
+    ours = data.Tokenizer.from_file(out)
+    ref = CodeGenTokenizer(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
+    ref.add_tokens([AddedToken(t, normalized=True, special=False) for t in data.phi2_whitespace_tokens()])
+    hf = lambda text: ref(text, add_special_tokens=False)["input_ids"]
+    n, bos = 32, 50256
+    question = "Based on the image, respond to this question with a short answer: what is the man holding?"
+    turns = [(question, "an umbrella"), ("What colour is it?", "red"), ("Is it raining?", "yes")]
+    first = "[INST] {} [/INST]".format("<Img><ImageHere></Img> {} ".format("[vqa] " + question))
+    before, after = first.split("<ImageHere>")
+    want = [bos] + hf(before) + [IMAGE_TOKEN] * n + hf(after) + hf("an umbrella###")
+    for q, a in turns[1:]:
+        want += hf(ref.bos_token + "[INST] {} [/INST]".format(q + " ")) + hf(a + "###")
+    ids, labels = data.encode(data.Sample(None, turns, task="[vqa]"), ours, 4, n, layout="tinygptv")
+    assert ids == want
+    assert ours.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "an umbrella###red###yes###"
+    prompt = data.encode_prompt(question, ours, 4, n, task="[vqa]", layout="tinygptv")
+    assert prompt == [bos] + hf(before) + [IMAGE_TOKEN] * n + hf(after)
+    # the tiny layout differs only where the answer starts, and has no BOS between turns
+    tiny, _ = data.encode(data.Sample(None, turns[:1], task="[vqa]"), ours, 4, n)
+    assert ours.decode(tiny[1 + len(hf(before)) + n:]).endswith("holding? [/INST] an umbrella###")
+    # stages 1-3 have one layout, the repo's (stage 3: "###Human: {} ###Assistant: " around the instruction)
+    s3 = data.Sample(None, [("Describe this image in detail.", "A man.")])
+    assert data.encode(s3, ours, 3, n, layout="tinygptv") == data.encode(s3, ours, 3, n)
+    head, tail = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: ".split("<ImageHere>")
+    assert data.encode(s3, ours, 3, n)[0] == [bos] + hf(head) + [IMAGE_TOKEN] * n + hf(tail) + hf("A man.###")
+
+
 def test_multi_turn_labels_every_answer(tok):
     s = data.Sample(None, [("what is it?", "a circle"), ("what color?", "red")])
     ids, labels = data.encode(s, tok, 3, 2)
@@ -260,10 +295,14 @@ def test_cc_sbu_align_llava_vqa_refs(tmp_path):
 
     (tmp_path / "vqa.jsonl").write_text(
         '{"image": "x.jpg", "question": "What color?", "answers": ["red", "red", "crimson"]}\n'
-        '{"image": "x.jpg", "question": "Shape?", "answer": "rectangle"}\n')
+        '{"image": "x.jpg", "question": "Shape?", "answer": "rectangle"}\n'
+        '{"image": "x.jpg", "question": "Which?", "answer": ["left", "right", "right"]}\n'      # LAVIS / TinyGPT-V
+        '{"image": "x.jpg", "question": "Count?", "answers": [{"answer": "2"}, {"answer": "two"}, {"answer": "2"}]}\n')
     vqa = data.read_vqa(tmp_path / "vqa.jsonl", tmp_path / "img")
     assert vqa[0].turns[0][1] == "red" and vqa[0].meta["answers"] == ["red", "red", "crimson"] and vqa[0].task == "[vqa]"
     assert vqa[1].meta["answers"] == ["rectangle"]
+    assert vqa[2].turns[0][1] == "right" and vqa[2].meta["answers"] == ["left", "right", "right"]
+    assert vqa[3].turns[0][1] == "2" and vqa[3].meta["answers"] == ["2", "two", "2"]
 
     (tmp_path / "refs.json").write_text(json.dumps([
         {"image": "x.jpg", "bbox": [3, 2, 12, 10], "sentence": "the red box"},                  # size from the image
@@ -424,6 +463,39 @@ def test_vocabulary_check_tells_the_world_from_other_text():
 def test_training_on_foreign_captions_warns_first(capsys):
     import train
     samples = [data.Sample(None, [("", "a brown dog jumps over the wooden fence")])] * 3
-    figures = train.warn_if_foreign({"train": {"captions": (samples, 1.0)}}, data.shapes_tokenizer(), print)
+    user_data = {"train": {"captions": (samples, 1.0)}}
+    figures = train.warn_if_foreign(user_data, data.shapes_tokenizer(), data.world_words(), print)
     assert figures["unseen words"] > train.FOREIGN_WORDS
-    assert "--phi DIR" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--phi DIR" in out and "--stage 0 --text captions:YOUR.json" in out
+    known = data.world_words() | {"a", "brown", "dog", "jumps", "over", "the", "wooden", "fence"}
+    assert train.warn_if_foreign(user_data, data.shapes_tokenizer(), known, print)["unseen words"] == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_emoji_captions_from_the_npm_package_layout(tmp_path):
+    """data.py --emoji: the everyday things of an emoji-datasource-google package (emoji.json + img/google/64)
+    become captions JSON in the captions format, with every 8th picture held out; other categories stay out."""
+    package = tmp_path / "package"
+    (package / "img/google/64").mkdir(parents=True)
+    records = []
+    for i in range(17):
+        name = f"{i:x}.png"
+        Image.new("RGBA", (64, 64), (i * 10, 0, 0, 128)).save(package / "img/google/64" / name)
+        records.append({"name": f"THING {i}", "image": name, "category": "Objects" if i < 16 else "Flags",
+                        "subcategory": "musical-instrument", "sort_order": i, "has_img_google": True})
+    (package / "emoji.json").write_text(json.dumps(records))
+    counts = data.write_emoji_captions(package, tmp_path / "emoji")
+    assert counts == {"train": 14, "test": 2}
+    test = json.loads((tmp_path / "emoji" / "test.json").read_text())
+    assert test[0] == {"image": "images/7.png", "caption": "musical instrument, thing 7"}
+    samples = data.read_captions(tmp_path / "emoji" / "train.json", tmp_path / "emoji")
+    assert len(samples) == 14 and data.open_image(samples[0].image).mode == "RGB"
+
+
+def test_plain_text_file_reading(tmp_path):
+    (tmp_path / "a.txt").write_text("a red teapot\n\n  two cats  \n")
+    assert data.read_text_file(tmp_path / "a.txt") == ["a red teapot", "two cats"]
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(data.UserError, match="no text in it"):
+        data.read_text_file(tmp_path / "blank.txt")

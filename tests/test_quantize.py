@@ -105,9 +105,11 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     assert abs(quant - base) < {"fp16": 1e-3, "int8": 0.02, "int4": 0.1}[mode]
     before, after = q.part_bytes(stage0_model), q.part_bytes(model)
     assert after["phi"] < before["phi"] / {"fp16": 1.9, "int8": 3, "int4": 4}[mode]
-    path = q.save_quantized(model, tmp_path / f"{mode}.safetensors")
+    tokenizer = data.shapes_tokenizer().to_str()              # the file carries its tokenizer: it is the whole model
+    path = q.save_quantized(model, tmp_path / f"{mode}.safetensors", tokenizer=tokenizer)
     loaded = q.load_quantized(path)
-    assert loaded.trained_for == {"stage": 4, "image_size": 64, "train_config": None} and loaded.quantization["mode"] == mode
+    assert loaded.trained_for == {"stage": 4, "image_size": 64, "train_config": None, "tokenizer": tokenizer}
+    assert loaded.quantization["mode"] == mode
     ids = torch.randint(0, 600, (2, 9))
     with torch.no_grad():
         assert torch.equal(model.phi(ids), loaded.phi(ids))

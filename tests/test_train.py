@@ -43,6 +43,11 @@ def test_learning_rate_schedule():
     assert train.lr_at(100, cfg) == pytest.approx(1e-4)
     assert train.lr_at(550, cfg) == pytest.approx(9e-5)          # half-way down the cosine
     assert train.lr_at(1000, cfg) == pytest.approx(8e-5)
+    real = dataclasses.replace(cfg, phi="phi-2")           # TinyGPT-V's: the cosine counts from iteration 0
+    assert train.lr_at(50, real) == train.lr_at(50, cfg)
+    assert train.lr_at(100, real) == pytest.approx(8e-5 + 2e-5 * 0.5 * (1 + math.cos(math.pi * 100 / 1000)))
+    assert train.lr_at(500, real) == pytest.approx(9e-5) and train.lr_at(1000, real) == pytest.approx(8e-5)
+    assert train.resolve(train.TrainConfig(stage=2, phi="phi-2")).warmup_iters == 5000     # stage2.yaml
 
 
 def test_cli_is_generated_from_the_config():
@@ -362,3 +367,54 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
     # measured: 0.52 against a majority answer of 0.18 (250 iterations; the words are new to the tiny LM); the
     # margin leaves room for other CPUs' rounding, which changes a training run's path
     assert accuracy >= majority + 0.2, (accuracy, majority)
+
+
+def test_stage0_on_your_text_then_stage1_and_chat_use_its_tokenizer(tmp_path, capsys):
+    """--stage 0 --text: a tokenizer learnt from the text writes its words whole, the LM predicts held-out text of
+    that kind far better than the shipped one (per character, so the two tokenizers compare), the backbones land in
+    OUT_DIR/stage0 with their tokenizer and words (the shipped ones untouched); stage 1 on pictures captioned in those
+    words then builds on them with no warning about foreign words, and chat answers with the same tokenizer."""
+    import hashlib
+    import random
+    import chat
+    from PIL import Image
+    rng = random.Random(0)
+    things = ["teapot", "lantern", "umbrella", "violin", "bicycle", "pineapple", "kettle", "compass"]
+    colours = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+    lines = [f"a {rng.choice(list(colours))} {rng.choice(things)} on a wooden table" for _ in range(200)]
+    (tmp_path / "words.txt").write_text("\n".join(lines))
+    shipped = hashlib.sha256(train.STAGE0.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    report = train.train(train.TrainConfig(stage=0, text=f"txt:{tmp_path / 'words.txt'}", out_dir=str(out),
+                                           max_iters=40, warmup_iters=5, log_interval=10, eval_samples=3,
+                                           train_scenes=40))
+    before, after = report["held-out text before"], report["held-out text after"]
+    assert after["nats per character"] < 0.5 * before["nats per character"], (before, after)
+    assert after["letters in one-letter pieces"] == 0 < before["letters in one-letter pieces"]
+    assert after["unseen words"] == 0 < before["unseen words"]
+    assert set(report["world tasks as text"]) == set(data.TASKS)
+    assert hashlib.sha256(train.STAGE0.read_bytes()).hexdigest() == shipped
+    backbones = out / "stage0" / "model.safetensors"
+    meta = weights.read_metadata(backbones)
+    tok = data.Tokenizer.from_str(json.loads(meta["tokenizer"]))
+    assert all(len(tok.encode(" " + w)) == 1 for w in things)
+    assert set(things) <= set(json.loads(meta["words"]))
+
+    caps = []                  # pictures in RGBA, as a student's PNGs often are: a coloured disc on transparency
+    for i in range(24):
+        colour = rng.choice(list(colours))
+        img = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+        img.paste(colours[colour] + (255,), (8 + i % 8, 8, 36 + i % 8, 36))
+        img.save(tmp_path / f"{i}.png")
+        caps.append({"image": f"{i}.png", "caption": f"a {colour} {rng.choice(things)} on a wooden table"})
+    (tmp_path / "caps.json").write_text(json.dumps(caps))
+    capsys.readouterr()
+    train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, out_dir=str(out), data=f"captions:{tmp_path / 'caps.json'}",
+                         image_root=str(tmp_path)))
+    log = capsys.readouterr().out
+    assert f"stage-0 backbones {backbones}" in log and "warning" not in log
+    loaded = chat.load_model(chat.ChatConfig(checkpoint=str(out / "stage1" / "model.safetensors"), device="cpu"),
+                             torch.device("cpu"))
+    assert loaded.tok.to_str() == tok.to_str()
+    rows = loaded.model.phi.embed_tokens.num_embeddings      # the tokenizer's size, padded to a multiple of 64
+    assert rows % 64 == 0 and len(tok) <= rows < len(tok) + 64 and rows != 640
