@@ -1312,6 +1312,8 @@ def nats_per_character(phi: tv.Phi, tok: data.Tokenizer, texts: list[str], devic
 
 
 def pretrain_on_text(cfg: TrainConfig) -> dict:
+    """--stage 0 --text: the new tokenizer and the shipped backbones with the LM taught it; returns the held-out
+    figures (your text before and after, per character; the world's tasks on scenes written as text)."""
     if cfg.preset != "tiny":
         raise cli.UserError("--stage 0 --text teaches the tiny LM; real runs start from public weights (--phi)")
     device = pick_device(cfg)
@@ -1349,10 +1351,12 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     for it in range(cfg.max_iters):
         phi.train()
         lr = set_lr(opt, it, schedule)
-        ours = lm_loss(phi, [[tok.bos_id] + tok.encode(t + data.END[1]) for t in rng.sample(texts, min(TEXT_BATCH,
-                                                                                                      len(texts)))],
-                       tok.eos_id, device)
+        batch = rng.sample(texts, min(TEXT_BATCH, len(texts)))
+        ours = lm_loss(phi, [[tok.bos_id] + tok.encode(t + data.END[1]) for t in batch], tok.eos_id, device)
         world_loss = curriculum_batch(model, None, rng.sample(lessons, TEXT_LESSONS), tok, device)
+        if not math.isfinite(float(ours + world_loss)):
+            raise NonFiniteLoss(f"stopped: the loss became {float(ours + world_loss)} at iteration {it} of stage 0 "
+                                f"on your text; nothing was written")
         step(opt, ours + world_loss, list(phi.parameters()), cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
             phi.eval()
