@@ -1354,10 +1354,11 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
         batch = rng.sample(texts, min(TEXT_BATCH, len(texts)))
         ours = lm_loss(phi, [[tok.bos_id] + tok.encode(t + data.END[1]) for t in batch], tok.eos_id, device)
         world_loss = curriculum_batch(model, None, rng.sample(lessons, TEXT_LESSONS), tok, device)
-        if not math.isfinite(float(ours + world_loss)):
-            raise NonFiniteLoss(f"stopped: the loss became {float(ours + world_loss)} at iteration {it} of stage 0 "
-                                f"on your text; nothing was written")
-        step(opt, ours + world_loss, list(phi.parameters()), cfg.grad_clip)
+        loss = ours + world_loss
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"stopped: the loss became {loss.item()} at iteration {it} of stage 0 on your text; "
+                                f"nothing was written")
+        step(opt, loss, list(phi.parameters()), cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
             phi.eval()
             print(f"text iter {it:5d} | your text {ours.item():.4f} | the world's {world_loss.item():.4f} | "
