@@ -131,8 +131,9 @@ def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
         else:
             tok = train.build_tokenizer(train.TrainConfig(tokenizer=cfg.tokenizer or stored.get("tokenizer", ""),
                                                           phi=cfg.phi or stored.get("phi", "")))
+        shapes_only = model.cfg.vit.image_size <= 96 and tok.to_str() == data.shapes_tokenizer().to_str()
         return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized,
-                      shapes_world_only=model.cfg.vit.image_size <= 96 and tok.to_str() == data.shapes_tokenizer().to_str())
+                      shapes_world_only=shapes_only)
     checkpoint = cfg.checkpoint or newest_checkpoint(cfg.out_dir)
     if Path(checkpoint).suffix in (".pth", ".pt"):
         return load_release(cfg, checkpoint, device)

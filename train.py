@@ -55,8 +55,8 @@ class TrainConfig:
     # what to run
     stage: int = 1                  # 0 the tiny backbones, 1 warm-up, 2 pre-train, 3 instruction, 4 multi-task
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
-    backbones: str = ""             # the tiny pretrained ViT, Q-Former and LM (default: OUT_DIR/stage0's after --text, else assets/stage0.safetensors)
-    text: str = ""                  # stage 0: teach the tiny LM your text too (txt:FILE or any --data entry, comma-separated)
+    backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
+    text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
