@@ -316,9 +316,12 @@ def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_
 
 # Boxes: {<x1><y1><x2><y2>}, integers 0..100 relative to the image size (MiniGPT-v2's grid)
 
-def format_box(box: Sequence[float], width: float = 1.0, height: float = 1.0) -> str:
-    """box (x1, y1, x2, y2) in pixels of a width x height image (or in fractions, the default) -> text."""
-    x1, y1, x2, y2 = (round(100 * v / s) for v, s in zip(box, (width, height, width, height)))
+def format_box(box: Sequence[float], width: float = 1.0, height: float = 1.0, truncate: bool = False) -> str:
+    """box (x1, y1, x2, y2) in pixels of a width x height image (or in fractions, the default) -> text. Rounded to
+    the nearest integer; truncate=True cuts the fraction off, as TinyGPT-V's RefCOCO reader does (int(v / size *
+    100), in that order, so that the same file gives the same numbers)."""
+    scaled = (v / s * 100 for v, s in zip(box, (width, height, width, height)))
+    x1, y1, x2, y2 = (int(v) if truncate else round(v) for v in scaled)
     x1, y1, x2, y2 = (min(max(v, 0), 100) for v in (x1, y1, x2, y2))
     return f"{{<{x1}><{y1}><{x2}><{y2}>}}"
 
@@ -485,7 +488,7 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
             W, H = r["width"], r["height"]
         else:
             W, H = open_image(image).size
-        box = format_box((x, y, x + w, y + h), W, H)
+        box = format_box((x, y, x + w, y + h), W, H, truncate=True)
         phrase = str(_field(r, "sentence", path, i))
         meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
         turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)

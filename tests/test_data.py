@@ -306,9 +306,12 @@ def test_cc_sbu_align_llava_vqa_refs(tmp_path):
 
     (tmp_path / "refs.json").write_text(json.dumps([
         {"image": "x.jpg", "bbox": [3, 2, 12, 10], "sentence": "the red box"},                  # size from the image
-        {"image": "x.jpg", "bbox": [64, 48, 256, 192], "sentence": "left one", "width": 640, "height": 480}]))
+        {"image": "x.jpg", "bbox": [64, 48, 256, 192], "sentence": "left one", "width": 640, "height": 480},
+        {"image": "x.jpg", "bbox": [1, 1, 10, 10], "sentence": "a dot", "width": 640, "height": 480}]))
     refs = data.read_refs(tmp_path / "refs.json", tmp_path / "img")
     assert refs[0].turns[0] == ("give me the location of the red box", "{<10><10><50><60>}")
+    assert refs[2].turns[0][1] == "{<0><0><1><2>}"           # truncated as TinyGPT-V's reader does (1.72 -> 1)
+    assert data.format_box((1, 1, 11, 11), 640, 480) == "{<0><0><2><2>}"      # the shapes world rounds
     assert refs[1].meta["box"] == (10, 10, 50, 50) and refs[1].task == "[refer]"
     inverse = data.read_refs(tmp_path / "refs.json", tmp_path / "img", inverse=True)
     assert inverse[0].task == "[identify]" and inverse[0].turns[0][1] == "the red box"
