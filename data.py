@@ -198,8 +198,9 @@ class PromptError(UserError):
 
 
 def clean_caption(caption: str, max_words: int = 50) -> str:
-    """MiniGPT-4's caption cleaning for stages 1-2: lowercase, .!"()*#:;~ become spaces, runs of spaces collapse,
-    at most max_words words."""
+    """MiniGPT-4's caption cleaning for stages 1-2 (BLIP's pre_caption, which TinyGPT-V's stage 4 also applies to
+    questions, answers and phrases): lowercase, .!"()*#:;~ become spaces, runs of spaces collapse, at most
+    max_words words."""
     caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
     return " ".join(caption.split(" ")[:max_words])
@@ -458,7 +459,8 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
     TinyGPT-V's VQAv2 / OK-VQA files), or {"answers": [...]} (VQAv2's own, entries strings or {"answer": ...}).
     Training uses the most frequent answer; evaluation scores against all of them (meta["answers"]). TinyGPT-V
     instead draws one per use, weighted by how many annotators gave it; a fixed answer keeps every batch
-    reproducible, which --resume's exactness rests on."""
+    reproducible, which --resume's exactness rests on. The question and the answer trained on pass through
+    clean_caption, as TinyGPT-V's text processor puts every stage-4 text; the scored answers stay as written."""
     path, root, samples = Path(path), Path(image_root), []
     for i, r in enumerate(_read_json_records(path)):
         answers = r.get("answers")
@@ -471,7 +473,8 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
             raise DataError(f"{path}: record {i} has an empty answer list")
         best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
         samples.append(Sample(root / _field(r, "image", path, i),
-                              [(template.format(_field(r, "question", path, i)), best)], task="[vqa]",
+                              [(template.format(clean_caption(str(_field(r, "question", path, i)))),
+                                clean_caption(best))], task="[vqa]",
                               meta={"answers": answers, "source": str(path)}))
     return samples
 
@@ -479,7 +482,8 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
 def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = False) -> list[Sample]:
     """Referring expressions (RefCOCO style): {"image", "bbox": [x, y, w, h] in pixels, "sentence"}, plus the
     image's "width" and "height" (read from the image when absent). inverse=True makes [identify] samples
-    (box -> phrase) instead of [refer] (phrase -> box)."""
+    (box -> phrase) instead of [refer] (phrase -> box). The phrase passes through clean_caption, and the box is
+    truncated, as in TinyGPT-V's RefCOCO reader."""
     path, root, samples = Path(path), Path(image_root), []
     for i, r in enumerate(_read_json_records(path)):
         image = root / _field(r, "image", path, i)
@@ -489,7 +493,7 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
         else:
             W, H = open_image(image).size
         box = format_box((x, y, x + w, y + h), W, H, truncate=True)
-        phrase = str(_field(r, "sentence", path, i))
+        phrase = clean_caption(str(_field(r, "sentence", path, i)))
         meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
         turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
         samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))

@@ -297,20 +297,23 @@ def test_cc_sbu_align_llava_vqa_refs(tmp_path):
         '{"image": "x.jpg", "question": "What color?", "answers": ["red", "red", "crimson"]}\n'
         '{"image": "x.jpg", "question": "Shape?", "answer": "rectangle"}\n'
         '{"image": "x.jpg", "question": "Which?", "answer": ["left", "right", "right"]}\n'      # LAVIS / TinyGPT-V
-        '{"image": "x.jpg", "question": "Count?", "answers": [{"answer": "2"}, {"answer": "two"}, {"answer": "2"}]}\n')
+        '{"image": "x.jpg", "question": "Count?", "answers": [{"answer": "2"}, {"answer": "two"}, {"answer": "2"}]}\n'
+        '{"image": "x.jpg", "question": "Is THIS (really) a Dog?", "answer": "Yes."}\n')
     vqa = data.read_vqa(tmp_path / "vqa.jsonl", tmp_path / "img")
     assert vqa[0].turns[0][1] == "red" and vqa[0].meta["answers"] == ["red", "red", "crimson"] and vqa[0].task == "[vqa]"
     assert vqa[1].meta["answers"] == ["rectangle"]
     assert vqa[2].turns[0][1] == "right" and vqa[2].meta["answers"] == ["left", "right", "right"]
     assert vqa[3].turns[0][1] == "2" and vqa[3].meta["answers"] == ["2", "two", "2"]
+    assert vqa[4].turns[0][0].endswith(": is this really a dog?") and vqa[4].turns[0][1] == "yes"   # BLIP's pre_caption
+    assert vqa[4].meta["answers"] == ["Yes."]                                                      # scored as written
 
     (tmp_path / "refs.json").write_text(json.dumps([
         {"image": "x.jpg", "bbox": [3, 2, 12, 10], "sentence": "the red box"},                  # size from the image
         {"image": "x.jpg", "bbox": [64, 48, 256, 192], "sentence": "left one", "width": 640, "height": 480},
-        {"image": "x.jpg", "bbox": [1, 1, 10, 10], "sentence": "a dot", "width": 640, "height": 480}]))
+        {"image": "x.jpg", "bbox": [1, 1, 10, 10], "sentence": "A Dot.", "width": 640, "height": 480}]))
     refs = data.read_refs(tmp_path / "refs.json", tmp_path / "img")
     assert refs[0].turns[0] == ("give me the location of the red box", "{<10><10><50><60>}")
-    assert refs[2].turns[0][1] == "{<0><0><1><2>}"           # truncated as TinyGPT-V's reader does (1.72 -> 1)
+    assert refs[2].turns[0] == ("give me the location of a dot", "{<0><0><1><2>}")   # cleaned; 1.72 -> 1, as the repo
     assert data.format_box((1, 1, 11, 11), 640, 480) == "{<0><0><2><2>}"      # the shapes world rounds
     assert refs[1].meta["box"] == (10, 10, 50, 50) and refs[1].task == "[refer]"
     inverse = data.read_refs(tmp_path / "refs.json", tmp_path / "img", inverse=True)
