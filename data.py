@@ -206,6 +206,13 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
     return " ".join(caption.split(" ")[:max_words])
 
 
+def clean_text(text: str) -> str:
+    """clean_caption for a stage-4 question, answer or phrase (cut at 50 words, as BLIP's processor cuts them);
+    text holding the image marker is left as it is, so that encoding refuses it (lowercased, the marker would pass
+    as plain words)."""
+    return text if IMAGE_MARKER in text else clean_caption(text)
+
+
 def check_text(text: str) -> str:
     """Text from a user or a data file, refused if it holds the image marker: the template alone says where the
     image goes (a stray marker would ask for a second image)."""
@@ -473,8 +480,8 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
             raise DataError(f"{path}: record {i} has an empty answer list")
         best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
         samples.append(Sample(root / _field(r, "image", path, i),
-                              [(template.format(clean_caption(str(_field(r, "question", path, i)))),
-                                clean_caption(best))], task="[vqa]",
+                              [(template.format(clean_text(str(_field(r, "question", path, i)))),
+                                clean_text(best))], task="[vqa]",
                               meta={"answers": answers, "source": str(path)}))
     return samples
 
@@ -493,7 +500,7 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
         else:
             W, H = open_image(image).size
         box = format_box((x, y, x + w, y + h), W, H, truncate=True)
-        phrase = clean_caption(str(_field(r, "sentence", path, i)))
+        phrase = clean_text(str(_field(r, "sentence", path, i)))
         meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
         turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
         samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))

@@ -183,7 +183,7 @@ def test_unusable_samples_are_skipped_counted_and_a_hopeless_run_stops(place, ca
     are skipped and counted, in training and in the held-out report; when nothing drawn can be used, the run stops
     with a message instead of drawing forever."""
     good = {"image": "scene.png", "question": "how many shapes are there?", "answer": "4"}
-    long = {**good, "question": "tell me " * 200}                      # ~640 tokens: fits stage 4's 1024, not 512
+    long = {**good, "question": "tell-me-" * 120}     # 600 tokens in one word (cleaning keeps 50 words): fits 1024, not 512
     records = [good] * 6 + [{**good, "image": "gone.png"}] * 3 + [{**good, "question": "see <ImageHere>"}, long]
     (place / "mixed.json").write_text(json.dumps(records))
     (place / "mixed_val.json").write_text(json.dumps([good, good, long]))
