@@ -234,8 +234,9 @@ def model_config(cfg: TrainConfig) -> tv.TinyVLMConfig:
     the ablation flags and the LoRA rank (alpha scaled with it, keeping alpha / rank)."""
     mcfg = tv.PRESETS["tinygptv" if cfg.phi else cfg.preset]()
     phi = dataclasses.replace(mcfg.phi, qk_norm=cfg.qk_norm, post_attn_norm=cfg.post_attn_norm)
-    if not cfg.phi and cfg.stage and backbones_file(cfg).exists():    # stage 0 on your text sized the vocabulary
-        vocab = tv.TinyVLMConfig.from_dict(json.loads(backbones_metadata(cfg)["config"])).phi.vocab_size
+    stored = backbones_metadata(cfg).get("config") if not cfg.phi and cfg.stage else None
+    if stored:                                      # stage 0 on your text sized the vocabulary
+        vocab = tv.TinyVLMConfig.from_dict(json.loads(stored)).phi.vocab_size
         phi = dataclasses.replace(phi, vocab_size=vocab)
     lora = mcfg.lora if cfg.lora else None
     if lora is not None and cfg.lora_rank:
@@ -258,8 +259,10 @@ def backbones_file(cfg: TrainConfig) -> Path:
 
 
 def backbones_metadata(cfg: TrainConfig) -> dict[str, str]:
-    """The backbones' metadata: their config, and after stage 0 on your text its tokenizer and the words it met."""
-    return weights.read_metadata(backbones_file(cfg))
+    """The backbones' metadata: their config, and after stage 0 on your text its tokenizer and the words it met
+    (empty while the file is missing: build_model then says how to make it)."""
+    path = backbones_file(cfg)
+    return weights.read_metadata(path) if path.exists() else {}
 
 
 def check_flags(cfg: TrainConfig) -> None:
@@ -369,13 +372,13 @@ def build_tokenizer(cfg: TrainConfig) -> data.Tokenizer:
         return data.Tokenizer.from_file(cfg.tokenizer)
     if cfg.phi:
         return data.Tokenizer.from_file(cfg.phi)
-    stored = backbones_metadata(cfg).get("tokenizer") if backbones_file(cfg).exists() else None
+    stored = backbones_metadata(cfg).get("tokenizer")
     return data.Tokenizer.from_str(json.loads(stored)) if stored else data.shapes_tokenizer()
 
 
 def known_words(cfg: TrainConfig) -> set[str]:
     """The words the tiny LM met in stage 0: the shapes world's, and those of your text after stage 0 --text."""
-    stored = backbones_metadata(cfg).get("words") if backbones_file(cfg).exists() else None
+    stored = backbones_metadata(cfg).get("words")
     return set(json.loads(stored)) if stored else data.world_words()
 
 
