@@ -286,14 +286,9 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
         if i and stage == 4 and layout == "tinygptv":          # TinyGPT-V starts each later question with a BOS
             ids.append(tokenizer.bos_id)
             labels.append(IGNORE_INDEX)
-        for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
-            if j:
-                image = [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
-                ids += image
-                labels += [IGNORE_INDEX] * len(image)
-            piece_ids = tokenizer.encode(piece) if piece else []
-            ids += piece_ids
-            labels += [IGNORE_INDEX] * len(piece_ids)
+        prompt_ids = with_image_slots(prompt, tokenizer, num_image_tokens, image_text)
+        ids += prompt_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids)
         answer_ids = tokenizer.encode(answer + END[stage])
         ids += answer_ids
         labels += answer_ids
@@ -314,7 +309,14 @@ def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_
     check_text(instruction)
     prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True,
                          layout=layout)
-    ids = [tokenizer.bos_id]
+    return [tokenizer.bos_id] + with_image_slots(prompt, tokenizer, num_image_tokens, image_text)
+
+
+def with_image_slots(prompt: str, tokenizer: Tokenizer, num_image_tokens: int, image_text: str | None = None) -> list[int]:
+    """The ids of a prompt text, its image marker replaced by num_image_tokens IMAGE_TOKEN slots (or image_text's
+    ids). The text on either side of the marker is tokenized apart, as TinyGPT-V does: a BPE merge never crosses
+    the image."""
+    ids = []
     for j, piece in enumerate(prompt.split(IMAGE_MARKER)):
         if j:
             ids += [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
@@ -355,7 +357,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 # Real data formats. Each reader returns a list of Samples; image paths are relative to image_root.
 
 def _read_json_records(path: str | Path) -> list[dict]:
-    """A JSON list (or {"annotations": [...]}) or JSONL file of objects; at least one."""
+    """A JSON list (or {"annotations": [...]}, or {id: object}) or JSONL file of objects; at least one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -374,6 +376,10 @@ def _read_json_records(path: str | Path) -> list[dict]:
             raise DataError(f"{path}: neither JSON nor JSONL (line {e.lineno}: {e.msg})") from None
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
+    elif isinstance(data, dict) and data and all(isinstance(r, dict) for r in data.values()):
+        data = [{"id": k} | r for k, r in data.items()]          # keyed by id (GQA's question files)
+    elif isinstance(data, dict):
+        data = [data]                                            # a JSONL file of one line
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a list of objects (JSON) or one object per line (JSONL)")
     if not data:

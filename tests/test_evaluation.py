@@ -1,11 +1,16 @@
-"""The caption metrics on small cases worked out by hand, and the wrong-image control beside them."""
+"""The caption metrics on small cases worked out by hand, and the wrong-image control beside them; the paper's
+benchmarks read from their published layouts and scored the way TinyGPT-V's evaluation scores them."""
 
+import json
 import math
 
 import pytest
+import torch
+from PIL import Image
 
 import data
 import evaluation as ev
+from tinyvlm import IGNORE_INDEX, IMAGE_TOKEN
 
 
 def test_bleu4_on_hand_worked_cases():
@@ -60,3 +65,134 @@ def test_caption_metrics_group_references_by_image_and_report_the_wrong_image():
     assert m["token F1"] == pytest.approx(1.0) and m["token F1 (wrong image)"] < 0.5
     assert m["CIDEr-D"] > 5 and m["CIDEr-D (wrong image)"] < 1
     assert m["BLEU-4"] == 0.0               # three-word captions have no 4-grams
+
+
+# The paper's benchmarks, TinyGPT-V's way (evaluation.py, "The paper's benchmarks")
+
+def test_benchmark_prompts_are_the_repo_tokens(phi2_tokenizer_files):
+    """The prompt ids of a benchmark question are those of the repo's evaluation, rebuilt here as it builds them:
+    MiniGPT-v2's Conversation (system "", sep "###", roles "Human: " / "Assistant: ") around "<Img><ImageHere></Img>
+    {question}", each side of the image tokenized alone with the tokenizer's special tokens asked for (Phi-2's adds
+    none); IconQA's ranking rows: BOS, "###Human: ... ###Assistant: ", then the candidate and "\n"."""
+    from tokenizers import AddedToken
+    from transformers import CodeGenTokenizer
+    folder, out = phi2_tokenizer_files
+    ours = data.Tokenizer.from_file(out)
+    ref = CodeGenTokenizer(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
+    ref.add_tokens([AddedToken(t, normalized=True, special=False) for t in data.phi2_whitespace_tokens()])
+    n, question = 32, ev.SHORT_ANSWER.format("What is the man holding?")
+    conversation = "" + "###" + "Human: " + f"<Img><ImageHere></Img> {question}" + "###" + "Assistant: "
+    before, after = conversation.split("<ImageHere>")
+    want = ref(before)["input_ids"] + [IMAGE_TOKEN] * n + ref(after)["input_ids"]
+    assert ref(before)["input_ids"] == ref(before, add_special_tokens=False)["input_ids"]     # no BOS added
+    assert data.with_image_slots(ev.BENCHMARK_PROMPT.format(question), ours, n) == want
+    before, after = "###Human: <Img><ImageHere></Img> {} ###Assistant: ".format(question).split("<ImageHere>")
+    hf = lambda text: ref(text, add_special_tokens=False)["input_ids"]
+    row = [50256] + hf(before) + [IMAGE_TOKEN] * n + hf(after) + hf("a dog\n")
+    assert [50256] + data.with_image_slots(ev.CHOICE_PROMPT.format(question), ours, n) + ours.encode(
+        "a dog" + ev.CHOICE_END) == row
+
+
+def test_benchmark_scorers_match_the_repo_quirks():
+    # GQA: the truth anywhere in the 20 tokens, even past the "###"
+    assert ev.score_gqa("Blue###Human: red", "red") == 1.0 and ev.score_gqa("blue", "red") == 0.0
+    # VSR: "true" / "false" anywhere
+    assert ev.score_vsr("True, it is.", "true") == 1.0 and ev.score_vsr("yes", "true") == 0.0
+    # VizWiz: each annotator whose answer equals, holds or is held by the model's counts a third
+    assert ev.score_vizwiz("unanswerable###", ["unanswerable"] * 3 + ["blue"]) == 1.0
+    assert ev.score_vizwiz("Assistant: light blue", ["blue", "red", "red"]) == pytest.approx(1 / 3)
+    assert ev.score_vizwiz("blue", ["light_blue", "red"]) == pytest.approx(1 / 3)       # "_" splits an answer
+    assert ev.score_vizwiz("blue", ["blue_blue", "red"]) == pytest.approx(2 / 3)
+    # Hateful Memes: "yes" anywhere is hateful, else "no" anywhere (in "not" too) is not, else wrong
+    assert ev.score_hateful_memes("Yes.", 1) == 1.0 and ev.score_hateful_memes("I do not know", 0) == 1.0
+    assert ev.score_hateful_memes("maybe", 0) == 0.0 and ev.score_hateful_memes("maybe", 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def benchmark_files(tmp_path_factory):
+    """Tiny files in each benchmark's published layout, around pictures of the shapes world."""
+    d = tmp_path_factory.mktemp("benchmarks")
+    scenes = [data.write_scene(d / f"{i}.png", seed=i) for i in range(3)]
+    for sub in ("train2017", "val2017", "img", "q7", "q8"):
+        (d / sub).mkdir()
+    (d / "0.png").rename(d / "train2017" / "000000000000.png")
+    (d / "1.png").rename(d / "val2017" / "000000000001.png")
+    Image.open(d / "2.png").save(d / "img" / "01235.png")
+    Image.open(d / "2.png").save(d / "q7" / "image.png")
+    Image.open(d / "2.png").save(d / "q8" / "image.png")
+    files = {
+        "gqa": [{"image": "2.png", "question": "what colour is the shape?", "answer": "red"},
+                {"image": "2.png", "question": "how many shapes are there?", "answer": "two"}],
+        "gqa_own": {"201": {"imageId": "2", "question": "what is it?", "answer": "circle", "types": {}}},
+        "vsr": [{"image": "000000000000.png", "caption": "The circle is left of the square.", "label": 1},
+                {"image": "000000000001.png", "caption": "The square is under the circle.", "label": 0}],
+        "iconqa": [{"image_id": "q7", "question": "Which shape is there?", "choices": ["a red circle", "a square"],
+                    "answer": 0},
+                   {"image_id": "q8", "question": "How many?", "choices": ["one", "two", "three"], "answer": "two"}],
+        "vizwiz": [{"image": "2.png", "question": "What is this?",
+                    "answers": [{"answer": "circle", "answer_confidence": "yes"}] * 10, "answerable": 1}],
+        "hm": [{"id": 1235, "img": "img/01235.png", "label": 0, "text": "shapes are friends"}],
+    }
+    for name, records in files.items():
+        path = d / (f"{name}.jsonl" if name in ("vsr", "hm") else f"{name}.json")
+        path.write_text("\n".join(json.dumps(r) for r in records) if path.suffix == ".jsonl" else json.dumps(records))
+    return d, scenes
+
+
+def test_benchmark_readers_take_the_published_layouts(benchmark_files):
+    d, _ = benchmark_files
+    vsr = ev.read_benchmark("vsr", d / "vsr.jsonl", d)
+    assert [s.image for s in vsr] == [d / "train2017" / "000000000000.png", d / "val2017" / "000000000001.png"]
+    assert [s.meta["truth"] for s in vsr] == ["true", "false"]
+    assert vsr[0].turns[0][0] == "[vqa] Based on the image, is this statement true or false? The circle is left of the square."
+    own = ev.read_benchmark("gqa", d / "gqa_own.json", d)
+    assert own[0].image == d / "2.jpg" and own[0].meta["truth"] == "circle"      # GQA names its images ID.jpg
+    icon = ev.read_benchmark("iconqa", d / "iconqa.json", d)
+    assert [s.meta["truth"] for s in icon] == [0, 1] and icon[1].image == d / "q8" / "image.png"
+    assert ev.read_benchmark("vizwiz", d / "vizwiz.json", d)[0].meta["truth"] == ["circle"] * 10
+    hm = ev.read_benchmark("hm", d / "hm.jsonl", d)
+    assert hm[0].turns[0][0] == ("This is an image writting 'shapes are friends'. Is this image hateful? "
+                                 "Answer yes or no. Answer:") and hm[0].meta["truth"] == 0
+    bad = d / "bad_iconqa.json"
+    bad.write_text(json.dumps([{"image_id": "q7", "question": "?", "choices": ["a", "b"], "answer": 2}]))
+    with pytest.raises(data.DataError, match="record 0: 'answer' must be the index of one of the 2 choices"):
+        ev.read_benchmark("iconqa", bad, d)
+
+
+def test_benchmark_runs_score_what_the_model_answers(benchmark_files, capsys):
+    """Through the command line with the shipped stage-4 model: each answer is the model's own greedy answer to
+    the benchmark prompt, asked alone (no batch, no padding), the score is the repo's match over them; IconQA's
+    pick is the candidate with the lowest loss, each computed alone by the model's forward()."""
+    import train
+    d, _ = benchmark_files
+    result = train.main(["--benchmark", "gqa", "--data", str(d / "gqa.json"), "--image-root", str(d)])
+    assert f"gqa: {result['score']:.2f} (2 scored)" in capsys.readouterr().out
+    model, tok, n, size = _shipped()
+    samples = ev.read_benchmark("gqa", d / "gqa.json", d)
+    for s, answer in zip(samples, result["answers"]):
+        ids = torch.tensor([data.with_image_slots(ev.BENCHMARK_PROMPT.format(s.turns[0][0]), tok, n)])
+        pixels = data.preprocess(data.load_image(s), size)[None]
+        alone = model.generate(pixels, ids, max_new_tokens=ev.BENCHMARK_NEW_TOKENS, eos_token_id=tok.eos_id)[0]
+        assert answer == ev.benchmark_answer(tok, alone)
+    assert result["score"] == pytest.approx(50 * sum(ev.score_gqa(a, s.meta["truth"])
+                                                     for a, s in zip(result["answers"], samples)))
+    icon = train.main(["--benchmark", "iconqa", "--data", str(d / "iconqa.json"), "--image-root", str(d)])
+    for s, picked in zip(ev.read_benchmark("iconqa", d / "iconqa.json", d), icon["answers"]):
+        losses = []
+        for c in s.meta["choices"]:
+            prompt = [tok.bos_id] + data.with_image_slots(ev.CHOICE_PROMPT.format(s.turns[0][0]), tok, n)
+            answer = tok.encode(c + ev.CHOICE_END)
+            labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
+            pixels = data.preprocess(data.load_image(s), size)[None]
+            with torch.no_grad():
+                losses.append(float(model(pixels, torch.tensor([prompt + answer]), labels=labels)[1]))
+        assert picked == s.meta["choices"][losses.index(min(losses))]
+    for name, file in (("vsr", "vsr.jsonl"), ("vizwiz", "vizwiz.json"), ("hm", "hm.jsonl")):
+        out = train.main(["--benchmark", name, "--data", str(d / file), "--image-root", str(d)])
+        assert out["n"] >= 1 and out["skipped"] == 0 and 0 <= out["score"] <= 100
+
+
+def _shipped():
+    import chat
+    loaded = chat.load_model(chat.ChatConfig(checkpoint=str(chat.SHIPPED)), torch.device("cpu"))
+    return loaded.model, loaded.tok, loaded.model.cfg.num_image_tokens, loaded.image_size
