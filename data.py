@@ -396,41 +396,96 @@ def _field(record: dict, key: str, path, i: int):
 CAPTION_INSTRUCTION = ""          # stages 1-2 captions have no instruction
 
 
-def read_captions(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
-    """Image-caption pairs: a JSON / JSONL list of {"image", "caption"}, or webdataset .tar shards."""
+def read_captions(path: str | Path, image_root: str | Path = ".") -> list[Sample] | CaptionShards:
+    """Image-caption pairs: a JSON / JSONL list of {"image", "caption"}; webdataset .tar shards (a file, or a
+    folder of them) give a CaptionShards instead, to be read as a stream."""
     path = Path(path)
     if path.suffix == ".tar" or path.is_dir() and any(path.glob("*.tar")):
-        return read_caption_shards(sorted(path.glob("*.tar")) if path.is_dir() else [path])
+        return caption_shards(path)
     root = Path(image_root)
     return [Sample(root / _field(r, "image", path, i), [(CAPTION_INSTRUCTION, str(_field(r, "caption", path, i)))],
                    meta={"source": str(path)})
             for i, r in enumerate(_read_json_records(path))]
 
 
-def read_caption_shards(shards: Sequence[str | Path]) -> list[Sample]:
-    """webdataset-style shards as LAION / CC / SBU are distributed: {key}.jpg (or .png / .jpeg / .webp) next to
-    {key}.txt, or {key}.json with a "caption". The image bytes are kept in memory, decoded when used."""
-    samples = []
-    for shard in shards:
-        groups: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile():
-                    key, _, ext = member.name.rpartition(".")
-                    groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        for key, files in sorted(groups.items()):
+HELD_OUT_EVERY = 20       # of each shard's samples every 20th is held out: the 5% other formats hold out at the end
+
+
+@dataclass
+class CaptionShards:
+    """Webdataset shards as LAION, CC and SBU are distributed (thousands of .tar files, millions of pairs, more than
+    any RAM): {key}.jpg (or .png / .jpeg / .webp) next to {key}.txt, or {key}.json with a "caption". They are never
+    read whole: samples() walks a shard one sample at a time, and SampleStream shuffles them through a buffer."""
+    shards: list[Path]
+
+    def samples(self, shard: Path, part: str = "all") -> Iterator[Sample]:
+        """One shard's samples in order, captions cleaned (clean_caption) as other caption files are. part: "all",
+        "train" or "held out" (every HELD_OUT_EVERY-th). A sample without an image or a caption, or the rest of a
+        shard that stops being readable (an interrupted download), comes out as a Sample whose meta["problem"] says
+        so: whoever encodes it skips and counts it, as with any unusable sample."""
+        def sample(key: str, files: dict[str, bytes]) -> Sample:
             image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-            if "txt" in files:
-                caption = files["txt"].decode("utf-8").strip()
-            elif "json" in files:
-                caption = json.loads(files["json"]).get("caption")
-            else:
-                caption = None
+            caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else \
+                _json_caption(files["json"]) if "json" in files else None
             if image is None or not caption:
-                raise DataError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(files)})")
-            samples.append(Sample(EncodedImage(f"{shard}:{key}", image), [(CAPTION_INSTRUCTION, caption)],
-                                  meta={"source": str(shard)}))
-    return samples
+                return Sample(None, [], meta={"problem": f"{shard}: sample {key!r} lacks an image or a caption "
+                                                         f"(has {sorted(files)})"})
+            return Sample(EncodedImage(f"{shard}:{key}", image), [(CAPTION_INSTRUCTION, clean_caption(caption))],
+                          meta={"source": str(shard)})
+
+        def grouped() -> Iterator[Sample]:            # the files of a sample lie next to each other in the tar
+            key, files = None, {}
+            try:
+                with tarfile.open(shard, "r|*") as tar:    # "r|": a stream, never an index of the whole file
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        k, _, ext = member.name.rpartition(".")
+                        if key is not None and k != key:
+                            yield sample(key, files)
+                            files = {}
+                        key, files[ext.lower()] = k, tar.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                if key is not None and "problem" not in sample(key, files).meta:     # read whole before the break
+                    yield sample(key, files)
+                yield Sample(None, [], meta={"problem": f"{shard}: unreadable after sample {key!r}, the rest of it "
+                                                        f"is skipped ({type(e).__name__}: {e})"})
+                return
+            if key is not None:
+                yield sample(key, files)
+
+        for i, s in enumerate(grouped()):
+            held_out = i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+            if part == "all" or (part == "held out") == held_out:
+                yield s
+
+    def first(self, n: int, part: str = "all") -> list[Sample]:
+        """The first n samples of a part, the shards in order: a held-out set that never grows with the data."""
+        out = []
+        for shard in self.shards:
+            for s in self.samples(shard, part):
+                if "problem" not in s.meta:
+                    out.append(s)
+                if len(out) == n:
+                    return out
+        return out
+
+
+def _json_caption(raw: bytes) -> str | None:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record.get("caption") if isinstance(record, dict) else None
+
+
+def caption_shards(path: str | Path) -> CaptionShards:
+    path = Path(path)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    for shard in shards:
+        if not shard.is_file() or shard.stat().st_size == 0:
+            raise DataError(f"{shard}: no such shard, or an empty file")
+    return CaptionShards(shards)
 
 
 @dataclass
@@ -544,10 +599,16 @@ class VLMDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict | None:
+        return self.item(self.samples[i], i)
+
+    def item(self, sample: Sample, i: int) -> dict | None:
+        """The model inputs of one sample (i: its number, for messages), or None when it is skipped."""
         try:
-            ids, labels = self.tokens(i)
+            if "problem" in sample.meta:                  # a stream's sample that could not be read
+                raise PromptError(sample.meta["problem"])
+            ids, labels = self.tokens(sample, i)
             seen = len(self.notices)
-            pixels = preprocess(load_image(self.samples[i], self.notices), self.image_size)
+            pixels = preprocess(load_image(sample, self.notices), self.image_size)
             for notice in self.notices[seen:]:
                 if len(self.notices) <= self.SHOWN:
                     print(f"note: {notice}" + (" (further notes are counted, not shown)"
@@ -559,8 +620,8 @@ class VLMDataset(torch.utils.data.Dataset):
             return None
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
 
-    def tokens(self, i: int) -> tuple[list[int], list[int]]:
-        ids, labels = encode(self.samples[i], self.tokenizer, self.stage, self.num_image_tokens, self.max_len,
+    def tokens(self, sample: Sample, i: int) -> tuple[list[int], list[int]]:
+        ids, labels = encode(sample, self.tokenizer, self.stage, self.num_image_tokens, self.max_len,
                              layout=self.layout)
         if self.max_positions and len(ids) > self.max_positions:
             raise PromptError(f"sample {i}: {len(ids)} tokens with the image, more than the model's "
@@ -586,8 +647,85 @@ class FeatureDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
-        ids, labels = self.base.tokens(i)
+        ids, labels = self.base.tokens(self.samples[i], i)
         return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
+
+
+class SampleStream:
+    """An endless, shuffled stream of model inputs from CaptionShards, for one rank: memory holds `buffer` samples,
+    whatever the size of the data. Each epoch visits this rank's shards (every world-th, from the rank-th: under
+    DDP each rank reads its own) in an order drawn from (seed, epoch), and shuffles within the buffer: a sample waits
+    there until a random draw sends it out, replaced by the next one read. Held-out samples never come out.
+
+    take(n) gives n usable inputs; the unusable ones on the way (an unreadable image, a sample without a caption,
+    a damaged shard) are skipped and counted (.skipped), as VLMDataset does. state_dict() is the position (epoch,
+    samples drawn in it): load_state_dict() continues from exactly there, reading again up to it."""
+
+    UNUSABLE_LIMIT = 256
+
+    def __init__(self, source: CaptionShards, encoder: VLMDataset, buffer: int = 1000, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.source, self.encoder, self.buffer, self.seed = source, encoder, buffer, seed
+        self.shards = source.shards[rank::world]
+        if not self.shards:
+            raise DataError(f"{len(source.shards)} shard(s) for {world} ranks: every rank needs at least one "
+                            f"(split the data into more shards, or use fewer ranks)")
+        self.epoch, self.drawn = 0, 0
+        self._stream = None
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.encoder.skipped
+
+    def _samples(self) -> Iterator[Sample]:
+        while True:
+            rng = random.Random(self.seed * 1_000_003 + self.epoch)
+            order = list(self.shards)
+            rng.shuffle(order)
+            buffer, read = [], 0
+            for shard in order:
+                for sample in self.source.samples(shard, "train"):
+                    read += 1
+                    if len(buffer) < self.buffer:
+                        buffer.append(sample)
+                        continue
+                    j = rng.randrange(len(buffer))
+                    buffer[j], sample = sample, buffer[j]
+                    yield sample
+            rng.shuffle(buffer)
+            yield from buffer
+            if not read:
+                raise DataError(f"shards {', '.join(map(str, order[:3]))}: no training samples in them")
+            self.epoch, self.drawn = self.epoch + 1, 0
+
+    def _next_sample(self) -> Sample:
+        if self._stream is None:
+            self._stream = self._samples()
+            for _ in range(self.drawn):                   # resumed: draw again, unencoded, up to where it stopped
+                next(self._stream)
+        sample = next(self._stream)
+        self.drawn += 1
+        return sample
+
+    def take(self, n: int) -> list[dict]:
+        items, unusable = [], 0
+        while len(items) < n:
+            item = self.encoder.item(self._next_sample(), self.drawn - 1)
+            if item is not None:
+                items.append(item)
+                unusable = 0
+                continue
+            unusable += 1
+            if unusable >= self.UNUSABLE_LIMIT:
+                raise DataError(f"shards {self.shards[0]}...: none of the last {unusable} samples could be used "
+                                f"(e.g. {self.skipped[-1]})")
+        return items
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.drawn, self._stream = state["epoch"], state["drawn"], None
 
 
 def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
@@ -616,22 +754,24 @@ class Mixture:
     """Several datasets mixed by sample ratio: each iteration draws one dataset (probability proportional to its
     ratio) and a batch from it, as TinyGPT-V's runner does; each dataset is shuffled and cycled on its own. A
     dataset whose last UNUSABLE_LIMIT draws were all skipped stops the run (a wrong --image-root, say), rather than
-    drawing forever."""
+    drawing forever. Under DDP every rank draws the same datasets and yields its share of each batch (every
+    world-th sample from the rank-th): of the same drawn samples for a dataset in memory, of its own shards for a
+    SampleStream."""
 
     UNUSABLE_LIMIT = 256
 
-    def __init__(self, datasets: dict[str, torch.utils.data.Dataset], ratios: dict[str, float], batch_size: int,
-                 seed: int = 42, pad_id: int = 0):
+    def __init__(self, datasets: dict[str, torch.utils.data.Dataset | SampleStream], ratios: dict[str, float],
+                 batch_size: int, seed: int = 42, pad_id: int = 0, rank: int = 0, world: int = 1):
         if set(datasets) != set(ratios):
             raise ValueError(f"ratios {sorted(ratios)} do not match datasets {sorted(datasets)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        empty = [n for n, d in datasets.items() if len(d) == 0]
+        if batch_size < world:
+            raise ValueError(f"batch_size ({batch_size}) must be at least the number of ranks ({world})")
+        empty = [n for n, d in datasets.items() if not isinstance(d, SampleStream) and len(d) == 0]
         if empty:
             raise DataError(f"data set {empty[0]} has no samples")
         if any(not (r >= 0 and r < float("inf")) for r in ratios.values()) or not sum(ratios.values()) > 0:
             raise DataError(f"sample ratios must be finite, at least 0 and not all 0: {ratios}")
-        self.datasets, self.batch_size, self.pad_id = datasets, batch_size, pad_id
+        self.datasets, self.batch_size, self.pad_id, self.rank, self.world = datasets, batch_size, pad_id, rank, world
         self.names = sorted(datasets)
         total = sum(ratios.values())
         self.weights = [ratios[n] / total for n in self.names]
@@ -651,23 +791,38 @@ class Mixture:
         unusable = {n: 0 for n in self.names}          # draws in a row that gave no sample
         while True:
             name = self.rng.choices(self.names, self.weights)[0]
-            items = [self.datasets[name][i] for i in self._next_indices(name)]
+            dataset = self.datasets[name]
+            if isinstance(dataset, SampleStream):       # this rank's shards: its share, every sample usable
+                yield name, collate(dataset.take(len(range(self.rank, self.batch_size, self.world))), self.pad_id)
+                continue
+            items = [dataset[i] for i in self._next_indices(name)]
             unusable[name] = 0 if any(it is not None for it in items) else unusable[name] + len(items)
             if unusable[name] >= self.UNUSABLE_LIMIT:
-                skipped = getattr(self.datasets[name], "skipped", None) or ["?"]
+                skipped = getattr(dataset, "skipped", None) or ["?"]
                 raise DataError(f"data set {name}: none of the last {unusable[name]} samples drawn could be used "
                                 f"(e.g. {skipped[-1]}); is --image-root right?")
             batch = collate(items, self.pad_id)
             if batch is not None:
-                yield name, batch
+                yield name, {k: v[self.rank::self.world] for k, v in batch.items()}
 
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "orders": self.orders}
+    def stream_states(self) -> dict[str, dict]:
+        """Where this rank's streams stand (each rank reads its own shards: a checkpoint keeps every rank's)."""
+        return {n: d.state_dict() for n, d in self.datasets.items() if isinstance(d, SampleStream)}
+
+    def state_dict(self, streams_per_rank: list[dict[str, dict]] | None = None) -> dict:
+        return {"rng": self.rng.getstate(), "orders": self.orders,
+                "streams": streams_per_rank if streams_per_rank is not None else [self.stream_states()]}
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.orders = {k: list(v) for k, v in state["orders"].items()}
+        streams = state.get("streams", [{}])
+        if self.stream_states() and len(streams) != self.world:
+            raise DataError(f"the checkpoint's streams were read by {len(streams)} rank(s), this run has {self.world}: "
+                            f"resume with the same number of ranks")
+        for name, position in (streams[self.rank] if self.rank < len(streams) else {}).items():
+            self.datasets[name].load_state_dict(position)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

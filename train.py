@@ -409,7 +409,7 @@ def parse_data_spec(spec: str, image_root: str, flag: str = "--data") -> dict[st
         if not (0 <= ratio < float("inf")):
             raise cli.UserError(f"{flag} entry {part!r}: the ratio must be a finite number >= 0")
         samples = READERS[fields[0]](fields[1], image_root)
-        if fields[0] == "captions":
+        if fields[0] == "captions" and isinstance(samples, list):      # (shards clean their captions as they stream)
             samples = [dataclasses.replace(s, turns=[(q, data.clean_caption(a))]) for s, (q, a) in
                        ((s, s.turns[0]) for s in samples)]
         out[f"{fields[0]}{i}"] = (samples, ratio)
@@ -476,10 +476,17 @@ def read_user_data(cfg: TrainConfig) -> dict[str, dict[str, tuple[list[data.Samp
         raise cli.UserError("--val-data without --data: give the training data too (or --eval-only)")
     val = parse_data_spec(cfg.val_data, cfg.image_root, "--val-data") if cfg.val_data else None
     train_sets = parse_data_spec(cfg.data, cfg.image_root) if cfg.data else {}
-    if val is None:
-        val = {k: (s[-max(1, len(s) // 20):], r) for k, (s, r) in train_sets.items()}
-        train_sets = {k: (s[:len(s) - max(1, len(s) // 20)] or s, r) for k, (s, r) in train_sets.items()}
+    n_val = max(VAL_FROM_SHARDS, cfg.eval_samples)
+    if val is None:          # shards hold out every 20th sample of each (data.HELD_OUT_EVERY), and stream the rest
+        val = {k: (s.first(n_val, "held out") if isinstance(s, data.CaptionShards) else s[-max(1, len(s) // 20):], r)
+               for k, (s, r) in train_sets.items()}
+        train_sets = {k: (s if isinstance(s, data.CaptionShards) else s[:len(s) - max(1, len(s) // 20)] or s, r)
+                      for k, (s, r) in train_sets.items()}
+    val = {k: (s.first(n_val) if isinstance(s, data.CaptionShards) else s, r) for k, (s, r) in val.items()}
     return {"train": train_sets, "val": val}
+
+
+VAL_FROM_SHARDS = 256    # held-out samples read from shards (the validation loss reads at most 256 per data set)
 
 
 FOREIGN_WORDS = 0.2      # above this share of words the tiny LM never met, a user's data gets a warning
@@ -488,7 +495,9 @@ FOREIGN_WORDS = 0.2      # above this share of words the tiny LM never met, a us
 def warn_if_foreign(user_data: dict, tok: data.Tokenizer, known: set[str], log) -> dict[str, float]:
     """The tiny language model knows only the words of its stage 0: say so before training on text that it never
     met, and what to do instead."""
-    texts = [a for samples, _ in user_data["train"].values() for s in samples[:2000] for _, a in s.turns]
+    texts = [a for samples, _ in user_data["train"].values()
+             for s in (samples.first(2000, "train") if isinstance(samples, data.CaptionShards) else samples[:2000])
+             for _, a in s.turns]
     figures = data.vocabulary_check(texts, tok, known)
     if figures["unseen words"] > FOREIGN_WORDS:
         log(f"warning: {figures['unseen words']:.0%} of the words in your data never occurred in the text the tiny "
@@ -501,12 +510,18 @@ def warn_if_foreign(user_data: dict, tok: data.Tokenizer, known: set[str], log) 
     return figures
 
 
+STREAM_BUFFER = 1000     # samples a shard stream shuffles among (memory: this many images' bytes, ~50 MB for LAION)
+
+
 def make_datasets(cfg: TrainConfig, model: tv.TinyVLM, tok: data.Tokenizer, split: str, n: int, device,
-                  user_data=None) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
+                  user_data=None, rank: int = 0, world: int = 1) -> dict[str, tuple[torch.utils.data.Dataset, float]]:
     nq = model.cfg.num_image_tokens
     if user_data is not None:
-        return {k: (data.VLMDataset(s, tok, cfg.stage, cfg.image_size, nq, skip_bad=cfg.skip_bad,
-                                    max_positions=model.cfg.phi.max_positions, layout=model.cfg.prompt_layout), r)
+        encoder = lambda samples: data.VLMDataset(samples, tok, cfg.stage, cfg.image_size, nq, skip_bad=cfg.skip_bad,
+                                                  max_positions=model.cfg.phi.max_positions,
+                                                  layout=model.cfg.prompt_layout)
+        return {k: (data.SampleStream(s, encoder([]), STREAM_BUFFER, cfg.seed, rank, world)
+                    if isinstance(s, data.CaptionShards) else encoder(s), r)
                 for k, (s, r) in user_data[split].items()}
     out = {}
     for name, (samples, ratio) in world_samples(cfg, split, n).items():
@@ -537,10 +552,11 @@ def atomic_torch_save(obj, path: Path) -> None:
     weights.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_training_state(model, optimizer, mixture, it: int, history: list, cfg: TrainConfig, stage_dir: Path) -> Path:
+def save_training_state(model, optimizer, mixture_state: dict, it: int, history: list, cfg: TrainConfig,
+                        stage_dir: Path) -> Path:
     trained = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
     state = {"iter": it, "trained": trained, "optimizer": optimizer.state_dict(),
-             "mixture": json.dumps(mixture.state_dict()), "torch_rng": torch.get_rng_state(),
+             "mixture": json.dumps(mixture_state), "torch_rng": torch.get_rng_state(),
              "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
              "model_config": json.dumps(model.cfg.to_dict())}
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -646,8 +662,14 @@ def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
-def shard(batch: dict, rank: int, world: int) -> dict:
-    return {k: v[rank::world] for k, v in batch.items()}
+def gather_objects(obj, world: int) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -728,15 +750,17 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     if user_data is None:
         log(f"data: drawing the shapes world ({cfg.train_scenes:,} training scenes) and its frozen features ...")
-    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data)
+    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data, rank, world)
     val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
                                                       user_data).items()}
-    log("data: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in train_sets.items()) + f" ({time.time() - t0:.1f} s)")
+    log("data: " + ", ".join(f"{k} {len(v[0]):,}" if hasattr(v[0], "__len__") else
+                             f"{k} streamed from {len(v[0].shards):,} shard(s)" for k, v in train_sets.items())
+        + f" ({time.time() - t0:.1f} s)")
     if cfg.eval_only:
         return evaluate_checkpoint(model, tok, val_sets, cfg, device, stage_dir)
 
     mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
-                           cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id)
+                           cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id, rank=rank, world=world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start, history = 0, []
     if cfg.resume:
@@ -763,14 +787,16 @@ def train(cfg: TrainConfig) -> dict:
             history[-1]["val_loss"] = validation_loss(model, val_sets, cfg, device, tok)
             log(f"iter {it:5d} | val loss {history[-1]['val_loss']:.4f}")
             show_samples(model, tok, val_sets, cfg.stage, device, log)
-        if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1):
+        save_now = (it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1
+        streams = gather_objects(mixture.stream_states(), world) if save_now else None    # every rank's position
+        if rank == 0 and save_now:
             if not finite_for_saving(model, batch, cfg, device):
                 raise NonFiniteLoss(f"stopped: after iteration {it} the weights are not finite or give a non-finite "
                                     f"loss, so they were not saved; the last good checkpoint is "
                                     f"{last_saved or 'none (nothing was saved)'}; lower --lr?")
             if last_saved is None:
                 replace_earlier_run(stage_dir)
-            save_training_state(model, optimizer, mixture, it + 1, history, cfg, stage_dir)
+            save_training_state(model, optimizer, mixture.state_dict(streams), it + 1, history, cfg, stage_dir)
             last_saved = f"{stage_dir / 'model.safetensors'} (iteration {it + 1})"
     result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
     if world > 1:
@@ -781,14 +807,15 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def train_step(ddp_model, batches, cfg: TrainConfig, device, rank: int, world: int) -> tuple[float, int, dict]:
-    """Forward and backward over grad_accum micro-batches (this rank's share of each); returns the global batch's
-    mean loss, the tokens this rank saw and the last micro-batch. The gradients are left for clip_and_step."""
+    """Forward and backward over grad_accum micro-batches (this rank's share of each: data.Mixture gives it);
+    returns the global batch's mean loss, the tokens this rank saw and the last micro-batch. The gradients are left
+    for clip_and_step."""
     ddp_model.train()
     micro = [next(batches)[1] for _ in range(cfg.grad_accum)]
-    n_tokens = int(sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro))
+    answer_tokens = sum((b["labels"][:, 1:] != tv.IGNORE_INDEX).sum() for b in micro)
+    n_tokens = int(all_reduce_sum(torch.as_tensor(answer_tokens, device=device), world))     # the global batch's
     loss_total, tokens = torch.zeros((), device=device), 0
-    for k, batch in enumerate(micro):
-        part = shard(batch, rank, world)
+    for k, part in enumerate(micro):
         sync = nullcontext() if (world == 1 or k == len(micro) - 1) else ddp_model.no_sync()   # all-reduce once
         with sync:
             loss = micro_step(ddp_model, part, device, cfg, world, n_tokens)

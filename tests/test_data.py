@@ -4,6 +4,8 @@ prompt layouts, label masking, truncation, boxes, every dataset format from smal
 import io
 import json
 import random
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -262,12 +264,105 @@ def test_caption_formats(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    shard = data.read_captions(tmp_path / "shard-000.tar")
+    shard = list(data.read_captions(tmp_path / "shard-000.tar").samples(tmp_path / "shard-000.tar"))
     assert [s.turns[0][1] for s in shard] == ["a red box", "a blue box"]
     assert data.load_image(shard[1]).getpixel((0, 0)) == (0, 0, 255)
     (tmp_path / "bad.json").write_text(json.dumps([{"img": "a.jpg", "caption": "x"}]))
     with pytest.raises(ValueError, match="record 0 has no 'image' field"):
         data.read_captions(tmp_path / "bad.json")
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, image: bytes) -> list[str]:
+    """webdataset shards shard-NNN.tar of per_shard samples ({key}.png + {key}.txt "shard S sample I"); returns the
+    captions in the order written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for k in range(n_shards):
+        with tarfile.open(folder / f"shard-{k:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                captions.append(f"shard {k} sample {i}")
+                for name, payload in ((f"{k:03d}{i:05d}.png", image), (f"{k:03d}{i:05d}.txt", captions[-1].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return captions
+
+
+def png(size: int, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_shards_stream_shuffled_held_out_per_rank_and_resumable(tmp_path, tok):
+    captions = write_shards(tmp_path / "shards", 4, 25, png(8))
+    source = data.read_captions(tmp_path / "shards")
+    stream = lambda rank=0, world=1: data.SampleStream(source, data.VLMDataset([], tok, 1, 16, 2), buffer=8, seed=1,
+                                                       rank=rank, world=world)
+    said = lambda items: [tok.decode([t for t, l in zip(it["input_ids"], it["labels"]) if l != IGNORE_INDEX]).strip()
+                          for it in items]
+    held_out = [c for c in captions if int(c.split()[-1]) % data.HELD_OUT_EVERY == data.HELD_OUT_EVERY - 1]
+    train = [c for c in captions if c not in held_out]
+    assert [s.turns[0][1] for s in source.first(10, "held out")] == held_out == [f"shard {k} sample 19" for k in range(4)]
+    a = stream()
+    epoch = said(a.take(len(train)))
+    assert sorted(epoch) == sorted(train) and epoch != train         # each training sample once, shuffled
+    assert epoch[:4] != [c for c in train if c.startswith(epoch[0][:7])][:4]   # across shards, not one after another
+    second = said(a.take(len(train)))
+    assert sorted(second) == sorted(train) and second != epoch       # the next epoch: another order
+    # DDP: each rank reads its own shards; together they are the data
+    ranks = [said(stream(r, 2).take(len(train) // 2)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(train) and {c.split()[1] for c in ranks[0]} == {"0", "2"}
+    # resume: a stream loaded with the position continues exactly
+    b = stream()
+    b.take(30)
+    position, after = b.state_dict(), b.take(40)        # across the end of the epoch
+    c = stream()
+    c.load_state_dict(position)
+    assert [it["input_ids"] for it in c.take(40)] == [it["input_ids"] for it in after]
+    with pytest.raises(data.DataError, match="1 shard.* for 2 ranks"):
+        data.SampleStream(data.CaptionShards(source.shards[:1]), data.VLMDataset([], tok, 1, 16, 2), rank=1, world=2)
+
+
+def test_a_broken_sample_or_shard_is_skipped_and_counted(tmp_path, tok, capsys):
+    write_shards(tmp_path / "s", 2, 10, png(8))
+    with tarfile.open(tmp_path / "s" / "shard-002.tar", "w") as tar:       # a sample without its caption
+        info = tarfile.TarInfo("lonely.png")
+        info.size = len(png(8))
+        tar.addfile(info, io.BytesIO(png(8)))
+    whole = (tmp_path / "s" / "shard-000.tar").read_bytes()
+    (tmp_path / "s" / "shard-003.tar").write_bytes(whole[:512 * 11 + 50])   # an interrupted download, cut in sample 3
+    stream = data.SampleStream(data.read_captions(tmp_path / "s"), data.VLMDataset([], tok, 1, 16, 2, skip_bad=True),
+                               buffer=4)
+    usable = 0
+    while stream.epoch == 0:                                             # one pass over the shards
+        usable += len(stream.take(1))
+    assert usable - 1 == 10 + 10 + 3          # the good shards, the cut one's first 3 (the last take is epoch 1's)
+    problems = " ".join(stream.skipped)
+    assert "'lonely' lacks an image or a caption" in problems and "shard-003.tar: unreadable after sample" in problems
+
+
+def test_streaming_shards_keeps_memory_bounded(tmp_path):
+    """40 shards of 25 pictures of ~100 KB (100 MB): streaming them all through a 64-sample buffer grows the peak
+    RSS by a few MB, not by the data's size."""
+    write_shards(tmp_path / "big", 40, 25, png(180))
+    size = sum(f.stat().st_size for f in (tmp_path / "big").glob("*.tar"))
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(data.__file__).parent)!r})
+import data
+source = data.read_captions({str(tmp_path / 'big')!r})
+stream = data.SampleStream(source, data.VLMDataset([], data.shapes_tokenizer(), 1, 32, 2), buffer=64)
+stream.take(64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n = sum(len(stream.take(32)) for _ in range(30))
+print(n, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    n, before, after = map(int, out.stdout.split())
+    assert n == 960 and size > 95e6
+    assert (after - before) * 1024 < 20e6, f"peak RSS grew {(after - before) / 1024:.0f} MB streaming {size / 1e6:.0f} MB"
 
 
 def test_cc_sbu_align_llava_vqa_refs(tmp_path):

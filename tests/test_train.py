@@ -203,6 +203,57 @@ def test_evaluation_on_user_data_in_public_formats(tmp_path):
     assert result["metrics"]["[vqa]"]["n"] == 6 and 0.0 <= result["metrics"]["[vqa]"]["accuracy"] <= 1.0
 
 
+def write_world_shards(folder: Path, n_shards: int, per_shard: int) -> None:
+    """The shapes world's stage-1 pairs as webdataset shards ({key}.png + {key}.txt), as LAION is distributed."""
+    import io
+    import tarfile
+    folder.mkdir(parents=True)
+    samples = data.ShapesWorld().samples(1, "train", n_shards * per_shard)
+    for k in range(n_shards):
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for i, s in enumerate(samples[k * per_shard:(k + 1) * per_shard]):
+                buf = io.BytesIO()
+                s.image.render().save(buf, format="PNG")
+                for name, payload in ((f"{k}{i:04d}.png", buf.getvalue()), (f"{k}{i:04d}.txt", s.turns[0][1].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, monkeypatch):
+    """Stage 1 on caption shards streamed through a buffer: an interrupted and resumed run has the same losses as
+    an uninterrupted one; under torchrun each rank reads its own shards and a checkpoint keeps both positions."""
+    write_world_shards(tmp_path / "shards", 4, 24)
+    cfg = lambda out, **kw: tiny_cfg(out, stage=1, data=f"captions:{tmp_path / 'shards'}", max_iters=12,
+                                     ckpt_interval=4, eval_samples=4, **kw)
+    monkeypatch.setattr(train, "STREAM_BUFFER", 16)       # smaller than an epoch (92 samples): the buffer matters
+    full = train.train(cfg(tmp_path / "a"))
+    real_lr_at = train.lr_at
+
+    def interrupt(it, c):
+        if it == 10:              # after the checkpoint at 8; resumed, the run crosses into the second epoch
+            raise KeyboardInterrupt
+        return real_lr_at(it, c)
+
+    monkeypatch.setattr(train, "lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg(tmp_path / "b"))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    resumed = train.train(cfg(tmp_path / "b", resume=True))
+    a, b = [h["loss"] for h in full["history"]], [h["loss"] for h in resumed["history"]]
+    assert len(b) == 12 and b[8:] == a[8:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573",
+                          str(ROOT / "train.py"), "--stage", "1", "--data", f"captions:{tmp_path / 'shards'}",
+                          "--max-iters", "3", "--batch-size", "8", "--eval-samples", "4", "--out-dir",
+                          str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "captions0 streamed from 2 shard(s)" in two.stdout
+    state = torch.load(tmp_path / "two" / "stage1" / "state.pt", weights_only=True)
+    streams = json.loads(state["mixture"])["streams"]
+    assert [s["captions0"]["drawn"] for s in streams] == [12, 12]         # 3 iterations of 4 samples, per rank
+
+
 def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
     """--phi / --blip2 folders in the public layout, frozen weights in bf16, trainable ones in fp32, a caption file
     on disk: a few stage-2 steps run and the loss is finite."""
