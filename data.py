@@ -15,9 +15,11 @@ Run `python data.py --preview` to see the built-in data (writes out/shapes_previ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import pickle
 import random
 import re
 import tarfile
@@ -240,29 +242,44 @@ def with_task(task: str | None, instruction: str) -> str:
 LAYOUTS = ("tinygptv", "tiny")
 
 
-def turn_prompt(stage: int, instruction: str, first: bool, layout: str = "tiny") -> str:
-    """The text before one answer. The image marker goes into the first turn only.
+def turn_prompt(stage: int, instruction: str, first: bool, layout: str = "tiny", image: bool = True) -> str:
+    """The text before one answer. The image marker goes into the first turn only (none without an image: stage
+    4's text-only instructions).
 
     stage 1-2: nothing: [BOS][image][caption + "\\n"]
     stage 3:   ###Human: <Img><ImageHere></Img> {instruction} ###Assistant:
     stage 4:   [INST] <Img><ImageHere></Img> {[task] instruction}  [/INST]      (tinygptv)
-               [INST] <Img><ImageHere></Img> {[task] instruction} [/INST]       (tiny)"""
+               [INST] <Img><ImageHere></Img> {[task] instruction} [/INST]       (tiny)
+    TinyGPT-V's two spaces are the trailing space its data sets put after every question but a text-only one's
+    ("[INST] {instruction} [/INST]")."""
     if layout not in LAYOUTS:
         raise ValueError(f"prompt layout must be one of {LAYOUTS}, got {layout!r}")
-    image = IMAGE_PROMPT + " " if first else ""
+    shown = IMAGE_PROMPT + " " if first and image else ""
     if stage in (1, 2):
         return IMAGE_MARKER if first else ""
     if stage == 3:
-        return f"###Human: {image}{instruction} ###Assistant: "
+        return f"###Human: {shown}{instruction} ###Assistant: "
+    if stage == 4 and layout == "tiny":
+        return f"[INST] {shown}{instruction} [/INST] "
     if stage == 4:
-        return f"[INST] {image}{instruction}  [/INST]" if layout == "tinygptv" else f"[INST] {image}{instruction} [/INST] "
+        return f"[INST] {shown}{instruction} [/INST]" if first and not image else f"[INST] {shown}{instruction}  [/INST]"
     raise ValueError(f"stage must be 1-4, got {stage}")
+
+
+class TextOnly:
+    """The image of a sample that has none: stage 4's text-only instructions (Unnatural Instructions)."""
+
+    def __repr__(self) -> str:
+        return "TEXT_ONLY"
+
+
+TEXT_ONLY = TextOnly()
 
 
 @dataclass
 class Sample:
-    """One training or evaluation example: an image (a path, a pillow image, or a Scene of the shapes world) and
-    one or more (instruction, answer) turns. meta carries what evaluation needs (all VQA answers, the true box)."""
+    """One training or evaluation example: an image (a path, a pillow image, or a Scene of the shapes world;
+    TEXT_ONLY for a text-only instruction) and one or more (instruction, answer) turns. meta carries what evaluation needs (all VQA answers, the true box)."""
     image: object
     turns: list[tuple[str, str]]
     task: str | None = None
@@ -282,7 +299,7 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
     for i, (instruction, answer) in enumerate(sample.turns):
         check_text(instruction), check_text(answer)
         instruction = with_task(sample.task, instruction) if i == 0 and stage == 4 else instruction
-        prompt = turn_prompt(stage, instruction, first=(i == 0), layout=layout)
+        prompt = turn_prompt(stage, instruction, first=(i == 0), layout=layout, image=sample.image is not TEXT_ONLY)
         if i and stage == 4 and layout == "tinygptv":          # TinyGPT-V starts each later question with a BOS
             ids.append(tokenizer.bos_id)
             labels.append(IGNORE_INDEX)
@@ -304,11 +321,13 @@ def encode(sample: Sample, tokenizer: Tokenizer, stage: int, num_image_tokens: i
 
 
 def encode_prompt(instruction: str, tokenizer: Tokenizer, stage: int, num_image_tokens: int,
-                  task: str | None = None, image_text: str | None = None, layout: str = "tiny") -> list[int]:
-    """The ids to generate from: everything of a sample up to where the answer starts."""
+                  task: str | None = None, image_text: str | None = None, layout: str = "tiny",
+                  image: bool = True) -> list[int]:
+    """The ids to generate from: everything of a sample up to where the answer starts (image=False: a text-only
+    instruction's)."""
     check_text(instruction)
     prompt = turn_prompt(stage, with_task(task, instruction) if stage == 4 else instruction, first=True,
-                         layout=layout)
+                         layout=layout, image=image)
     return [tokenizer.bos_id] + with_image_slots(prompt, tokenizer, num_image_tokens, image_text)
 
 
@@ -357,7 +376,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 # Real data formats. Each reader returns a list of Samples; image paths are relative to image_root.
 
 def _read_json_records(path: str | Path) -> list[dict]:
-    """A JSON list (or {"annotations": [...]}, or {id: object}) or JSONL file of objects; at least one."""
+    """A JSON list (or {"annotations": [...]}, {"data": [...]}, {id: object}) or JSONL file of objects; at least one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -374,8 +393,8 @@ def _read_json_records(path: str | Path) -> list[dict]:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: neither JSON nor JSONL (line {e.lineno}: {e.msg})") from None
-    if isinstance(data, dict) and "annotations" in data:
-        data = data["annotations"]
+    if isinstance(data, dict) and isinstance(data.get("annotations", data.get("data")), list):
+        data = data["annotations"] if "annotations" in data else data["data"]      # COCO's layout, TextCaps' layout
     elif isinstance(data, dict) and data and all(isinstance(r, dict) for r in data.values()):
         data = [{"id": k} | r for k, r in data.items()]          # keyed by id (GQA's question files)
     elif isinstance(data, dict):
@@ -521,17 +540,22 @@ def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
     return samples
 
 
-def read_vqa(path: str | Path, image_root: str | Path = ".",
-             template: str = "Based on the image, respond to this question with a short answer: {}") -> list[Sample]:
+VQA_TEMPLATE = "Based on the image, respond to this question with a short answer: {}"
+
+
+def read_vqa(path: str | Path, image_root: str | Path = ".", pool: Sequence[str] = (VQA_TEMPLATE,),
+             answers_field: str = "answers", image_basename: bool = False) -> list[Sample]:
     """VQA records {"image", "question", "answer"}, with "answer" one string or the annotators' list (LAVIS's and
-    TinyGPT-V's VQAv2 / OK-VQA files), or {"answers": [...]} (VQAv2's own, entries strings or {"answer": ...}).
-    Training uses the most frequent answer; evaluation scores against all of them (meta["answers"]). TinyGPT-V
-    instead draws one per use, weighted by how many annotators gave it; a fixed answer keeps every batch
-    reproducible, which --resume's exactness rests on. The question and the answer trained on pass through
-    clean_caption, as TinyGPT-V's text processor puts every stage-4 text; the scored answers stay as written."""
+    TinyGPT-V's VQAv2 / OK-VQA / GQA files), or {"answers": [...]} (VQAv2's own, entries strings or {"answer": ...};
+    A-OKVQA's "direct_answers" with answers_field). Training uses the most frequent answer; evaluation scores
+    against all of them (meta["answers"]). TinyGPT-V instead draws one per use, weighted by how many annotators gave
+    it; a fixed answer keeps every batch reproducible, which --resume's exactness rests on. The question and the
+    answer trained on pass through clean_caption, as TinyGPT-V's text processor puts every stage-4 text; the scored
+    answers stay as written. The instruction is pool's entries in turn (TinyGPT-V's sets: VQA_POOL); image_basename:
+    the image is the file name of "image" under image_root (the repo's COCO and A-OKVQA readers)."""
     path, root, samples = Path(path), Path(image_root), []
     for i, r in enumerate(_read_json_records(path)):
-        answers = r.get("answers")
+        answers = r.get(answers_field)
         if answers is None:
             answers = _field(r, "answer", path, i)
         if not isinstance(answers, list):
@@ -540,10 +564,10 @@ def read_vqa(path: str | Path, image_root: str | Path = ".",
         if not answers:
             raise DataError(f"{path}: record {i} has an empty answer list")
         best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
-        samples.append(Sample(root / _field(r, "image", path, i),
-                              [(template.format(clean_text(str(_field(r, "question", path, i)))),
-                                clean_text(best))], task="[vqa]",
-                              meta={"answers": answers, "source": str(path)}))
+        image = str(_field(r, "image", path, i))
+        question = pool[i % len(pool)].format(clean_text(str(_field(r, "question", path, i))))
+        samples.append(Sample(root / (image.split("/")[-1] if image_basename else image), [(question, clean_text(best))],
+                              task="[vqa]", meta={"answers": answers, "source": str(path)}))
     return samples
 
 
@@ -565,6 +589,179 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
         meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
         turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
         samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))
+    return samples
+
+
+# TinyGPT-V's stage-4 data sets, in the files its repository reads (minigpt4/datasets/datasets/*.py), with its
+# instructions and text cleaning. Where it draws an instruction from a pool at random on every use, we take the
+# pool's entries in turn over the samples (sample i gets entry i mod the pool's size): the same instructions, in
+# the same shares, and a reproducible batch, which --resume's exactness rests on. Where it draws one of a
+# referring expression's sentences, or a VQA answer by annotator weight, we keep one sample per sentence and the
+# most frequent answer (read_vqa says why). Image files are named as the repo names them, under --image-root.
+
+REFER_POOL = ("{}", "give me the location of {}", "where is {} ?", "from this image, tell me the location of {}",
+              "the location of {} is", "could you tell me the location for {} ?", "where can I locate the {} ?")
+IDENTIFY_POOL = ("{}", "what object is in this location {}", "identify the object present at this location {}",
+                 "what is it in {}", "describe this object in {}", "this {} is", "the object in {} is")
+VQA_POOL = ("{}", "Based on the image, respond to this question with a short answer: {}")
+GROUNDING_POOL = ("please describe this image in details", "describe this image as detailed as possible",
+                  "summarize this image in details", "give a thorough description of what you see in this image")
+SHORT_CAPTION_POOL = (
+    "Briefly describe this image.", "Provide a concise depiction of this image.",
+    "Present a short description of this image.", "Summarize this image in a few words.", "A short image caption:",
+    "A short image description:", "A photo of ", "An image that shows ", "Write a short description for the image. ",
+    "Write a description for the photo.", "Provide a description of what is presented in the photo.",
+    "Briefly describe the content of the image.", "Can you briefly explain what you see in the image?",
+    "Could you use a few words to describe what you perceive in the photo?",
+    "Please provide a short depiction of the picture.", "Using language, provide a short account of the image.",
+    "Use a few words to illustrate what is happening in the picture.")
+
+
+def coco_train_image(root, image_id) -> Path:
+    return Path(root) / f"COCO_train2014_{image_id}.jpg"
+
+
+def _conversation(record: dict, path, i: int) -> list[tuple[str, str]]:
+    """LLaVA-style turns [{"from": "human"|"gpt", "value"}, ...] -> (question, answer) pairs; the first question
+    loses its "<image>" marker and line breaks, as the repo strips them."""
+    conv = _field(record, "conversations", path, i)
+    if len(conv) < 2 or len(conv) % 2:
+        raise DataError(f"{path}: record {i}: a conversation needs question / answer pairs, got {len(conv)} turns")
+    first = conv[0]["value"].replace("<image>", "").replace("\n", "").strip()
+    return [(first if k == 0 else q["value"], a["value"]) for k, (q, a) in enumerate(zip(conv[::2], conv[1::2]))]
+
+
+def read_llava_single(path, image_root) -> list[Sample]:
+    """LLaVA's detail_23k / complex_reasoning_77k: {"id", "conversations"}: the first question (cleaned) and its
+    answer, the picture COCO_train2014_{id}.jpg."""
+    return [Sample(coco_train_image(image_root, _field(r, "id", path, i)),
+                   [(clean_text(q), a)], meta={"source": str(path)})
+            for i, r in enumerate(_read_json_records(path)) for q, a in _conversation(r, path, i)[:1]]
+
+
+def read_llava_conversation(path, image_root) -> list[Sample]:
+    """LLaVA's conversation_58k, and TinyGPT-V's multitask_conversation: every turn of {"id", "conversations"}, as
+    written, the picture COCO_train2014_{id}.jpg."""
+    return [Sample(coco_train_image(image_root, _field(r, "id", path, i)), _conversation(r, path, i),
+                   meta={"source": str(path)}) for i, r in enumerate(_read_json_records(path))]
+
+
+def read_flickr(path, image_root, kind: str) -> list[Sample]:
+    """Flickr30k Entities as MiniGPT-v2 prepared it, {image_id}.jpg pictures; kind:
+    "grounded": {"image_id", "grounded_caption"} -> [grounding], a caption with a <p>phrase</p> {box} per thing;
+    "caption_to_phrase": {"image_id", "caption", "output"} -> [detection] the caption's phrases and boxes;
+    "phrase_to_object": {"image_id", "phrase", "bbox"} -> [detection] "<p>phrase</p> {box}"."""
+    samples = []
+    for i, r in enumerate(_read_json_records(path)):
+        image = Path(image_root) / f"{_field(r, 'image_id', path, i)}.jpg"
+        if kind == "grounded":
+            sample = Sample(image, [(GROUNDING_POOL[i % len(GROUNDING_POOL)], _field(r, "grounded_caption", path, i))],
+                            task="[grounding]")
+        elif kind == "caption_to_phrase":
+            sample = Sample(image, [(_field(r, "caption", path, i), _field(r, "output", path, i))], task="[detection]")
+        else:
+            phrase = _field(r, "phrase", path, i)
+            sample = Sample(image, [(phrase, f"<p>{phrase}</p> {_field(r, 'bbox', path, i)}")], task="[detection]")
+        samples.append(dataclasses.replace(sample, meta={"source": str(path)}))
+    return samples
+
+
+def read_textcaps(path, image_root) -> list[Sample]:
+    """TextCaps' TextCaps_0.1_train.json: {"data": [{"image_id", "caption_str", ...}]}: [caption] with a short-caption
+    instruction, the caption cleaned, the picture {image_id}.jpg."""
+    return [Sample(Path(image_root) / f"{_field(r, 'image_id', path, i)}.jpg",
+                   [(SHORT_CAPTION_POOL[i % len(SHORT_CAPTION_POOL)], clean_text(_field(r, "caption_str", path, i)))],
+                   task="[caption]", meta={"source": str(path)})
+            for i, r in enumerate(_read_json_records(path))]
+
+
+def refer_sample(image: Path, phrase: str, box: str, i: int, inverse: bool, source: str) -> Sample:
+    """A [refer] sample (phrase -> box) or, inverse, an [identify] one (box -> phrase), the instruction taken in
+    turn from the repo's pool."""
+    phrase = clean_text(phrase)
+    meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": source}
+    if inverse:
+        return Sample(image, [(IDENTIFY_POOL[i % len(IDENTIFY_POOL)].format(box), phrase)], task="[identify]", meta=meta)
+    return Sample(image, [(REFER_POOL[i % len(REFER_POOL)].format(phrase), box)], task="[refer]", meta=meta)
+
+
+class _NoCodePickle(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, strings, numbers): a pickle that names any class or function is
+    refused instead of being allowed to run it."""
+
+    def find_class(self, module, name):
+        raise DataError(f"this pickle asks for {module}.{name}: only plain data (lists, dicts, strings, numbers) is read")
+
+
+def read_refer_pickle(path, image_root, inverse: bool = False) -> list[Sample]:
+    """RefCOCO, RefCOCO+ and RefCOCOg as the REFER toolkit ships them: PATH is a refs(unc).p / refs(umd).p file with
+    instances.json beside it; the "train" split, one sample per sentence, the box ann["bbox"] ([x, y, w, h] in pixels
+    of the COCO picture COCO_train2014_{image_id:012}.jpg, sized by instances.json) truncated to 0..100."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such REFER refs file (refs(unc).p, refs(umd).p)")
+    try:
+        with open(path, "rb") as f:
+            refs = _NoCodePickle(f, encoding="latin1").load()      # the toolkit's files were pickled by Python 2
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable REFER refs pickle ({type(e).__name__}: {e})") from None
+    instances = path.parent / "instances.json"
+    if not instances.is_file():
+        raise DataError(f"{instances}: missing (the REFER toolkit keeps it beside {path.name})")
+    coco = json.loads(instances.read_text())
+    boxes = {a["id"]: a["bbox"] for a in coco["annotations"]}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    samples = []
+    for ref in refs:
+        if ref.get("split") != "train":
+            continue
+        if ref["ann_id"] not in boxes or ref["image_id"] not in sizes:
+            raise DataError(f"{path}: ref {ref.get('ref_id')} names annotation {ref['ann_id']} / image "
+                            f"{ref['image_id']}, which {instances.name} does not hold")
+        x, y, w, h = boxes[ref["ann_id"]]
+        box = format_box((x, y, x + w, y + h), *sizes[ref["image_id"]], truncate=True)
+        image = Path(image_root) / f"COCO_train2014_{ref['image_id']:0>12}.jpg"
+        for sentence in ref["sentences"]:
+            samples.append(refer_sample(image, sentence["raw"], box, len(samples), inverse, str(path)))
+    if not samples:
+        raise DataError(f"{path}: no ref of the train split")
+    return samples
+
+
+def read_visual_genome(folder, image_root=None, max_area: int = 16384) -> list[Sample]:
+    """Visual Genome's region descriptions as [refer] samples: FOLDER holds region_descriptions.json ([{"id",
+    "regions": [{"image_id", "phrase", "x", "y", "width", "height"}]}]) and image_data.json ([{"image_id", "url",
+    "width", "height"}]); each picture is FOLDER/ plus the last two parts of its url (VG_100K/1.jpg). As the repo does,
+    only regions smaller than 16,384 square pixels (small things, where finding them is the lesson)."""
+    folder = Path(folder)
+    images = {r["image_id"]: r for r in _read_json_records(folder / "image_data.json")}
+    samples = []
+    for i, entry in enumerate(_read_json_records(folder / "region_descriptions.json")):
+        for region in _field(entry, "regions", folder / "region_descriptions.json", i):
+            if region["width"] * region["height"] >= max_area:
+                continue
+            info = images.get(region["image_id"])
+            if info is None:
+                raise DataError(f"{folder / 'image_data.json'}: no image {region['image_id']} (region "
+                                f"{region.get('region_id')})")
+            x, y, w, h = region["x"], region["y"], region["width"], region["height"]
+            box = format_box((x, y, x + w, y + h), info["width"], info["height"], truncate=True)
+            image = folder.joinpath(*info["url"].split("/")[-2:])
+            samples.append(refer_sample(image, region["phrase"], box, len(samples), False, str(folder)))
+    return samples
+
+
+def read_unnatural_instructions(path, image_root=None) -> list[Sample]:
+    """Unnatural Instructions (text only, no picture): [{"instances": [{"instruction_with_input", "constraints",
+    "output"}]}]: the first instance, its constraints appended to the instruction, both cleaned (and so cut at 50
+    words, as the repo's processor cuts them)."""
+    samples = []
+    for i, r in enumerate(_read_json_records(path)):
+        first = _field(r, "instances", path, i)[0]
+        constraints = first.get("constraints")
+        instruction = first["instruction_with_input"] + (f" {constraints}" if constraints is not None else "")
+        samples.append(Sample(TEXT_ONLY, [(clean_text(instruction), clean_text(first["output"]))],
+                              meta={"source": str(path)}))
     return samples
 
 
@@ -607,6 +804,8 @@ class VLMDataset(torch.utils.data.Dataset):
             if "problem" in sample.meta:                  # a stream's sample that could not be read
                 raise PromptError(sample.meta["problem"])
             ids, labels = self.tokens(sample, i)
+            if sample.image is TEXT_ONLY:                 # a text-only instruction (stage 4)
+                return {"input_ids": ids, "labels": labels, "index": i}
             seen = len(self.notices)
             pixels = preprocess(load_image(sample, self.notices), self.image_size)
             for notice in self.notices[seen:]:
@@ -677,6 +876,10 @@ class SampleStream:
     def skipped(self) -> list[str]:
         return self.encoder.skipped
 
+    @property
+    def notices(self) -> list[str]:
+        return self.encoder.notices
+
     def _samples(self) -> Iterator[Sample]:
         while True:
             rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -745,6 +948,8 @@ def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
         mask[b, :n] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "index": [it["index"] for it in items]}
     for key in ("pixels", "features"):          # features: precomputed visual features (a trainer's cache)
+        if any(key in it for it in items) and not all(key in it for it in items):
+            raise ValueError(f"a batch mixes samples with and without {key} (one data set per batch keeps them apart)")
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
     return out
@@ -761,17 +966,21 @@ class Mixture:
     UNUSABLE_LIMIT = 256
 
     def __init__(self, datasets: dict[str, torch.utils.data.Dataset | SampleStream], ratios: dict[str, float],
-                 batch_size: int, seed: int = 42, pad_id: int = 0, rank: int = 0, world: int = 1):
+                 batch_size: int | dict[str, int], seed: int = 42, pad_id: int = 0, rank: int = 0, world: int = 1):
+        """batch_size: one for all, or each dataset's own."""
         if set(datasets) != set(ratios):
             raise ValueError(f"ratios {sorted(ratios)} do not match datasets {sorted(datasets)}")
-        if batch_size < world:
-            raise ValueError(f"batch_size ({batch_size}) must be at least the number of ranks ({world})")
+        self.batch_sizes = batch_size if isinstance(batch_size, dict) else {n: batch_size for n in datasets}
+        if set(self.batch_sizes) != set(datasets):
+            raise ValueError(f"batch sizes {sorted(self.batch_sizes)} do not match datasets {sorted(datasets)}")
+        if min(self.batch_sizes.values()) < world:
+            raise ValueError(f"every batch size ({self.batch_sizes}) must be at least the number of ranks ({world})")
         empty = [n for n, d in datasets.items() if not isinstance(d, SampleStream) and len(d) == 0]
         if empty:
             raise DataError(f"data set {empty[0]} has no samples")
         if any(not (r >= 0 and r < float("inf")) for r in ratios.values()) or not sum(ratios.values()) > 0:
             raise DataError(f"sample ratios must be finite, at least 0 and not all 0: {ratios}")
-        self.datasets, self.batch_size, self.pad_id, self.rank, self.world = datasets, batch_size, pad_id, rank, world
+        self.datasets, self.pad_id, self.rank, self.world = datasets, pad_id, rank, world
         self.names = sorted(datasets)
         total = sum(ratios.values())
         self.weights = [ratios[n] / total for n in self.names]
@@ -779,12 +988,12 @@ class Mixture:
         self.orders = {n: [] for n in self.names}
 
     def _next_indices(self, name: str) -> list[int]:
-        order = self.orders[name]
-        while len(order) < self.batch_size:
+        order, size = self.orders[name], self.batch_sizes[name]
+        while len(order) < size:
             perm = list(range(len(self.datasets[name])))
             self.rng.shuffle(perm)
             order.extend(perm)
-        batch, self.orders[name] = order[:self.batch_size], order[self.batch_size:]
+        batch, self.orders[name] = order[:size], order[size:]
         return batch
 
     def __iter__(self) -> Iterator[tuple[str, dict]]:
@@ -793,7 +1002,7 @@ class Mixture:
             name = self.rng.choices(self.names, self.weights)[0]
             dataset = self.datasets[name]
             if isinstance(dataset, SampleStream):       # this rank's shards: its share, every sample usable
-                yield name, collate(dataset.take(len(range(self.rank, self.batch_size, self.world))), self.pad_id)
+                yield name, collate(dataset.take(len(range(self.rank, self.batch_sizes[name], self.world))), self.pad_id)
                 continue
             items = [dataset[i] for i in self._next_indices(name)]
             unusable[name] = 0 if any(it is not None for it in items) else unusable[name] + len(items)

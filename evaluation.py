@@ -176,11 +176,13 @@ def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int
         rows, prompts, images = [], [], []
         for j in range(i, min(i + batch_size, len(samples))):
             try:
+                text_only = samples[j].image is data.TEXT_ONLY
                 prompt = data.encode_prompt(samples[j].turns[0][0], tok, stage, model.cfg.num_image_tokens,
-                                            samples[j].task, layout=model.cfg.prompt_layout)
+                                            samples[j].task, layout=model.cfg.prompt_layout, image=not text_only)
                 if len(prompt) + max_new_tokens > model.cfg.phi.max_positions:
                     raise data.PromptError(f"sample {j}: a prompt of {len(prompt)} tokens leaves no room for an answer")
-                images.append(dataset.features[dataset.feature_index[j]] if isinstance(dataset, data.FeatureDataset)
+                images.append(None if text_only else dataset.features[dataset.feature_index[j]]
+                              if isinstance(dataset, data.FeatureDataset)
                               else data.preprocess(data.load_image(samples[j]), dataset.image_size))
             except (data.ImageError, data.PromptError):
                 continue
@@ -188,25 +190,27 @@ def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int
             prompts.append(prompt)
         if not rows:
             continue
-        images = torch.stack(images).to(device)
+        images = None if images[0] is None else torch.stack(images).to(device)   # a data set is all text or all pictures
         features = isinstance(dataset, data.FeatureDataset)
-        out = generate_batch(model, tok, prompts, images, features, max_new_tokens, stop_strings=(data.END[stage],))
+        out = generate_batch(model, tok, prompts, images, features, max_new_tokens, stop_strings=(data.END[stage],),
+                             device=device)
         for j, tokens in zip(rows, out):
             answers[j] = answer_text(tok, tokens, stage)
     return answers
 
 
-def generate_batch(model: tv.TinyVLM, tok: data.Tokenizer, prompts: list[list[int]], images: torch.Tensor,
-                   features: bool = False, max_new_tokens: int = 20, stop_strings: tuple[str, ...] = ()) -> list[list[int]]:
+def generate_batch(model: tv.TinyVLM, tok: data.Tokenizer, prompts: list[list[int]], images: torch.Tensor | None,
+                   features: bool = False, max_new_tokens: int = 20, stop_strings: tuple[str, ...] = (),
+                   device=None) -> list[list[int]]:
     """Greedy new tokens for prompts of different lengths (left-padded into one batch), one image each (pixels, or
-    visual features when features=True); each row stops at <|endoftext|>, at one of stop_strings, or after
-    max_new_tokens."""
+    visual features when features=True; None for text-only prompts); each row stops at <|endoftext|>, at one of
+    stop_strings, or after max_new_tokens."""
     T = max(map(len, prompts))
     ids = torch.full((len(prompts), T), tok.eos_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-    device = images.device
+    device = images.device if images is not None else device
     return model.generate(None if features else images, ids.to(device), mask.to(device),
                           features=images if features else None, max_new_tokens=max_new_tokens,
                           eos_token_id=tok.eos_id, stop_strings=stop_strings, decode=tok.decode)

@@ -69,7 +69,8 @@ class TrainConfig:
     vit: str = ""                   # LAVIS's eva_vit_g.pth, when --blip2 is a LAVIS pickle
     checkpoint: str = ""            # a TinyGPT-V stage .pth to start from (instead of --init)
     tokenizer: str = ""             # a tokenizer.json (default: the phi folder's, or the shapes world's)
-    data: str = ""                  # FORMAT:PATH[:RATIO],...; formats: captions llava vqa refer identify cc_sbu_align
+    data: str = ""                  # FORMAT:PATH[:RATIO],...; formats: captions llava vqa refer identify cc_sbu_align (more: README)
+    mixture: str = ""               # a recipe's ratio and batch size for each --data entry (tinygptv-stage4)
     image_root: str = "."           # the folder that image paths in --data are relative to
     val_data: str = ""              # held-out data, same syntax (default: the last 5% of each --data set)
     skip_bad: bool = True           # skip and count unusable samples (unreadable image, text too long) instead of stopping
@@ -103,7 +104,8 @@ class TrainConfig:
     cache_features: bool = True     # compute the frozen ViT + Q-Former once per image (built-in world)
 
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "benchmark": tuple(evaluation.BENCHMARKS), "device": ("auto", "cpu", "cuda"),
+        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "benchmark": tuple(evaluation.BENCHMARKS),
+        "mixture": ("tinygptv-stage4",), "device": ("auto", "cpu", "cuda"),
         "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
     LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
         "batch_size": (0, None), "grad_accum": (1, None), "max_iters": (0, None), "warmup_iters": (-1, None),
@@ -280,6 +282,9 @@ def check_flags(cfg: TrainConfig) -> None:
               ("--tokenizer", cfg.tokenizer)] + ([("--backbones", cfg.backbones)] if cfg.stage else [])
     if cfg.text and cfg.stage != 0:
         raise cli.UserError("--text belongs to --stage 0 (the tiny LM learns your words there, before stages 1-3)")
+    if cfg.mixture and not (cfg.data and cfg.stage == 4):
+        raise cli.UserError(f"--mixture {cfg.mixture} mixes stage-4 data sets: give --stage 4 and their files as "
+                            f"--data FORMAT:PATH,... (README, \"TinyGPT-V's stage-4 data\")")
     if cfg.stage == 0:                        # stage 0 writes the backbones
         cli.writable_file(backbones_file(cfg), "--backbones")
     for flag, value in inputs:
@@ -390,20 +395,60 @@ READERS = {
     "vqa": lambda path, root: data.read_vqa(path, root),
     "refer": lambda path, root: data.read_refs(path, root),
     "identify": lambda path, root: data.read_refs(path, root, inverse=True),
+    # TinyGPT-V's stage-4 sets, in the files its repository reads (data.py says what each holds)
+    "llava_detail": data.read_llava_single,
+    "llava_reason": data.read_llava_single,
+    "llava_conversation": data.read_llava_conversation,
+    "multitask_conversation": data.read_llava_conversation,
+    "flickr_grounded": lambda path, root: data.read_flickr(path, root, "grounded"),
+    "flickr_caption_to_phrase": lambda path, root: data.read_flickr(path, root, "caption_to_phrase"),
+    "flickr_phrase_to_object": lambda path, root: data.read_flickr(path, root, "phrase_to_object"),
+    "textcaps": data.read_textcaps,
+    "refcoco_refs": data.read_refer_pickle,
+    "inv_refcoco_refs": lambda path, root: data.read_refer_pickle(path, root, inverse=True),
+    "vg": data.read_visual_genome,
+    "unnatural": data.read_unnatural_instructions,
+    "coco_vqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL, image_basename=True),
+    "ok_vqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL, image_basename=True),
+    "aok_vqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL, "direct_answers", image_basename=True),
+    "gqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL),
 }
 
+# --mixture: a recipe's data sets, each with its sample ratio and batch size (an iteration draws one set by ratio
+# and takes a batch of that set's size). TinyGPT-V's stage 4 (train_configs/tinygptv_stage4.yaml): 20 sets, the
+# three RefCOCO variants and their inverses each given as their own --data entry.
+MIXTURES = {
+    "tinygptv-stage4": {
+        "multitask_conversation": (50, 1), "llava_conversation": (30, 1), "unnatural": (10, 1), "vg": (40, 3),
+        "llava_detail": (20, 2), "llava_reason": (80, 2), "flickr_grounded": (80, 1),
+        "flickr_caption_to_phrase": (80, 1), "flickr_phrase_to_object": (80, 1), "textcaps": (30, 3),
+        "refcoco_refs": (25, 3), "inv_refcoco_refs": (10, 3), "coco_vqa": (15, 3), "ok_vqa": (8, 3),
+        "aok_vqa": (12, 3), "gqa": (50, 3)},
+}
+MIXTURE_ENTRIES = {"tinygptv-stage4": 20}          # refcoco_refs and inv_refcoco_refs: once per variant
 
-def parse_data_spec(spec: str, image_root: str, flag: str = "--data") -> dict[str, tuple[list[data.Sample], float]]:
+
+def data_format(name: str) -> str:
+    """The format of a parsed --data entry ("refcoco_refs3" -> "refcoco_refs")."""
+    return name.rstrip("0123456789")
+
+
+def parse_data_spec(spec: str, image_root: str, flag: str = "--data",
+                    mixture: str = "") -> dict[str, tuple[list[data.Sample], float]]:
     """"captions:laion.jsonl:3,vqa:vqav2.json:1" -> {name: (samples, ratio)}. Each entry is checked before any
-    training: a known format, a readable file with at least one record, a finite ratio >= 0, the ratios not all 0."""
+    training: a known format, a readable file with at least one record, a finite ratio >= 0, the ratios not all 0.
+    With a mixture, an entry without a ratio gets the mixture's for its format, and only its formats are taken."""
     out = {}
     for i, part in enumerate(p for p in spec.split(",") if p):
         fields = part.split(":")
         if len(fields) not in (2, 3) or fields[0] not in READERS or not fields[1]:
             raise cli.UserError(f"{flag} entry {part!r}: expected FORMAT:PATH[:RATIO] with FORMAT one of "
                                 f"{', '.join(sorted(READERS))}")
+        if mixture and fields[0] not in MIXTURES[mixture]:
+            raise cli.UserError(f"{flag} entry {part!r}: --mixture {mixture} has no {fields[0]} set; its sets: "
+                                f"{', '.join(MIXTURES[mixture])}")
         try:
-            ratio = float(fields[2]) if len(fields) == 3 else 1.0
+            ratio = float(fields[2]) if len(fields) == 3 else MIXTURES[mixture][fields[0]][0] if mixture else 1.0
         except ValueError:
             raise cli.UserError(f"{flag} entry {part!r}: the ratio {fields[2]!r} is not a number") from None
         if not (0 <= ratio < float("inf")):
@@ -475,7 +520,7 @@ def read_user_data(cfg: TrainConfig) -> dict[str, dict[str, tuple[list[data.Samp
     if cfg.val_data and not cfg.data and not cfg.eval_only:
         raise cli.UserError("--val-data without --data: give the training data too (or --eval-only)")
     val = parse_data_spec(cfg.val_data, cfg.image_root, "--val-data") if cfg.val_data else None
-    train_sets = parse_data_spec(cfg.data, cfg.image_root) if cfg.data else {}
+    train_sets = parse_data_spec(cfg.data, cfg.image_root, mixture=cfg.mixture) if cfg.data else {}
     n_val = max(VAL_FROM_SHARDS, cfg.eval_samples)
     if val is None:          # shards hold out every 20th sample of each (data.HELD_OUT_EVERY), and stream the rest
         val = {k: (s.first(n_val, "held out") if isinstance(s, data.CaptionShards) else s[-max(1, len(s) // 20):], r)
@@ -759,8 +804,14 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.eval_only:
         return evaluate_checkpoint(model, tok, val_sets, cfg, device, stage_dir)
 
+    batch_sizes = cfg.batch_size
+    if cfg.mixture:                                 # each set its own batch size, as the recipe has it
+        batch_sizes = {k: MIXTURES[cfg.mixture][data_format(k)][1] for k in train_sets}
+        missing = sorted(set(MIXTURES[cfg.mixture]) - {data_format(k) for k in train_sets})
+        log(f"mixture {cfg.mixture}: {len(train_sets)} of its {MIXTURE_ENTRIES[cfg.mixture]} data sets given, each "
+            f"with its own batch size (--batch-size is not used)" + (f"; not given: {', '.join(missing)}" if missing else ""))
     mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
-                           cfg.batch_size, seed=cfg.seed, pad_id=tok.eos_id, rank=rank, world=world)
+                           batch_sizes, seed=cfg.seed, pad_id=tok.eos_id, rank=rank, world=world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start, history = 0, []
     if cfg.resume:

@@ -3,6 +3,8 @@ prompt layouts, label masking, truncation, boxes, every dataset format from smal
 
 import io
 import json
+import os
+import pickle
 import random
 import subprocess
 import sys
@@ -196,6 +198,9 @@ def test_tinygptv_layout_gives_the_repo_tokens(phi2_tokenizer_files):
     assert ours.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "an umbrella###red###yes###"
     prompt = data.encode_prompt(question, ours, 4, n, task="[vqa]", layout="tinygptv")
     assert prompt == [bos] + hf(before) + [IMAGE_TOKEN] * n + hf(after)
+    # a text-only instruction (Unnatural Instructions): "[INST] {} [/INST]" around it, no trailing space, no image
+    text_only, _ = data.encode(data.Sample(data.TEXT_ONLY, [("add 2 and 3", "5")]), ours, 4, n, layout="tinygptv")
+    assert text_only == [bos] + hf("[INST] {} [/INST]".format("add 2 and 3")) + hf("5###")
     # the tiny layout differs only where the answer starts, and has no BOS between turns
     tiny, _ = data.encode(data.Sample(None, turns[:1], task="[vqa]"), ours, 4, n)
     assert ours.decode(tiny[1 + len(hf(before)) + n:]).endswith("holding? [/INST] an umbrella###")
@@ -363,6 +368,95 @@ print(n, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     n, before, after = map(int, out.stdout.split())
     assert n == 960 and size > 95e6
     assert (after - before) * 1024 < 20e6, f"peak RSS grew {(after - before) / 1024:.0f} MB streaming {size / 1e6:.0f} MB"
+
+
+def write_tinygptv_stage4_files(root: Path) -> dict[str, str]:
+    """One tiny file (or folder) per stage-4 data set of TinyGPT-V, in the layout its repository reads, pictures
+    named as it names them; returns {format: path} for --data."""
+    root.mkdir(parents=True, exist_ok=True)
+    img = lambda name: Image.new("RGB", (40, 30), (10, 200, 10)).save(root / name)
+    conversation = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A Dog."},
+                    {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "No."}]
+    img("COCO_train2014_42.jpg")
+    files = {
+        "llava_detail": [{"id": "42", "conversations": conversation[:2]}],
+        "llava_reason": [{"id": "42", "conversations": [{"from": "human", "value": "Why is it HERE?\n<image>"},
+                                                         {"from": "gpt", "value": "Because."}]}],
+        "llava_conversation": [{"id": "42", "conversations": conversation}],
+        "multitask_conversation": [{"id": "42", "conversations": conversation}],
+        "flickr_grounded": [{"image_id": "7", "grounded_caption": "<p>a dog</p> {<1><2><50><60>} runs"}],
+        "flickr_caption_to_phrase": [{"image_id": "7", "caption": "a dog runs", "output": "<p>a dog</p> {<1><2><50><60>}"}],
+        "flickr_phrase_to_object": [{"image_id": "7", "phrase": "a dog", "bbox": "{<1><2><50><60>}"}],
+        "textcaps": {"data": [{"image_id": "7", "caption_str": "A sign that says STOP."}]},
+        "unnatural": [{"instances": [{"instruction_with_input": "Add 2 and 3.", "constraints": "Answer with a number.",
+                                      "output": "5"}]}],
+        "coco_vqa": [{"image": "train2014/COCO_train2014_42.jpg", "question": "What?", "question_id": 1,
+                      "answer": ["dog", "dog", "cat"]}],
+        "ok_vqa": [{"image": "COCO_train2014_42.jpg", "question": "Who?", "answer": ["a man"]}],
+        "aok_vqa": [{"image": "val/COCO_train2014_42.jpg", "question": "Where?", "direct_answers": ["park"] * 10,
+                     "choices": ["park", "home"], "correct_choice_idx": 0}],
+        "gqa": [{"image": "7.jpg", "question": "What colour is it?", "answer": "green"}],
+    }
+    img("7.jpg")
+    paths = {}
+    for name, content in files.items():
+        paths[name] = str(root / f"{name}.json")
+        (root / f"{name}.json").write_text(json.dumps(content))
+    # REFER: refs(unc).p, pickled by Python 2's protocol, with instances.json beside it
+    (root / "refcoco").mkdir()
+    refs = [{"ref_id": 1, "ann_id": 10, "image_id": 42, "split": "train", "category_id": 1,
+             "sentences": [{"raw": "The LEFT dog", "sent_id": 1}, {"raw": "dog on left", "sent_id": 2}]},
+            {"ref_id": 2, "ann_id": 10, "image_id": 42, "split": "val", "category_id": 1,
+             "sentences": [{"raw": "not trained on", "sent_id": 3}]}]
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    (root / "refcoco" / "instances.json").write_text(json.dumps(
+        {"images": [{"id": 42, "width": 40, "height": 30}], "annotations": [{"id": 10, "bbox": [3, 3, 20, 15]}],
+         "categories": [{"id": 1, "name": "dog"}]}))
+    paths["refcoco_refs"] = paths["inv_refcoco_refs"] = str(root / "refcoco" / "refs(unc).p")
+    # Visual Genome: region descriptions and image data, pictures under VG_100K/
+    (root / "vg" / "VG_100K").mkdir(parents=True)
+    Image.new("RGB", (200, 100), (0, 0, 0)).save(root / "vg" / "VG_100K" / "1.jpg")
+    (root / "vg" / "image_data.json").write_text(json.dumps(
+        [{"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K/1.jpg", "width": 200, "height": 100}]))
+    (root / "vg" / "region_descriptions.json").write_text(json.dumps([{"id": 1, "regions": [
+        {"region_id": 5, "image_id": 1, "phrase": "A small cup.", "x": 10, "y": 20, "width": 30, "height": 40},
+        {"region_id": 6, "image_id": 1, "phrase": "the whole table", "x": 0, "y": 0, "width": 200, "height": 100}]}]))
+    paths["vg"] = str(root / "vg")
+    return paths
+
+
+def test_tinygptv_stage4_readers_take_the_repo_files(tmp_path):
+    import train
+    paths = write_tinygptv_stage4_files(tmp_path)
+    read = lambda name: train.READERS[name](paths[name], tmp_path)
+    detail = read("llava_detail")[0]
+    assert detail.image == tmp_path / "COCO_train2014_42.jpg" and detail.turns == [("what is shown?", "A Dog.")]
+    assert read("llava_reason")[0].turns == [("why is it here?", "Because.")]
+    for name in ("llava_conversation", "multitask_conversation"):
+        assert read(name)[0].turns == [("What is shown?", "A Dog."), ("Is it big?", "No.")]
+    grounded = read("flickr_grounded")[0]
+    assert grounded.task == "[grounding]" and grounded.turns[0] == (data.GROUNDING_POOL[0], "<p>a dog</p> {<1><2><50><60>} runs")
+    assert read("flickr_caption_to_phrase")[0].turns == [("a dog runs", "<p>a dog</p> {<1><2><50><60>}")]
+    assert read("flickr_phrase_to_object")[0].turns == [("a dog", "<p>a dog</p> {<1><2><50><60>}")]
+    assert read("textcaps")[0].turns == [("Briefly describe this image.", "a sign that says stop")]
+    text_only = read("unnatural")[0]
+    assert text_only.image is data.TEXT_ONLY and text_only.turns == [("add 2 and 3 answer with a number", "5")]
+    coco = read("coco_vqa")[0]
+    assert coco.image == tmp_path / "COCO_train2014_42.jpg" and coco.turns == [("what?", "dog")]
+    assert read("aok_vqa")[0].turns[0][1] == "park" and read("gqa")[0].image == tmp_path / "7.jpg"
+    refs = read("refcoco_refs")                 # the train split, one sample per sentence, the box truncated
+    assert [s.turns[0] for s in refs] == [("the left dog", "{<7><10><57><60>}"),
+                                          ("give me the location of dog on left", "{<7><10><57><60>}")]
+    assert [s.turns[0] for s in read("inv_refcoco_refs")] == [("{<7><10><57><60>}", "the left dog"),
+                                                              ("what object is in this location {<7><10><57><60>}", "dog on left")]
+    vg = read("vg")                             # only the small region; the picture found from its url
+    assert [(s.image, s.turns[0]) for s in vg] == [(tmp_path / "vg" / "VG_100K" / "1.jpg", ("a small cup", "{<5><20><20><60>}"))]
+    # a pickle that would run code is refused, not run
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "refs(unc).p").write_bytes(pickle.dumps(os.getcwd))
+    with pytest.raises(data.DataError, match="asks for posix.getcwd: only plain data"):
+        data.read_refer_pickle(tmp_path / "evil" / "refs(unc).p", tmp_path)
 
 
 def test_cc_sbu_align_llava_vqa_refs(tmp_path):

@@ -254,6 +254,35 @@ def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, m
     assert [s["captions0"]["drawn"] for s in streams] == [12, 12]         # 3 iterations of 4 samples, per rank
 
 
+def test_stage4_on_the_tinygptv_mixture_of_its_20_data_sets(tmp_path, capsys):
+    """--mixture tinygptv-stage4 over tiny files of all 20 sets in the repo's layouts (RefCOCO, RefCOCO+, RefCOCOg
+    and their inverses as six entries): every set is drawn with its own batch size, text-only batches included."""
+    from test_data import write_tinygptv_stage4_files
+    paths = write_tinygptv_stage4_files(tmp_path / "d")
+    entries = [f"{name}:{path}" for name, path in paths.items() if "refcoco" not in name]
+    entries += [f"{inv}refcoco_refs:{paths['refcoco_refs']}" for inv in ("", "inv_") for _ in range(3)]
+    assert len(entries) == train.MIXTURE_ENTRIES["tinygptv-stage4"] == 20
+    drawn = []
+    real_step = train.train_step
+
+    def watch(ddp_model, batches, cfg, device, rank, world):
+        out = real_step(ddp_model, batches, cfg, device, rank, world)
+        drawn.append(len(out[2]["input_ids"]))
+        return out
+
+    import unittest.mock
+    with unittest.mock.patch.object(train, "train_step", watch):
+        result = train.train(train.TrainConfig(stage=4, mixture="tinygptv-stage4", data=",".join(entries),
+                                               image_root=str(tmp_path / "d"), out_dir=str(tmp_path / "out"),
+                                               init=str(train.ASSETS / "stage3.safetensors"), max_iters=40,
+                                               eval_samples=2, log_interval=10))
+    assert "mixture tinygptv-stage4: 20 of its 20 data sets given" in capsys.readouterr().out
+    assert set(drawn) == {1, 2, 3} and len(result["history"]) == 40      # each set's own batch size
+    with pytest.raises(cli.UserError, match="--mixture tinygptv-stage4 has no vqa set"):
+        train.train(train.TrainConfig(stage=4, mixture="tinygptv-stage4", data=f"vqa:{paths['gqa']}",
+                                      image_root=str(tmp_path / "d"), out_dir=str(tmp_path / "out2")))
+
+
 def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
     """--phi / --blip2 folders in the public layout, frozen weights in bf16, trainable ones in fp32, a caption file
     on disk: a few stage-2 steps run and the loss is finite."""
