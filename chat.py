@@ -15,7 +15,6 @@ import math
 import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -26,7 +25,6 @@ import data
 import quantize
 import tinyvlm as tv
 import train
-import weights
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,36 +91,9 @@ class ChatConfig:
                                           "stage": (0, 4)}
 
 
-@dataclass
-class Loaded:
-    """A model to ask, and what it was trained for: its prompt template (the stage) and its input size."""
-    model: tv.TinyVLM
-    tok: data.Tokenizer
-    stage: int
-    image_size: int
-    name: str
-    shapes_world_only: bool = False      # the tiny model as shipped: it has read only the shapes world
-
-
-def newest_checkpoint(out_dir: str) -> str:
-    """The newest stage's model.safetensors in out_dir; else, before any training, the shipped stage-4 model."""
-    found = sorted(Path(out_dir).glob("stage[1-4]/model.safetensors"))
-    if found:
-        return str(found[-1])
-    if out_dir == "out" and SHIPPED.exists():
-        print(f"note: no trained model in {Path(out_dir).resolve()}: asking the shipped stage-4 model ({SHIPPED.name})",
-              file=sys.stderr)
-        return str(SHIPPED)
-    raise cli.UserError(f"no trained model in {Path(out_dir).resolve()}: run `python train.py --stage 1` (and on to 4) "
-                        f"first, or pass --checkpoint")
-
-
-SHIPPED = train.ASSETS / "stage4.safetensors"
-
-
-def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
-    """A quantize.py file, or a train.py checkpoint (built as it was trained: its config is in its metadata),
-    quantized as it loads if --quantize says so."""
+def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
+    """A quantize.py file, or a trained model (train.load_trained: ours, built as it was trained, or a TinyGPT-V
+    stage .pth), quantized as it loads if --quantize says so."""
     if cfg.quantized:
         model = quantize.load_quantized(cfg.quantized).to(device)
         stored = model.trained_for["train_config"] or {}
@@ -132,43 +103,15 @@ def load_model(cfg: ChatConfig, device: torch.device) -> Loaded:
             tok = train.build_tokenizer(train.TrainConfig(tokenizer=cfg.tokenizer or stored.get("tokenizer", ""),
                                                           phi=cfg.phi or stored.get("phi", "")))
         shapes_only = model.cfg.vit.image_size <= 96 and tok.to_str() == data.shapes_tokenizer().to_str()
-        return Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"], cfg.quantized,
-                      shapes_world_only=shapes_only)
-    checkpoint = cfg.checkpoint or newest_checkpoint(cfg.out_dir)
-    if Path(checkpoint).suffix in (".pth", ".pt"):
-        return load_release(cfg, checkpoint, device)
-    if cfg.stage:
-        raise cli.UserError("--stage is for a TinyGPT-V .pth; a model.safetensors of ours carries its stage")
-    tcfg = train.config_of_checkpoint(checkpoint, phi=cfg.phi, blip2=cfg.blip2, tokenizer=cfg.tokenizer,
-                                      device=cfg.device)
-    model, _ = train.build_model(tcfg, device)
+        return train.Loaded(model.eval(), tok, model.trained_for["stage"], model.trained_for["image_size"],
+                            cfg.quantized, shapes_world_only=shapes_only)
+    loaded = train.load_trained(cfg.checkpoint, cfg.out_dir, device, phi=cfg.phi, blip2=cfg.blip2, vit=cfg.vit,
+                                tokenizer=cfg.tokenizer, stage=cfg.stage)
     if cfg.quantize:
-        model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
-    return Loaded(model.eval(), train.build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint,
-                  shapes_world_only=not tcfg.phi and "text" not in train.backbones_metadata(tcfg))
-
-
-def load_release(cfg: ChatConfig, checkpoint: str, device: torch.device) -> Loaded:
-    """A stage checkpoint as TinyGPT-V releases it (TinyGPT-V_for_Stage4.pth: what the stage trained, its names),
-    on the public weights: its sizes read off its tensors, its frozen weights in bf16 (multiplied in fp32 on a CPU),
-    its stage's prompt, and its stage's image size (448 px for stage 4, the ViT's own 224 before)."""
-    if not (cfg.phi and cfg.blip2):
-        raise cli.UserError(f"{checkpoint}: a TinyGPT-V stage checkpoint holds only what its stage trained; give the "
-                            f"public weights too: --phi (microsoft/phi-2 folder) and --blip2 (a Salesforce/blip2-* "
-                            f"folder, or LAVIS's blip2_pretrained_flant5xxl.pth with --vit eva_vit_g.pth)")
-    for flag, value in (("--phi", cfg.phi), ("--blip2", cfg.blip2), ("--vit", cfg.vit)):
-        if value and not Path(value).exists():
-            raise cli.UserError(f"{flag} {value}: no such file or folder")
-    mcfg, named = weights.tinygptv_checkpoint_config(checkpoint, tv.PRESETS["tinygptv"]())
-    stage = cfg.stage or named or 4
-    if not (cfg.stage or named):
-        print(f"note: {Path(checkpoint).name} does not say its stage: taken as stage 4 (--stage to say)",
-              file=sys.stderr)
-    model = weights.load_tinyvlm(cfg.phi, cfg.blip2, vit=cfg.vit or None, checkpoint=checkpoint, cfg=mcfg,
-                                 dtype=torch.bfloat16)
-    tok = data.Tokenizer.from_file(cfg.tokenizer or cfg.phi)
-    size = model.cfg.vit.image_size * (2 if stage == 4 else 1)
-    return Loaded(model.to(device).eval(), tok, stage, size, checkpoint)
+        model = loaded.model
+        loaded.model = quantize.quantize_model(model, cfg.quantize, ("phi",),
+                                               group=64 if model.cfg.phi.hidden % 128 else 128).eval()
+    return loaded
 
 
 STAGE_CAN = {1: "captions only (no prompt): it describes the picture",
@@ -195,7 +138,7 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
     if cfg.task and stage != 4:
         note(f"--task {cfg.task} needs a stage-4 model; a stage-{stage} one has no task identifiers: ignored")
     if cfg.draw and stage != 4:
-        note(f"--draw: only a stage-4 model writes boxes ([refer], [grounding], [detection]); the picture will have none")
+        note("--draw: only a stage-4 model writes boxes ([refer], [grounding], [detection]); the picture will have none")
     return (cfg.task or "[vqa]") if stage == 4 else None
 
 
@@ -205,7 +148,7 @@ def looks_like_the_shapes_world(image) -> bool:
     return (np.abs(small - np.array(data.BACKGROUND)).max(-1) < 12).mean() > 0.4
 
 
-def ask(loaded: Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
+def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
         cfg: ChatConfig, device, generator: torch.Generator) -> str:
     """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
     model, tok, stage = loaded.model, loaded.tok, loaded.stage

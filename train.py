@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -963,10 +964,77 @@ def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_di
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# A trained model to ask (chat.py, the benchmarks): ours, built as it was trained, or TinyGPT-V's released one
+
+@dataclass
+class Loaded:
+    """A model to ask, and what it was trained for: its prompt template (the stage) and its input size."""
+    model: tv.TinyVLM
+    tok: data.Tokenizer
+    stage: int
+    image_size: int
+    name: str
+    shapes_world_only: bool = False      # the tiny model as shipped: it has read only the shapes world
+
+
+SHIPPED_STAGE4 = ASSETS / "stage4.safetensors"
+
+
+def newest_checkpoint(out_dir: str) -> str:
+    """The newest stage's model.safetensors in out_dir; else, before any training, the shipped stage-4 model."""
+    found = sorted(Path(out_dir).glob("stage[1-4]/model.safetensors"))
+    if found:
+        return str(found[-1])
+    if out_dir == "out" and SHIPPED_STAGE4.exists():
+        print(f"note: no trained model in {Path(out_dir).resolve()}: asking the shipped stage-4 model "
+              f"({SHIPPED_STAGE4.name})", file=sys.stderr)
+        return str(SHIPPED_STAGE4)
+    raise cli.UserError(f"no trained model in {Path(out_dir).resolve()}: run `python train.py --stage 1` (and on to 4) "
+                        f"first, or pass --checkpoint")
+
+
+def load_trained(checkpoint: str, out_dir: str, device: torch.device, phi: str = "", blip2: str = "", vit: str = "",
+                 tokenizer: str = "", stage: int = 0) -> Loaded:
+    """checkpoint (default: the newest in out_dir): a model.safetensors of ours, built as it was trained (its
+    config is in its metadata), or a TinyGPT-V stage .pth on the public weights (load_release)."""
+    checkpoint = checkpoint or newest_checkpoint(out_dir)
+    if Path(checkpoint).suffix in (".pth", ".pt"):
+        return load_release(checkpoint, device, phi, blip2, vit, tokenizer, stage)
+    if stage:
+        raise cli.UserError("--stage is for a TinyGPT-V .pth; a model.safetensors of ours carries its stage")
+    tcfg = config_of_checkpoint(checkpoint, phi=phi, blip2=blip2, tokenizer=tokenizer, device=device.type)
+    model, _ = build_model(tcfg, device)
+    return Loaded(model.eval(), build_tokenizer(tcfg), tcfg.stage, tcfg.image_size, checkpoint,
+                  shapes_world_only=not tcfg.phi and "text" not in backbones_metadata(tcfg))
+
+
+def load_release(checkpoint: str, device: torch.device, phi: str, blip2: str, vit: str = "", tokenizer: str = "",
+                 stage: int = 0) -> Loaded:
+    """A stage checkpoint as TinyGPT-V releases it (TinyGPT-V_for_Stage4.pth: what the stage trained, its names),
+    on the public weights: its sizes read off its tensors, its frozen weights in bf16 (multiplied in fp32 on a CPU),
+    its stage's prompt, and its stage's image size (448 px for stage 4, the ViT's own 224 before)."""
+    if not (phi and blip2):
+        raise cli.UserError(f"{checkpoint}: a TinyGPT-V stage checkpoint holds only what its stage trained; give the "
+                            f"public weights too: --phi (microsoft/phi-2 folder) and --blip2 (a Salesforce/blip2-* "
+                            f"folder, or LAVIS's blip2_pretrained_flant5xxl.pth with --vit eva_vit_g.pth)")
+    for flag, value in (("--phi", phi), ("--blip2", blip2), ("--vit", vit)):
+        if value and not Path(value).exists():
+            raise cli.UserError(f"{flag} {value}: no such file or folder")
+    mcfg, named = weights.tinygptv_checkpoint_config(checkpoint, tv.PRESETS["tinygptv"]())
+    if not (stage or named):
+        print(f"note: {Path(checkpoint).name} does not say its stage: taken as stage 4 (--stage to say)",
+              file=sys.stderr)
+    stage = stage or named or 4
+    model = weights.load_tinyvlm(phi, blip2, vit=vit or None, checkpoint=checkpoint, cfg=mcfg, dtype=torch.bfloat16)
+    tok = data.Tokenizer.from_file(tokenizer or phi)
+    size = model.cfg.vit.image_size * (2 if stage == 4 else 1)
+    return Loaded(model.to(device).eval(), tok, stage, size, checkpoint)
+
+
 def score_benchmark(cfg: TrainConfig) -> dict:
     """--benchmark NAME --data FILE --image-root DIR: the score of a model (--checkpoint, --init, else the newest
-    OUT_DIR/stageN, as chat finds it) on one of the paper's benchmarks, TinyGPT-V's way (evaluation.py)."""
-    import chat          # chat.py loads whatever model a user points at, and builds on this module: imported here
+    OUT_DIR/stageN) on one of the paper's benchmarks, TinyGPT-V's way (evaluation.py)."""
     if not cfg.data:
         raise cli.UserError(f"--benchmark {cfg.benchmark} needs the benchmark's question file: --data FILE "
                             f"--image-root DIR (README, \"The paper's benchmarks\")")
@@ -974,8 +1042,8 @@ def score_benchmark(cfg: TrainConfig) -> dict:
         raise cli.UserError(f"--image-root {cfg.image_root}: no such folder")
     samples = evaluation.read_benchmark(cfg.benchmark, cfg.data, cfg.image_root)   # before the model: no waiting
     device = pick_device(cfg)
-    loaded = chat.load_model(chat.ChatConfig(checkpoint=cfg.checkpoint or cfg.init, out_dir=cfg.out_dir, phi=cfg.phi,
-                                             blip2=cfg.blip2, vit=cfg.vit, tokenizer=cfg.tokenizer), device)
+    loaded = load_trained(cfg.checkpoint or cfg.init, cfg.out_dir, device, phi=cfg.phi, blip2=cfg.blip2, vit=cfg.vit,
+                          tokenizer=cfg.tokenizer)
     print(f"{cfg.benchmark}: {len(samples):,} question(s) from {cfg.data} | model {loaded.name} (stage {loaded.stage})"
           + ("" if loaded.stage == 4 else "; the benchmarks ask the stage-4 model"))
     result = evaluation.run_benchmark(loaded.model, loaded.tok, cfg.benchmark, samples, loaded.image_size, device)

@@ -193,6 +193,6 @@ def test_benchmark_runs_score_what_the_model_answers(benchmark_files, capsys):
 
 
 def _shipped():
-    import chat
-    loaded = chat.load_model(chat.ChatConfig(checkpoint=str(chat.SHIPPED)), torch.device("cpu"))
+    import train
+    loaded = train.load_trained(str(train.SHIPPED_STAGE4), "out", torch.device("cpu"))
     return loaded.model, loaded.tok, loaded.model.cfg.num_image_tokens, loaded.image_size
