@@ -25,6 +25,7 @@ import data
 import quantize
 import tinyvlm as tv
 import train
+import weights
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ class ChatConfig:
     stage: int = 0                  # a TinyGPT-V .pth: the stage it is from (default: the number in its file name)
     out_dir: str = "out"            # where to look for the newest stage when --checkpoint is not given
     quantized: str = ""             # a file written by quantize.py --out, to run instead
+    model: str = ""                 # a TinyLLaVA, Imp or llava-hf folder (SigLIP + MLP + Phi), asked its family's way
+    family: str = ""                # --model's family when its config.json does not say
     quantize: str = ""              # quantize the language model as it loads: int8, int4 or fp16
     phi: str = ""                   # real weights: the microsoft/phi-2 folder (default: the one it was trained with)
     blip2: str = ""                 # real weights: the Salesforce/blip2-* folder or LAVIS pickle (default: likewise)
@@ -85,6 +88,7 @@ class ChatConfig:
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
+                                           "family": tuple(data.FAMILY_TEMPLATES),
                                            "device": ("auto", "cpu", "cuda")}
     LIMITS: ClassVar[dict[str, tuple]] = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_k": (0, None),
                                           "top_p": (0.01, 1.0), "repetition_penalty": (0.01, None), "seed": (0, None),
@@ -94,6 +98,8 @@ class ChatConfig:
 def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
     """A quantize.py file, or a trained model (train.load_trained: ours, built as it was trained, or a TinyGPT-V
     stage .pth), quantized as it loads if --quantize says so."""
+    if cfg.model:
+        return load_family(cfg, device)
     if cfg.quantized:
         model = quantize.load_quantized(cfg.quantized).to(device)
         stored = model.trained_for["train_config"] or {}
@@ -112,6 +118,23 @@ def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
         loaded.model = quantize.quantize_model(model, cfg.quantize, ("phi",),
                                                group=64 if model.cfg.phi.hidden % 128 else 128).eval()
     return loaded
+
+
+def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
+    """A sibling model's folder (weights.load_llava_family), its tokenizer from the folder, quantized as it loads
+    if --quantize says so (the language model, as for our own)."""
+    if cfg.checkpoint or cfg.quantized:
+        raise cli.UserError("--model is a whole model: give it without --checkpoint or --quantized")
+    if cfg.chat:
+        raise cli.UserError("--chat: the sibling families are asked one question per run here")
+    model, facts = weights.load_llava_family(cfg.model, cfg.family or None)
+    if cfg.quantize:
+        model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
+    try:
+        tok = data.Tokenizer.from_file(cfg.tokenizer or cfg.model)
+    except FileNotFoundError as e:
+        raise cli.UserError(f"{e}: give --tokenizer") from None
+    return train.Loaded(model.to(device).eval(), tok, 4, facts.image_size, cfg.model, family=facts)
 
 
 STAGE_CAN = {1: "captions only (no prompt): it describes the picture",
@@ -152,10 +175,15 @@ def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str
         cfg: ChatConfig, device, generator: torch.Generator) -> str:
     """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
     model, tok, stage = loaded.model, loaded.tok, loaded.stage
-    sample = data.Sample(None, turns + [(question, "")], task)
-    ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
-                         layout=model.cfg.prompt_layout)
-    ids = ids[:-len(tok.encode(data.END[stage]))]             # everything up to where the answer starts
+    stops = (data.END[stage],)
+    if loaded.family:                                        # a sibling model: its own template, one question
+        ids = data.family_prompt(loaded.family.family, question, tok, model.cfg.num_image_tokens)
+        stops = data.FAMILY_STOPS.get(loaded.family.family, ())
+    else:
+        sample = data.Sample(None, turns + [(question, "")], task)
+        ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
+                             layout=model.cfg.prompt_layout)
+        ids = ids[:-len(tok.encode(data.END[stage]))]         # everything up to where the answer starts
     if len(ids) + cfg.max_new_tokens > model.cfg.phi.max_positions:
         raise cli.UserError(f"the conversation ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} do not fit "
                             f"in the model's {model.cfg.phi.max_positions} positions: ask a shorter question")
@@ -163,11 +191,13 @@ def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str
     stream = model.generate_stream(None, torch.tensor([ids], device=device), features=features,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_token_id=tok.eos_id,
-                                   stop_strings=(data.END[stage],), decode=tok.decode, generator=generator)
+                                   stop_strings=stops, decode=tok.decode, generator=generator)
     for token, active in stream:
         if active[0]:
             answer_ids.append(int(token[0]))
-            text = tok.decode(answer_ids, skip_special_tokens=True).split(data.END[stage])[0]
+            text = tok.decode(answer_ids, skip_special_tokens=True)
+            for stop in stops:
+                text = text.split(stop)[0]
             print(text[len(shown):], end="", flush=True)
             shown = text
     print()
@@ -192,13 +222,24 @@ def main(argv: list[str] | None = None) -> None:
     image = data.open_image(cfg.image, notices)            # before the model: a wrong path costs no waiting
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
+    if cfg.model and (cfg.attention or not args.question):
+        raise cli.UserError("--model: give a question" if not args.question else
+                            "--attention draws the Q-Former's queries; a --model family has none (its MLP shows "
+                            "every patch)")
     loaded = load_model(cfg, device)
-    task = check_request(cfg, args.question, loaded.stage)
-    print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
-    if loaded.shapes_world_only and not looks_like_the_shapes_world(image):
-        print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk of "
-              "shapes", file=sys.stderr)
-    pixels = data.preprocess(image, loaded.image_size)[None].to(device)
+    if loaded.family:
+        task = None
+        print(f"model: {loaded.name} ({loaded.family.family}: SigLIP, MLP connector, Phi; "
+              f"{loaded.model.cfg.num_image_tokens} image tokens)", file=sys.stderr)
+        pad = (127, 127, 127) if loaded.family.pad_to_square else None          # the mean colour, as LLaVA pads
+        pixels = data.preprocess(image, loaded.image_size, data.SIGLIP_MEAN, data.SIGLIP_STD, pad)[None].to(device)
+    else:
+        task = check_request(cfg, args.question, loaded.stage)
+        print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
+        if loaded.shapes_world_only and not looks_like_the_shapes_world(image):
+            print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
+                  "of shapes", file=sys.stderr)
+        pixels = data.preprocess(image, loaded.image_size)[None].to(device)
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []

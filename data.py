@@ -91,12 +91,24 @@ def open_image(path: str | Path, notices: list[str] | None = None) -> Image.Imag
     return decode_image(path, str(path), notices)
 
 
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)          # SigLIP (TinyLLaVA, Imp): pixels to [-1, 1]
+
+
+def preprocess(img: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+               pad: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(3, size, size) float tensor: square bicubic resize (no crop, no augmentation), scale to [0, 1], then
-    normalise per channel. The same numbers as BLIP-2's image processor."""
-    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    normalise per channel. The same numbers as BLIP-2's image processor (and, with SigLIP's mean and std,
+    SigLIP's). pad: first pad the picture to a square of this colour, centred (LLaVA's "pad" aspect ratio, which
+    legacy TinyLLaVA uses with the mean colour (127, 127, 127))."""
+    img = img.convert("RGB")
+    if pad is not None and img.width != img.height:
+        side = max(img.size)
+        square = Image.new("RGB", (side, side), pad)
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = square
+    img = img.resize((size, size), Image.BICUBIC)
     x = np.asarray(img, dtype=np.float32) / 255.0                        # (H, W, 3)
-    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
@@ -341,6 +353,27 @@ def with_image_slots(prompt: str, tokenizer: Tokenizer, num_image_tokens: int, i
             ids += [IMAGE_TOKEN] * num_image_tokens if image_text is None else tokenizer.encode(image_text)
         ids += tokenizer.encode(piece) if piece else []
     return ids
+
+
+# The sibling models' prompts (LLaVA-1.5 style, one question): "USER: <image>\n{question} ASSISTANT:", TinyLLaVA's
+# and Imp's after Vicuna's system message; no BOS (Phi-2's tokenizer adds none). An answer ends at <|endoftext|>,
+# Imp's also at its added "</s>".
+LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the user's questions.")
+FAMILY_TEMPLATES = {"tinyllava": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
+                    "tinyllava-legacy": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
+                    "imp": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
+                    "llava-hf": "USER: <image>\n{} ASSISTANT:"}
+FAMILY_STOPS = {"imp": ("</s>",)}
+
+
+def family_prompt(family: str, question: str, tokenizer: Tokenizer, num_image_tokens: int) -> list[int]:
+    """The ids a TinyLLaVA / Imp / llava-hf model is asked with: its template, the image's slots at <image>."""
+    check_text(question)
+    if "<image>" in question:
+        raise PromptError("the question contains <image>, where the template puts the picture; remove it")
+    text = FAMILY_TEMPLATES[family].format(question).replace("<image>", IMAGE_MARKER)
+    return with_image_slots(text, tokenizer, num_image_tokens)
 
 
 # Boxes: {<x1><y1><x2><y2>}, integers 0..100 relative to the image size (MiniGPT-v2's grid)

@@ -112,12 +112,17 @@ class TinyVLMConfig:
     # "mlp": LLaVA-1.5 / TinyLLaVA (every ViT token through Linear-GELU-Linear, no Q-Former).
     connector: str = "qformer"
     proj_dim: int = 4096        # width between llama_proj and llama_proj2 (MiniGPT-4's LLaMA width)
+    # "mlp": the first ViT token is not shown to the LLM (LLaVA-1.5 drops CLIP's CLS token; TinyLLaVA Factory
+    # drops SigLIP's first patch the same way, a quirk its released weights were trained with)
+    drop_first_image_token: bool = False
     # how stage 4's prompt is written for this model (data.LAYOUTS): TinyGPT-V's own bytes for the real weights
     prompt_layout: str = "tinygptv"
 
     @property
     def num_image_tokens(self) -> int:
-        return self.qformer.num_queries if self.connector == "qformer" else self.vit.num_positions
+        if self.connector == "qformer":
+            return self.qformer.num_queries
+        return self.vit.num_positions - int(self.drop_first_image_token)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +134,7 @@ class TinyVLMConfig:
             lora = LoRAConfig(**{**lora, "targets": tuple(lora["targets"])})
         return cls(vit=ViTConfig(**d["vit"]), qformer=QFormerConfig(**d["qformer"]), phi=PhiConfig(**d["phi"]),
                    lora=lora, connector=d.get("connector", "qformer"), proj_dim=d.get("proj_dim", 4096),
+                   drop_first_image_token=d.get("drop_first_image_token", False),
                    # a checkpoint from before there were two layouts was trained in the tiny one
                    prompt_layout=d.get("prompt_layout", "tiny"))
 
@@ -591,7 +597,9 @@ class TinyVLM(nn.Module):
         """The frozen half of the image path: (B, 3, H, W) -> Q-Former queries (B, 32, 768), or the ViT tokens for
         the MLP connector. Frozen in every stage, so a trainer may compute it once per image and reuse it."""
         feats = self.vit(pixels)                                       # (B, 257, 1408)
-        return feats if self.cfg.connector == "mlp" else self.qformer(feats)   # (B, 32, 768)
+        if self.cfg.connector == "mlp":
+            return feats[:, int(self.cfg.drop_first_image_token):]      # (B, N, C): every (kept) token
+        return self.qformer(feats)                                      # (B, 32, 768)
 
     def connect(self, features: torch.Tensor) -> torch.Tensor:
         """The trained half: visual features -> (B, num_image_tokens, phi.hidden), what the LLM reads as 'the image'."""

@@ -976,6 +976,7 @@ class Loaded:
     image_size: int
     name: str
     shapes_world_only: bool = False      # the tiny model as shipped: it has read only the shapes world
+    family: weights.FamilyFacts | None = None    # a TinyLLaVA / Imp / llava-hf model: its prompt and pictures
 
 
 SHIPPED_STAGE4 = ASSETS / "stage4.safetensors"

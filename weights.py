@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -857,6 +858,143 @@ def load_tinyvlm(phi, blip2, vit=None, checkpoint=None, cfg: tv.TinyVLMConfig | 
     if dtype in (torch.float16, torch.bfloat16):
         multiply_in_fp32_on_cpu(model)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sibling models: TinyLLaVA and Imp (SigLIP -> 2-layer MLP -> Phi-2) and llava-hf files, LLaVA-1.5's design
+# References: https://github.com/TinyLLaVA/TinyLLaVA_Factory (tinyllava/model), https://github.com/MILVLG/imp,
+#             https://github.com/huggingface/transformers/blob/main/src/transformers/models/llava/modeling_llava.py
+#
+# One model in four on-disk layouts. Each family's prefixes are renamed to one canonical set (SigLIP's
+# "vision_model.*", "connector.{0,2}.*", and Phi's own "model.*" / "lm_head.*" or, in older Imp files, phi-msft's
+# "transformer.*" / "lm_head.{ln,linear}.*"), which the key maps above then read strictly. The first prefix of the
+# list that a key starts with wins; a key that matches none is reported.
+
+FAMILY_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "tinyllava": (                                 # TinyLLaVA Factory (model_type "tinyllava")
+        ("vision_tower._vision_tower.vision_model.", "vision_model."), ("connector._connector.", "connector."),
+        ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+    "tinyllava-legacy": (                          # bczhou/TinyLLaVA-3.1B (model_type "tiny_llava_phi")
+        ("model.vision_tower.vision_tower.vision_model.", "vision_model."), ("model.mm_projector.", "connector."),
+        ("model.", "model."), ("lm_head.", "lm_head.")),
+    "imp": (                                       # MILVLG/imp-v1-3b: older revisions phi-msft, newer HF Phi
+        ("transformer.vision_tower.vision_tower.vision_model.", "vision_model."),
+        ("transformer.mm_projector.", "connector."), ("model.vision_tower.vision_tower.vision_model.", "vision_model."),
+        ("model.mm_projector.", "connector."), ("transformer.", "transformer."), ("model.", "model."),
+        ("lm_head.", "lm_head.")),
+    "llava-hf": (                                  # transformers' LlavaForConditionalGeneration, older and newer names
+        ("vision_tower.vision_model.", "vision_model."), ("model.vision_tower.vision_model.", "vision_model."),
+        ("vision_tower.", "vision_model."), ("model.vision_tower.", "vision_model."),
+        ("multi_modal_projector.linear_1.", "connector.0."), ("multi_modal_projector.linear_2.", "connector.2."),
+        ("model.multi_modal_projector.linear_1.", "connector.0."),
+        ("model.multi_modal_projector.linear_2.", "connector.2."),
+        ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+        ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+}
+FAMILY_OF_MODEL_TYPE = {"tinyllava": "tinyllava", "tiny_llava_phi": "tinyllava-legacy", "imp": "imp",
+                        "llava": "llava-hf"}
+
+# Legacy TinyLLaVA and Imp name their vision tower instead of storing its config: the facts of the one they use
+# (google/siglip-so400m-patch14-384's config.json).
+VISION_TOWERS: dict[str, dict] = {
+    "google/siglip-so400m-patch14-384": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6},
+}
+CONNECTOR_MAP: KeyMap = {"mlp_proj.0.weight": "connector.0.weight", "mlp_proj.0.bias": "connector.0.bias",
+                         "mlp_proj.2.weight": "connector.2.weight", "mlp_proj.2.bias": "connector.2.bias"}
+
+
+@dataclass
+class FamilyFacts:
+    """What a LLaVA-style folder says beside its weights: its family, how its pictures are prepared."""
+    family: str
+    image_size: int
+    pad_to_square: bool           # LLaVA's "pad": the picture is padded to a square before the resize
+
+
+def llava_family(config: dict, family: str | None, source: str) -> str:
+    if family is None:
+        family = FAMILY_OF_MODEL_TYPE.get(config.get("model_type"))
+        if family is None:
+            raise CheckpointError(f"{source}: model_type {config.get('model_type')!r} is none of the LLaVA-style "
+                                  f"families ({', '.join(f'{k} -> {v}' for k, v in FAMILY_OF_MODEL_TYPE.items())}); "
+                                  f"--family to say which")
+    if family not in FAMILY_PREFIXES:
+        raise CheckpointError(f"{source}: unknown family {family!r}; expected one of {', '.join(FAMILY_PREFIXES)}")
+    return family
+
+
+def canonical_names(tensors: dict[str, torch.Tensor], family: str, source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in tensors.items():
+        match = next(((old, new) for old, new in FAMILY_PREFIXES[family] if key.startswith(old)), None)
+        if match is None:
+            raise CheckpointError(f"{source}: unexpected key '{key}' {tuple(t.shape)}: not part of a model of the "
+                                  f"{family} family (its prefixes: {', '.join(p for p, _ in FAMILY_PREFIXES[family])})")
+        out[match[1] + key[len(match[0]):]] = t
+    return out
+
+
+def llava_family_config(config: dict, family: str, tensors: dict[str, torch.Tensor],
+                        source: str) -> tuple[tv.TinyVLMConfig, FamilyFacts]:
+    text = config.get("text_config") or config              # legacy TinyLLaVA and Imp keep Phi's config at the top
+    if text.get("model_type") == "llama":
+        raise CheckpointError(f"{source}: a Llama language model (LLaVA-1.5, TinyLlama): only Phi is implemented here")
+    text = {**text, "model_type": "phi-msft" if "n_embd" in text else "phi"}
+    embed = tensors.get("model.embed_tokens.weight", tensors.get("transformer.embd.wte.weight"))
+    if embed is None:
+        raise CheckpointError(f"{source}: no token embeddings (model.embed_tokens.weight / transformer.embd.wte.weight)")
+    # the old Phi config pads the vocabulary to a multiple of 64: the weights say how many rows there are
+    phi = phi_config_from_hf(text, vocab_size=embed.shape[0], resid_dropout=0.0)
+    vision = config.get("vision_config")
+    if not vision:
+        tower = config.get("mm_vision_tower")
+        if tower not in VISION_TOWERS:
+            raise CheckpointError(f"{source}: config.json names the vision tower {tower!r} without its config, and "
+                                  f"it is not one of the known ones ({', '.join(VISION_TOWERS)})")
+        vision = VISION_TOWERS[tower]
+    layer = config.get("vision_feature_layer", config.get("mm_vision_select_layer", -2))
+    total = vision["num_hidden_layers"]
+    kept = total + 1 + layer if layer < 0 else layer     # hidden_states[k] is the output of block k (0: embeddings)
+    vit, _ = vit_config_from_hf(vision, num_layers=kept, ln_vision=False)
+    # which token is dropped: TinyLLaVA Factory drops the first (its "patch" strategy written for CLIP's CLS);
+    # legacy TinyLLaVA and Imp keep all; llava-hf's "default" drops it, "full" keeps it
+    drop = family == "tinyllava" or (family == "llava-hf"
+                                     and config.get("vision_feature_select_strategy", "default") == "default")
+    cfg = tv.TinyVLMConfig(vit=vit, phi=phi, lora=None, connector="mlp", drop_first_image_token=drop)
+    facts = FamilyFacts(family, vision.get("image_size", 384), config.get("image_aspect_ratio") == "pad")
+    return cfg, facts
+
+
+def load_llava_family(folder, family: str | None = None, dtype: torch.dtype | None = None
+                      ) -> tuple[tv.TinyVLM, FamilyFacts]:
+    """A TinyLLaVA (Factory or legacy), Imp or llava-hf folder (safetensors, shards or .bin) as a TinyVLM with the
+    MLP connector, its family detected from config.json (or given). Every key is used or deliberately ignored:
+    the tower's blocks after the selected layer, its post_layernorm and pooling head (never applied by these
+    models), the position-id buffer."""
+    source = str(folder)
+    config = read_config(folder)
+    family = llava_family(config, family, source)
+    tensors = canonical_names(read_weights(folder), family, source)
+    cfg, facts = llava_family_config(config, family, tensors, source)
+    phi_map, layout = phi_key_map(cfg.phi, tensors)
+    head_bias = "lm_head.linear.bias" if layout == "phi-msft" else "lm_head.bias"
+    if head_bias not in tensors:      # legacy TinyLLaVA's and llava-hf's lm_head have no bias: ours adds zeros
+        tensors[head_bias] = torch.zeros(cfg.phi.vocab_size, dtype=tensors[phi_map["embed_tokens.weight"]].dtype)
+    vit_map = {**VIT_CLIP_TOP, **_expand(VIT_CLIP_LAYER, "blocks.{i}.", "vision_model.encoder.layers.{i}.",
+                                         range(cfg.vit.num_layers))}
+    key_map = {**{"vit." + k: v for k, v in vit_map.items()}, **CONNECTOR_MAP,
+               **{"phi." + k: v for k, v in phi_map.items()}}
+    ignore = ("vision_model.post_layernorm.", "vision_model.head.", "vision_model.embeddings.position_ids") + tuple(
+        f"vision_model.encoder.layers.{i}." for i in range(cfg.vit.num_layers, 1000))
+    with torch.device("meta"):
+        model = tv.TinyVLM(cfg)
+    load_mapped(model, tensors, key_map, source, ignore=ignore, dtype=_dtype(tensors, dtype))
+    if dtype in (torch.float16, torch.bfloat16) or _dtype(tensors, dtype) in (torch.float16, torch.bfloat16):
+        multiply_in_fp32_on_cpu(model)
+    return model, facts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
