@@ -55,6 +55,7 @@ STAGE0 = ASSETS / "stage0.safetensors"
 class TrainConfig:
     # what to run
     stage: int = 1                  # 0 the tiny backbones, 1 warm-up, 2 pre-train, 3 instruction, 4 multi-task
+    recipe: str = "tinygptv"        # the design trained: tinygptv, or tinyllava / imp (MLP connector; stages 1 and 4)
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
@@ -102,10 +103,10 @@ class TrainConfig:
     eval_interval: int = 200        # validation loss and a few generated answers every N iterations (0: at the end only)
     eval_samples: int = 200         # held-out samples per task in the final report
     ckpt_interval: int = 200        # save model.safetensors and state.pt every N iterations (and at the end)
-    cache_features: bool = True     # compute the frozen ViT + Q-Former once per image (built-in world)
+    cache_features: bool = True     # compute the frozen image path (ViT, Q-Former) once per image (built-in world)
 
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "benchmark": tuple(evaluation.BENCHMARKS),
+        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "recipe": ("tinygptv", "tinyllava", "imp"), "benchmark": tuple(evaluation.BENCHMARKS),
         "mixture": ("tinygptv-stage4",), "device": ("auto", "cpu", "cuda"),
         "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
     LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
@@ -169,6 +170,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                         "train_scenes") if not getattr(cfg, k)}
     if cfg.warmup_iters < 0:
         fill["warmup_iters"] = r.warmup_iters
+    if cfg.recipe != "tinygptv":      # the MLP shows every patch: one image size, the ViT's own (LLaVA-1.5 keeps one)
+        own = tv.PRESETS[cfg.preset]().vit.image_size
+        if cfg.image_size not in (0, own):
+            raise cli.UserError(f"--image-size {cfg.image_size}: --recipe {cfg.recipe} sees pictures at the ViT's "
+                                f"own {own} px (its MLP connector takes every patch, so the count is fixed)")
+        fill["image_size"] = own
     if cfg.text and not cfg.max_iters:             # stage 0 on your text: the LM is trained already
         fill["max_iters"], fill["warmup_iters"] = TEXT_ITERS, min(fill.get("warmup_iters", cfg.warmup_iters), 20)
     if cfg.quick:
@@ -199,15 +206,22 @@ NORM_WEIGHTS = ("input_layernorm.weight", "self_attn.q_layernorm.weight", "self_
                 "post_attn_norm.weight")
 
 
-def set_trainable(model: tv.TinyVLM, stage: int, input_norm: bool = True, lora: bool = True) -> dict[str, int]:
+def set_trainable(model: tv.TinyVLM, stage: int, input_norm: bool = True, lora: bool = True,
+                  recipe: str = "tinygptv") -> dict[str, int]:
     """Freeze everything, then unfreeze the stage's set; returns the parameter count per group.
-    All stages: the projections and the weights (not the biases) of every norm in Phi. Stages 2-4: + LoRA."""
+    TinyGPT-V, all stages: the projections and the weights (not the biases) of every norm in Phi; stages 2-4: +
+    LoRA. The sibling designs: the connector; stage 4: + the whole language model (tinyllava) or its LoRA (imp)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    groups: dict[str, list[nn.Parameter]] = {"projections": [], "norms": [], "lora": []}
+    groups: dict[str, list[nn.Parameter]] = {"projections": [], "norms": [], "lora": [], "language model": []}
     for name, p in model.named_parameters():
         if name.startswith(("llama_proj", "mlp_proj")):
             groups["projections"].append(p)
+        elif recipe != "tinygptv":
+            if stage == 4 and recipe == "tinyllava" and name.startswith("phi."):
+                groups["language model"].append(p)
+            elif stage == 4 and ".lora_" in name:
+                groups["lora"].append(p)
         elif name.startswith("phi.") and (name.endswith(NORM_WEIGHTS) or name == "phi.final_layernorm.weight"):
             if input_norm or not name.endswith("input_layernorm.weight"):
                 groups["norms"].append(p)
@@ -216,7 +230,7 @@ def set_trainable(model: tv.TinyVLM, stage: int, input_norm: bool = True, lora: 
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
-    return {k: sum(p.numel() for p in v) for k, v in groups.items()}
+    return {k: sum(p.numel() for p in v) for k, v in groups.items() if v or k != "language model"}
 
 
 def trainable_in_fp32(model: nn.Module) -> None:
@@ -243,9 +257,21 @@ def model_config(cfg: TrainConfig) -> tv.TinyVLMConfig:
         vocab = tv.TinyVLMConfig.from_dict(json.loads(stored)).phi.vocab_size
         phi = dataclasses.replace(phi, vocab_size=vocab)
     lora = mcfg.lora if cfg.lora else None
+    if cfg.recipe != "tinygptv":                    # the sibling designs: every ViT token through an MLP
+        mcfg = dataclasses.replace(mcfg, connector="mlp", drop_first_image_token=True)
+        lora = SIBLING_LORA if cfg.recipe == "imp" and cfg.lora else None
     if lora is not None and cfg.lora_rank:
         lora = dataclasses.replace(lora, rank=cfg.lora_rank, alpha=cfg.lora_rank * lora.alpha / lora.rank)
     return dataclasses.replace(mcfg, phi=phi, lora=lora)
+
+
+# The sibling designs on the tiny model (--recipe tinyllava | imp), LLaVA-1.5's two stages on the same data as
+# TinyGPT-V's stages 1 and 4: stage 1 trains the connector alone on captions; stage 4 the language side on the six
+# tasks, TinyLLaVA all of it, Imp LoRA on every linear layer of it (Imp: rank 256 = alpha on 2,560 wide; here 32 =
+# alpha on 192), the connector with both. The ViT's CLS token is dropped, as LLaVA-1.5 drops CLIP's.
+SIBLING_LORA = tv.LoRAConfig(rank=32, alpha=32.0, dropout=0.05,
+                             targets=("self_attn.qkv", "self_attn.dense", "mlp.fc1", "mlp.fc2"))
+SIBLING_STAGES = (1, 4)
 
 
 def with_backbones(cfg: TrainConfig) -> TrainConfig:
@@ -283,6 +309,10 @@ def check_flags(cfg: TrainConfig) -> None:
               ("--tokenizer", cfg.tokenizer)] + ([("--backbones", cfg.backbones)] if cfg.stage else [])
     if cfg.text and cfg.stage != 0:
         raise cli.UserError("--text belongs to --stage 0 (the tiny LM learns your words there, before stages 1-3)")
+    if cfg.recipe != "tinygptv" and (cfg.phi or cfg.stage not in SIBLING_STAGES):
+        raise cli.UserError(f"--recipe {cfg.recipe} trains the tiny model in two stages, --stage 1 (the connector, on "
+                            f"captions) then --stage 4 (the language side, on the six tasks)"
+                            + ("; with public weights, load a released model with tinyvlm.py --model" if cfg.phi else ""))
     if cfg.mixture and not (cfg.data and cfg.stage == 4):
         raise cli.UserError(f"--mixture {cfg.mixture} mixes stage-4 data sets: give --stage 4 and their files as "
                             f"--data FORMAT:PATH,... (README, \"TinyGPT-V's stage-4 data\")")
@@ -303,9 +333,11 @@ def init_path(cfg: TrainConfig) -> str:
         return cfg.init
     if cfg.checkpoint or cfg.stage < 2:
         return ""
-    own = Path(cfg.out_dir) / f"stage{cfg.stage - 1}" / "model.safetensors"
-    shipped = ASSETS / f"stage{cfg.stage - 1}.safetensors"
-    if not own.exists() and shipped.exists() and not (cfg.phi or cfg.data) and cfg.preset == "tiny":
+    previous = cfg.stage - 1 if cfg.recipe == "tinygptv" else SIBLING_STAGES[SIBLING_STAGES.index(cfg.stage) - 1]
+    own = Path(cfg.out_dir) / f"stage{previous}" / "model.safetensors"
+    shipped = ASSETS / f"stage{previous}.safetensors"
+    if not own.exists() and shipped.exists() and not (cfg.phi or cfg.data) and cfg.preset == "tiny" \
+            and cfg.recipe == "tinygptv":
         return str(shipped)
     return str(own)
 
@@ -337,6 +369,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[tv.TinyVLM, str
         # an ablation that removes a norm leaves its stage-0 weights unused, deliberately
         removed = tuple(n for n, on in (("q_layernorm.", cfg.qk_norm), ("k_layernorm.", cfg.qk_norm),
                                         ("post_attn_norm.", cfg.post_attn_norm)) if not on)
+        if model.cfg.connector == "mlp":          # the sibling designs have no Q-Former
+            removed += ("qformer.",)
         weights.load_checkpoint(model, backbones, ignore=removed)
         source = "the shipped stage-0 backbones" if backbones == STAGE0 else f"stage-0 backbones {backbones}"
     init = init_path(cfg)
@@ -490,16 +524,16 @@ def world_samples(cfg: TrainConfig, split: str, n: int) -> dict[str, tuple[list[
 def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, cache_dir: Path | None) -> torch.Tensor:
     """Visual features of the scenes, cached on disk under a key of (the scenes, the image size, a fingerprint of
     the frozen ViT and Q-Former weights), so stages 1-3 share one computation and new backbones never reuse it."""
-    key = hashlib.sha256(json.dumps([image_size, [s.key() for s in scenes]]).encode()
-                         + b"".join(p.detach().cpu().float().numpy().tobytes()[:4096] for p in model.vit.parameters())
-                         + b"".join(p.detach().cpu().float().numpy().tobytes()[:4096] for p in model.qformer.parameters())
+    frozen = list(model.vit.parameters()) + (list(model.qformer.parameters()) if hasattr(model, "qformer") else [])
+    key = hashlib.sha256(json.dumps([image_size, [s.key() for s in scenes], model.cfg.drop_first_image_token]).encode()
+                         + b"".join(p.detach().cpu().float().numpy().tobytes()[:4096] for p in frozen)
                          ).hexdigest()[:16]
     path = cache_dir / f"features-{image_size}-{key}.pt" if cache_dir else None
     if path and path.exists():
         return torch.load(path, weights_only=True)
     model.eval()
     feats = []
-    tick = cli.Ticker(f"frozen ViT + Q-Former features of {len(scenes):,} scenes at {image_size} px", len(scenes))
+    tick = cli.Ticker(f"frozen visual features of {len(scenes):,} scenes at {image_size} px", len(scenes))
     for i in range(0, len(scenes), 128):
         pixels = data.pixels_of(scenes[i:i + 128], image_size)
         feats.append(model.visual_features(pixels.to(device)).float().cpu())
@@ -761,6 +795,8 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 def train(cfg: TrainConfig) -> dict:
     """One stage: the model and its data, the loop, then the held-out evaluation and the stage's files."""
     cli.check_config(cfg)
+    if cfg.recipe != "tinygptv" and cfg.out_dir == "out":     # a design's stages next to, not over, TinyGPT-V's
+        cfg = dataclasses.replace(cfg, out_dir=f"out-{cfg.recipe}")
     cfg = with_backbones(cfg)
     check_flags(cfg)
     cfg = resolve(cfg)
@@ -789,7 +825,7 @@ def train(cfg: TrainConfig) -> dict:
         if not cfg.resume and any((stage_dir / n).exists() for n in STAGE_OUTPUTS):
             log(f"{stage_dir} holds an earlier run: this run replaces it at its first checkpoint")
     model, source = build_model(cfg, device)
-    counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora)
+    counts = set_trainable(model, cfg.stage, cfg.input_norm, cfg.lora, cfg.recipe)
     trainable_in_fp32(model)
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
@@ -949,6 +985,9 @@ def next_steps(cfg: TrainConfig, stage_dir: Path) -> str:
     also = f"ask it: python data.py --scene scene.png, then {ask}{question}"
     if cfg.stage == 4:
         return f"next: {also}"
+    if cfg.recipe != "tinygptv":        # the sibling designs: stage 1, then stage 4 (their default --out-dir)
+        more = f" --out-dir {cfg.out_dir}" if cfg.out_dir != f"out-{cfg.recipe}" else ""
+        return f"next: python train.py --recipe {cfg.recipe} --stage 4{more}   (or {also})"
     more = f" --out-dir {cfg.out_dir}" if cfg.out_dir != "out" else ""
     return f"next: python train.py --stage {cfg.stage + 1}{more}   (or {also})"
 

@@ -760,6 +760,9 @@ def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple
             if a[key] != b.get(key):
                 raise CheckpointError(f"{path}: made for a model with {part}.{key} = {a[key]}, this one has "
                                       f"{b.get(key)}: another preset or other weights?")
+    if cfg is not None and json.loads(meta.get("stage", "1")) != 0 and saved.connector != cfg.connector:
+        raise CheckpointError(f"{path}: made for the {saved.connector} connector, this model has the {cfg.connector} "
+                              f"one: a checkpoint of another design (--recipe)?")
     if cfg is not None and (json.loads(meta.get("stage", "1")) != 0 or not ignore):
         for flag in ("qk_norm", "post_attn_norm"):
             if getattr(saved.phi, flag) != getattr(cfg.phi, flag):

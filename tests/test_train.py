@@ -283,6 +283,38 @@ def test_stage4_on_the_tinygptv_mixture_of_its_20_data_sets(tmp_path, capsys):
                                       image_root=str(tmp_path / "d"), out_dir=str(tmp_path / "out2")))
 
 
+def test_sibling_designs_train_their_two_stages(tmp_path):
+    """--recipe tinyllava | imp: the MLP connector over every ViT token but the CLS one; stage 1 trains the
+    connector alone, stage 4 adds the whole language model (TinyLLaVA) or LoRA on all its linear layers (Imp);
+    the checkpoint rebuilds as trained, and another design's checkpoint is refused by name."""
+    short = dict(train_scenes=16, eval_samples=2, batch_size=4, log_interval=1, max_iters=2)
+    connector = 128 * 192 + 192 + 192 * 192 + 192
+    phi_params = sum(p.numel() for p in tv.TinyVLM(train.model_config(train.TrainConfig())).phi.parameters())
+    for recipe in ("tinyllava", "imp"):
+        out = tmp_path / recipe
+        train.train(train.TrainConfig(recipe=recipe, stage=1, out_dir=str(out), **short))
+        model, _ = train.build_model(train.config_of_checkpoint(out / "stage1" / "model.safetensors"), torch.device("cpu"))
+        assert model.cfg.connector == "mlp" and model.cfg.num_image_tokens == 64 and not hasattr(model, "qformer")
+        assert train.set_trainable(model, 1, recipe=recipe) == {"projections": connector, "norms": 0, "lora": 0}
+        result = train.train(train.TrainConfig(recipe=recipe, stage=4, out_dir=str(out), **short))
+        assert len(result["history"]) == 2
+        cfg4 = train.config_of_checkpoint(out / "stage4" / "model.safetensors")
+        model, _ = train.build_model(cfg4, torch.device("cpu"))
+        counts = train.set_trainable(model, 4, recipe=recipe)
+        if recipe == "tinyllava":
+            assert counts["language model"] == phi_params and counts["lora"] == 0
+        else:
+            lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+            assert counts["lora"] == lora > 0 and "language model" not in counts
+            assert {n.split(".lora_")[0].split(".", 3)[-1] for n, _ in model.named_parameters() if ".lora_" in n} == \
+                {"self_attn.qkv", "self_attn.dense", "mlp.fc1", "mlp.fc2"}
+    with pytest.raises(weights.CheckpointError, match="made for the mlp connector, this model has the qformer one"):
+        train.train(train.TrainConfig(stage=2, out_dir=str(tmp_path / "x"), init=str(tmp_path / "imp" / "stage1" /
+                                      "model.safetensors"), **short))
+    with pytest.raises(cli.UserError, match="--recipe imp trains the tiny model in two stages"):
+        train.train(train.TrainConfig(recipe="imp", stage=2, out_dir=str(tmp_path / "y"), **short))
+
+
 def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
     """--phi / --blip2 folders in the public layout, frozen weights in bf16, trainable ones in fp32, a caption file
     on disk: a few stage-2 steps run and the loss is finite."""
