@@ -289,7 +289,7 @@ def test_sibling_designs_train_their_two_stages(tmp_path):
     the checkpoint rebuilds as trained, and another design's checkpoint is refused by name."""
     short = dict(train_scenes=16, eval_samples=2, batch_size=4, log_interval=1, max_iters=2)
     connector = 128 * 192 + 192 + 192 * 192 + 192
-    phi_params = sum(p.numel() for p in tv.TinyVLM(train.model_config(train.TrainConfig())).phi.parameters())
+    phi_params = sum(p.numel() for p in tv.TinyVLM(train.model_config(train.TrainConfig(lora=False))).phi.parameters())
     for recipe in ("tinyllava", "imp"):
         out = tmp_path / recipe
         train.train(train.TrainConfig(recipe=recipe, stage=1, out_dir=str(out), **short))
