@@ -114,10 +114,13 @@ def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
     loaded = train.load_trained(cfg.checkpoint, cfg.out_dir, device, phi=cfg.phi, blip2=cfg.blip2, vit=cfg.vit,
                                 tokenizer=cfg.tokenizer, stage=cfg.stage)
     if cfg.quantize:
-        model = loaded.model
-        loaded.model = quantize.quantize_model(model, cfg.quantize, ("phi",),
-                                               group=64 if model.cfg.phi.hidden % 128 else 128).eval()
+        loaded.model = quantize_language_model(loaded.model, cfg.quantize).eval()
     return loaded
+
+
+def quantize_language_model(model: tv.TinyVLM, mode: str) -> tv.TinyVLM:
+    """--quantize: the language model's linear layers (groups of 128 columns, 64 where the width is no multiple)."""
+    return quantize.quantize_model(model, mode, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
 
 
 def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
@@ -129,7 +132,7 @@ def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
         raise cli.UserError("--chat: the sibling families are asked one question per run here")
     model, facts = weights.load_llava_family(cfg.model, cfg.family or None)
     if cfg.quantize:
-        model = quantize.quantize_model(model, cfg.quantize, ("phi",), group=64 if model.cfg.phi.hidden % 128 else 128)
+        model = quantize_language_model(model, cfg.quantize)
     try:
         tok = data.Tokenizer.from_file(cfg.tokenizer or cfg.model)
     except FileNotFoundError as e:

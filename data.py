@@ -408,7 +408,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # Real data formats. Each reader returns a list of Samples; image paths are relative to image_root.
 
-def _read_json_records(path: str | Path) -> list[dict]:
+def read_json_records(path: str | Path) -> list[dict]:
     """A JSON list (or {"annotations": [...]}, {"data": [...]}, {id: object}) or JSONL file of objects; at least one."""
     path = Path(path)
     if not path.is_file():
@@ -439,7 +439,8 @@ def _read_json_records(path: str | Path) -> list[dict]:
     return data
 
 
-def _field(record: dict, key: str, path, i: int):
+def record_field(record: dict, key: str, path, i: int):
+    """record[key], or an error naming the file, the record and the fields it has."""
     if key not in record:
         raise DataError(f"{path}: record {i} has no {key!r} field (fields: {sorted(record)})")
     return record[key]
@@ -455,9 +456,9 @@ def read_captions(path: str | Path, image_root: str | Path = ".") -> list[Sample
     if path.suffix == ".tar" or path.is_dir() and any(path.glob("*.tar")):
         return caption_shards(path)
     root = Path(image_root)
-    return [Sample(root / _field(r, "image", path, i), [(CAPTION_INSTRUCTION, str(_field(r, "caption", path, i)))],
+    return [Sample(root / record_field(r, "image", path, i), [(CAPTION_INSTRUCTION, str(record_field(r, "caption", path, i)))],
                    meta={"source": str(path)})
-            for i, r in enumerate(_read_json_records(path))]
+            for i, r in enumerate(read_json_records(path))]
 
 
 HELD_OUT_EVERY = 20       # of each shard's samples every 20th is held out: the 5% other formats hold out at the end
@@ -550,9 +551,9 @@ class EncodedImage:
 def read_cc_sbu_align(folder: str | Path, instruction: str = "Describe this image in detail.") -> list[Sample]:
     """MiniGPT-4's cc_sbu_align: image/{image_id}.jpg and filter_cap.json {"annotations": [{image_id, caption}]}."""
     folder = Path(folder)
-    records = _read_json_records(folder / "filter_cap.json")
-    return [Sample(folder / "image" / f"{_field(r, 'image_id', folder, i)}.jpg",
-                   [(instruction, _field(r, "caption", folder, i))], meta={"source": str(folder)})
+    records = read_json_records(folder / "filter_cap.json")
+    return [Sample(folder / "image" / f"{record_field(r, 'image_id', folder, i)}.jpg",
+                   [(instruction, record_field(r, "caption", folder, i))], meta={"source": str(folder)})
             for i, r in enumerate(records)]
 
 
@@ -560,8 +561,8 @@ def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
     """LLaVA conversations: {"image", "conversations": [{"from": "human" | "gpt", "value"}, ...]}; the "<image>"
     marker is removed from the text (our prompt template places the image)."""
     path, root, samples = Path(path), Path(image_root), []
-    for i, r in enumerate(_read_json_records(path)):
-        conv = _field(r, "conversations", path, i)
+    for i, r in enumerate(read_json_records(path)):
+        conv = record_field(r, "conversations", path, i)
         turns = []
         for q, a in zip(conv[::2], conv[1::2]):
             if q.get("from") != "human" or a.get("from") != "gpt":
@@ -569,7 +570,7 @@ def read_llava(path: str | Path, image_root: str | Path = ".") -> list[Sample]:
             turns.append((q["value"].replace("<image>", "").strip(), a["value"].strip()))
         if not turns:
             raise DataError(f"{path}: record {i} has no human / gpt turn")
-        samples.append(Sample(root / _field(r, "image", path, i), turns, meta={"source": str(path)}))
+        samples.append(Sample(root / record_field(r, "image", path, i), turns, meta={"source": str(path)}))
     return samples
 
 
@@ -587,18 +588,18 @@ def read_vqa(path: str | Path, image_root: str | Path = ".", pool: Sequence[str]
     answers stay as written. The instruction is pool's entries in turn (TinyGPT-V's sets: VQA_POOL); image_basename:
     the image is the file name of "image" under image_root (the repo's COCO and A-OKVQA readers)."""
     path, root, samples = Path(path), Path(image_root), []
-    for i, r in enumerate(_read_json_records(path)):
+    for i, r in enumerate(read_json_records(path)):
         answers = r.get(answers_field)
         if answers is None:
-            answers = _field(r, "answer", path, i)
+            answers = record_field(r, "answer", path, i)
         if not isinstance(answers, list):
             answers = [answers]
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
         if not answers:
             raise DataError(f"{path}: record {i} has an empty answer list")
         best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
-        image = str(_field(r, "image", path, i))
-        question = pool[i % len(pool)].format(clean_text(str(_field(r, "question", path, i))))
+        image = str(record_field(r, "image", path, i))
+        question = pool[i % len(pool)].format(clean_text(str(record_field(r, "question", path, i))))
         samples.append(Sample(root / (image.split("/")[-1] if image_basename else image), [(question, clean_text(best))],
                               task="[vqa]", meta={"answers": answers, "source": str(path)}))
     return samples
@@ -610,15 +611,15 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
     (box -> phrase) instead of [refer] (phrase -> box). The phrase passes through clean_caption, and the box is
     truncated, as in TinyGPT-V's RefCOCO reader."""
     path, root, samples = Path(path), Path(image_root), []
-    for i, r in enumerate(_read_json_records(path)):
-        image = root / _field(r, "image", path, i)
-        x, y, w, h = _field(r, "bbox", path, i)
+    for i, r in enumerate(read_json_records(path)):
+        image = root / record_field(r, "image", path, i)
+        x, y, w, h = record_field(r, "bbox", path, i)
         if "width" in r and "height" in r:
             W, H = r["width"], r["height"]
         else:
             W, H = open_image(image).size
         box = format_box((x, y, x + w, y + h), W, H, truncate=True)
-        phrase = clean_text(str(_field(r, "sentence", path, i)))
+        phrase = clean_text(str(record_field(r, "sentence", path, i)))
         meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
         turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
         samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))
@@ -657,7 +658,7 @@ def coco_train_image(root, image_id) -> Path:
 def _conversation(record: dict, path, i: int) -> list[tuple[str, str]]:
     """LLaVA-style turns [{"from": "human"|"gpt", "value"}, ...] -> (question, answer) pairs; the first question
     loses its "<image>" marker and line breaks, as the repo strips them."""
-    conv = _field(record, "conversations", path, i)
+    conv = record_field(record, "conversations", path, i)
     if len(conv) < 2 or len(conv) % 2:
         raise DataError(f"{path}: record {i}: a conversation needs question / answer pairs, got {len(conv)} turns")
     first = conv[0]["value"].replace("<image>", "").replace("\n", "").strip()
@@ -667,16 +668,16 @@ def _conversation(record: dict, path, i: int) -> list[tuple[str, str]]:
 def read_llava_single(path, image_root) -> list[Sample]:
     """LLaVA's detail_23k / complex_reasoning_77k: {"id", "conversations"}: the first question (cleaned) and its
     answer, the picture COCO_train2014_{id}.jpg."""
-    return [Sample(coco_train_image(image_root, _field(r, "id", path, i)),
+    return [Sample(coco_train_image(image_root, record_field(r, "id", path, i)),
                    [(clean_text(q), a)], meta={"source": str(path)})
-            for i, r in enumerate(_read_json_records(path)) for q, a in _conversation(r, path, i)[:1]]
+            for i, r in enumerate(read_json_records(path)) for q, a in _conversation(r, path, i)[:1]]
 
 
 def read_llava_conversation(path, image_root) -> list[Sample]:
     """LLaVA's conversation_58k, and TinyGPT-V's multitask_conversation: every turn of {"id", "conversations"}, as
     written, the picture COCO_train2014_{id}.jpg."""
-    return [Sample(coco_train_image(image_root, _field(r, "id", path, i)), _conversation(r, path, i),
-                   meta={"source": str(path)}) for i, r in enumerate(_read_json_records(path))]
+    return [Sample(coco_train_image(image_root, record_field(r, "id", path, i)), _conversation(r, path, i),
+                   meta={"source": str(path)}) for i, r in enumerate(read_json_records(path))]
 
 
 def read_flickr(path, image_root, kind: str) -> list[Sample]:
@@ -685,16 +686,16 @@ def read_flickr(path, image_root, kind: str) -> list[Sample]:
     "caption_to_phrase": {"image_id", "caption", "output"} -> [detection] the caption's phrases and boxes;
     "phrase_to_object": {"image_id", "phrase", "bbox"} -> [detection] "<p>phrase</p> {box}"."""
     samples = []
-    for i, r in enumerate(_read_json_records(path)):
-        image = Path(image_root) / f"{_field(r, 'image_id', path, i)}.jpg"
+    for i, r in enumerate(read_json_records(path)):
+        image = Path(image_root) / f"{record_field(r, 'image_id', path, i)}.jpg"
         if kind == "grounded":
-            sample = Sample(image, [(GROUNDING_POOL[i % len(GROUNDING_POOL)], _field(r, "grounded_caption", path, i))],
+            sample = Sample(image, [(GROUNDING_POOL[i % len(GROUNDING_POOL)], record_field(r, "grounded_caption", path, i))],
                             task="[grounding]")
         elif kind == "caption_to_phrase":
-            sample = Sample(image, [(_field(r, "caption", path, i), _field(r, "output", path, i))], task="[detection]")
+            sample = Sample(image, [(record_field(r, "caption", path, i), record_field(r, "output", path, i))], task="[detection]")
         else:
-            phrase = _field(r, "phrase", path, i)
-            sample = Sample(image, [(phrase, f"<p>{phrase}</p> {_field(r, 'bbox', path, i)}")], task="[detection]")
+            phrase = record_field(r, "phrase", path, i)
+            sample = Sample(image, [(phrase, f"<p>{phrase}</p> {record_field(r, 'bbox', path, i)}")], task="[detection]")
         samples.append(dataclasses.replace(sample, meta={"source": str(path)}))
     return samples
 
@@ -702,10 +703,10 @@ def read_flickr(path, image_root, kind: str) -> list[Sample]:
 def read_textcaps(path, image_root) -> list[Sample]:
     """TextCaps' TextCaps_0.1_train.json: {"data": [{"image_id", "caption_str", ...}]}: [caption] with a short-caption
     instruction, the caption cleaned, the picture {image_id}.jpg."""
-    return [Sample(Path(image_root) / f"{_field(r, 'image_id', path, i)}.jpg",
-                   [(SHORT_CAPTION_POOL[i % len(SHORT_CAPTION_POOL)], clean_text(_field(r, "caption_str", path, i)))],
+    return [Sample(Path(image_root) / f"{record_field(r, 'image_id', path, i)}.jpg",
+                   [(SHORT_CAPTION_POOL[i % len(SHORT_CAPTION_POOL)], clean_text(record_field(r, "caption_str", path, i)))],
                    task="[caption]", meta={"source": str(path)})
-            for i, r in enumerate(_read_json_records(path))]
+            for i, r in enumerate(read_json_records(path))]
 
 
 def refer_sample(image: Path, phrase: str, box: str, i: int, inverse: bool, source: str) -> Sample:
@@ -767,10 +768,10 @@ def read_visual_genome(folder, image_root=None, max_area: int = 16384) -> list[S
     "width", "height"}]); each picture is FOLDER/ plus the last two parts of its url (VG_100K/1.jpg). As the repo does,
     only regions smaller than 16,384 square pixels (small things, where finding them is the lesson)."""
     folder = Path(folder)
-    images = {r["image_id"]: r for r in _read_json_records(folder / "image_data.json")}
+    images = {r["image_id"]: r for r in read_json_records(folder / "image_data.json")}
     samples = []
-    for i, entry in enumerate(_read_json_records(folder / "region_descriptions.json")):
-        for region in _field(entry, "regions", folder / "region_descriptions.json", i):
+    for i, entry in enumerate(read_json_records(folder / "region_descriptions.json")):
+        for region in record_field(entry, "regions", folder / "region_descriptions.json", i):
             if region["width"] * region["height"] >= max_area:
                 continue
             info = images.get(region["image_id"])
@@ -789,8 +790,8 @@ def read_unnatural_instructions(path, image_root=None) -> list[Sample]:
     "output"}]}]: the first instance, its constraints appended to the instruction, both cleaned (and so cut at 50
     words, as the repo's processor cuts them)."""
     samples = []
-    for i, r in enumerate(_read_json_records(path)):
-        first = _field(r, "instances", path, i)[0]
+    for i, r in enumerate(read_json_records(path)):
+        first = record_field(r, "instances", path, i)[0]
         constraints = first.get("constraints")
         instruction = first["instruction_with_input"] + (f" {constraints}" if constraints is not None else "")
         samples.append(Sample(TEXT_ONLY, [(clean_text(instruction), clean_text(first["output"]))],

@@ -319,11 +319,11 @@ def read_gqa(path, image_root) -> list[data.Sample]:
     """GQA: MiniGPT-v2's testdev_balanced_questions.json ([{"image": "n161313.jpg", "question", "answer"}]), or
     GQA's own questions file ({question id: {"imageId", "question", "answer", ...}}); the images in image_root."""
     samples = []
-    for i, r in enumerate(data._read_json_records(path)):
-        image = r["image"] if "image" in r else f"{data._field(r, 'imageId', path, i)}.jpg"
-        answer = str(data._field(r, "answer", path, i))
+    for i, r in enumerate(data.read_json_records(path)):
+        image = r["image"] if "image" in r else f"{data.record_field(r, 'imageId', path, i)}.jpg"
+        answer = str(data.record_field(r, "answer", path, i))
         samples.append(data.Sample(Path(image_root) / image,
-                                   [(SHORT_ANSWER.format(data._field(r, "question", path, i)), answer)],
+                                   [(SHORT_ANSWER.format(data.record_field(r, "question", path, i)), answer)],
                                    meta={"truth": answer}))
     return samples
 
@@ -332,12 +332,12 @@ def read_vsr(path, image_root) -> list[data.Sample]:
     """VSR (cambridgeltl/vsr_zeroshot, test.jsonl): {"image": "000000085637.jpg", "caption", "label": 1 or 0}; the
     image in image_root/train2017 or image_root/val2017 (COCO 2017's folders). The truth is "true" or "false"."""
     samples = []
-    for i, r in enumerate(data._read_json_records(path)):
-        image = Path(image_root) / "train2017" / data._field(r, "image", path, i)
+    for i, r in enumerate(data.read_json_records(path)):
+        image = Path(image_root) / "train2017" / data.record_field(r, "image", path, i)
         if not image.exists():
             image = Path(image_root) / "val2017" / r["image"]
-        truth = "true" if data._field(r, "label", path, i) == 1 else "false"
-        question = f"[vqa] Based on the image, is this statement true or false? {data._field(r, 'caption', path, i)}"
+        truth = "true" if data.record_field(r, "label", path, i) == 1 else "false"
+        question = f"[vqa] Based on the image, is this statement true or false? {data.record_field(r, 'caption', path, i)}"
         samples.append(data.Sample(image, [(question, truth)], meta={"truth": truth}))
     return samples
 
@@ -346,8 +346,8 @@ def read_iconqa(path, image_root) -> list[data.Sample]:
     """IconQA's multiple-choice questions as MiniGPT-v2 reads them (choose_text_val.json: [{"image_id", "question",
     "choices": [...], "answer": index of the right choice}]); the picture in image_root/IMAGE_ID/image.png."""
     samples = []
-    for i, r in enumerate(data._read_json_records(path)):
-        choices, answer = data._field(r, "choices", path, i), data._field(r, "answer", path, i)
+    for i, r in enumerate(data.read_json_records(path)):
+        choices, answer = data.record_field(r, "choices", path, i), data.record_field(r, "answer", path, i)
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise data.DataError(f"{path}: record {i}: 'choices' must be a list of two or more strings")
         if answer in choices:                          # the right choice written out instead of its index
@@ -355,8 +355,8 @@ def read_iconqa(path, image_root) -> list[data.Sample]:
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise data.DataError(f"{path}: record {i}: 'answer' must be the index of one of the {len(choices)} "
                                  f"choices (or the choice itself), got {answer!r}")
-        image = Path(image_root) / str(data._field(r, "image_id", path, i)) / "image.png"
-        samples.append(data.Sample(image, [(SHORT_ANSWER.format(data._field(r, "question", path, i)), choices[answer])],
+        image = Path(image_root) / str(data.record_field(r, "image_id", path, i)) / "image.png"
+        samples.append(data.Sample(image, [(SHORT_ANSWER.format(data.record_field(r, "question", path, i)), choices[answer])],
                                    meta={"truth": answer, "choices": choices}))
     return samples
 
@@ -365,12 +365,12 @@ def read_vizwiz(path, image_root) -> list[data.Sample]:
     """VizWiz-VQA's val.json: [{"image": "VizWiz_val_00000000.jpg", "question", "answers": [{"answer": ...}, ...]}];
     the question asks the model to say 'unanswerable' when the picture does not tell."""
     samples = []
-    for i, r in enumerate(data._read_json_records(path)):
-        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in data._field(r, "answers", path, i)]
-        question = (f"[vqa] The question is '{data._field(r, 'question', path, i)}' Based on the image, answer the "
+    for i, r in enumerate(data.read_json_records(path)):
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in data.record_field(r, "answers", path, i)]
+        question = (f"[vqa] The question is '{data.record_field(r, 'question', path, i)}' Based on the image, answer the "
                     f"question with a single word or phrase. and reply 'unanswerable' when the provided information "
                     f"is insufficient")
-        samples.append(data.Sample(Path(image_root) / data._field(r, "image", path, i),
+        samples.append(data.Sample(Path(image_root) / data.record_field(r, "image", path, i),
                                    [(question, " / ".join(answers))], meta={"truth": answers}))
     return samples
 
@@ -379,11 +379,11 @@ def read_hateful_memes(path, image_root) -> list[data.Sample]:
     """Hateful Memes' dev.jsonl: {"id", "img": "img/01235.png", "label": 1 (hateful) or 0, "text"}: the meme's
     printed words go into the question."""
     samples = []
-    for i, r in enumerate(data._read_json_records(path)):
-        label = int(data._field(r, "label", path, i))
-        question = (f"This is an image writting '{data._field(r, 'text', path, i)}'. Is this image hateful? Answer "
+    for i, r in enumerate(data.read_json_records(path)):
+        label = int(data.record_field(r, "label", path, i))
+        question = (f"This is an image writting '{data.record_field(r, 'text', path, i)}'. Is this image hateful? Answer "
                     f"yes or no. Answer:")                      # sic: the repo's wording, which the model was asked
-        samples.append(data.Sample(Path(image_root) / data._field(r, "img", path, i),
+        samples.append(data.Sample(Path(image_root) / data.record_field(r, "img", path, i),
                                    [(question, "yes" if label else "no")], meta={"truth": label}))
     return samples
 

@@ -248,3 +248,6 @@ def test_a_tinyllava_folder_answers_through_the_command_line(tmp_path, capsys, m
     with torch.no_grad():
         out = ref.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)
     assert printed == tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    chat.main(["--model", str(folder), "--image", str(tmp_path / "scene.png"), "--max-new-tokens", "8",
+               "--quantize", "int8", "what is it?"])                       # int8 weights: it still answers
+    assert capsys.readouterr().out.strip()
