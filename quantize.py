@@ -272,10 +272,35 @@ class Fp16Linear(PackedLinear):
         return torch.ops.quantized.linear_dynamic_fp16(aligned(x2.float()), self._packed)
 
 
+class Int4Embedding(nn.Module):
+    """Token embeddings as 4-bit codes in groups along the width (the rows an int4 lm_head would hold): a lookup
+    dequantizes only the rows it reads. Imp quantizes its embeddings so for phones; Phi-2's are 0.26 GB in fp16."""
+
+    def __init__(self, num_embeddings: int, dim: int, group: int = 32, device=None):
+        super().__init__()
+        self.num_embeddings, self.dim, self.group = num_embeddings, dim, group
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, dim // group, device=device))
+        self.register_buffer("minima", torch.zeros(num_embeddings, dim // group, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group: int = 32) -> "Int4Embedding":
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, device=embedding.weight.device)
+        q, layer.scales, layer.minima = quantize_int4(embedding.weight.detach(), group)
+        layer.weight = q[:, 0::2] | (q[:, 1::2] << 4)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids]                                                   # (..., dim / 2)
+        codes = torch.stack((rows & 15, rows >> 4), dim=-1).view(*ids.shape, self.dim)
+        return dequantize_int4(codes.reshape(-1, self.dim), self.scales[ids].reshape(-1, self.dim // self.group),
+                               self.minima[ids].reshape(-1, self.dim // self.group), self.group).view(*ids.shape, self.dim)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole models
 
-PARTS = ("phi", "vit", "qformer", "projections")
+PARTS = ("phi", "vit", "qformer", "projections", "embeddings")   # "embeddings": Phi's token embeddings, int4 only
 PROJECTIONS = ("llama_proj", "llama_proj2", "mlp_proj")
 
 
@@ -284,6 +309,8 @@ def _replace_linears(model: tv.TinyVLM, parts, make) -> None:
     for part in parts:
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+        if part == "embeddings" or (part == "qformer" and not hasattr(model, "qformer")):
+            continue                                     # not Linear layers (quantize_embeddings); no Q-Former
         names = [n for n in PROJECTIONS if hasattr(model, n)] if part == "projections" else [part]
         for root_name in names:
             for name, linear in list(model.get_submodule(root_name).named_modules()):
@@ -314,9 +341,13 @@ def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...]
     """Replace the Linear layers of the chosen parts by int8 / int4 / fp16 ones, in place. LoRA is merged first (a
     quantized model is for inference). Layers whose input width is not a multiple of the int4 group stay int8."""
     recipe = {"mode": mode, "parts": list(parts), "group": group, "outlier_threshold": outlier_threshold}
+    if "embeddings" in parts and mode != "int4":
+        raise ValueError(f"the embeddings part is quantized to int4 only (Imp's recipe), not {mode}")
     for layer in tv.lora_layers(model):
         layer.merge()
     _replace_linears(model, parts, lambda linear: _layer_for(linear, recipe, empty=False))
+    if "embeddings" in parts:
+        model.phi.embed_tokens = Int4Embedding.from_embedding(model.phi.embed_tokens, group)
     model.quantization = recipe
     return model
 
@@ -352,6 +383,8 @@ def load_quantized(path: str | Path) -> tv.TinyVLM:
     with torch.device("meta"):
         model = tv.TinyVLM(cfg)
         _replace_linears(model, recipe["parts"], lambda linear: _layer_for(linear, recipe, empty=True))
+        if "embeddings" in recipe["parts"]:
+            model.phi.embed_tokens = Int4Embedding(cfg.phi.vocab_size, cfg.phi.hidden, recipe["group"])
     tensors = weights.read_weights(path)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -411,7 +444,7 @@ def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> di
 class QuantizeConfig:
     checkpoint: str = "out/stage4/model.safetensors"   # a model.safetensors written by train.py
     mode: str = "int8"              # int8 (per-channel), int4 (grouped) or fp16 (FBGEMM's CPU kernel)
-    parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections
+    parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections, embeddings; or all
     group: int = 128                # int4: inputs per group (the tiny model's 192-wide layers need 64)
     outlier_threshold: float = 6.0  # int8 on a GPU: activation columns above this stay in floating point
     eval_samples: int = 100         # held-out samples per task for the comparison
@@ -424,7 +457,7 @@ class QuantizeConfig:
 def main(argv: list[str] | None = None) -> None:
     import copy
     args = cli.config_from_args(QuantizeConfig, cli.parser_for(QuantizeConfig, __doc__).parse_args(argv))
-    parts = tuple(p for p in args.parts.split(",") if p)
+    parts = PARTS if args.parts == "all" else tuple(p for p in args.parts.split(",") if p)
     if not parts or set(parts) - set(PARTS):
         raise cli.UserError(f"--parts {args.parts!r}: expected a comma-separated list from {', '.join(PARTS)}")
     if args.out:

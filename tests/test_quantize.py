@@ -117,6 +117,30 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
         assert torch.equal(model.encode_image(px), loaded.encode_image(px))
 
 
+def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
+    """--parts all: every Linear and the token embeddings in int4 groups of 32 (Imp's phone recipe); an embedding
+    lookup gives the dequantized rows, the text loss stays near, and the file round-trips exactly."""
+    import copy
+    emb = stage0_model.phi.embed_tokens
+    packed = q.Int4Embedding.from_embedding(emb, 32)
+    ids = torch.randint(0, emb.num_embeddings, (3, 7))
+    want = q.dequantize_int4(torch.stack((packed.weight & 15, packed.weight >> 4), -1).view(emb.weight.shape),
+                             packed.scales, packed.minima, 32)[ids]
+    assert torch.equal(packed(ids), want) and rel_err(packed(ids), emb(ids)) < 0.1
+    model = q.quantize_model(copy.deepcopy(stage0_model), "int4", q.PARTS, group=32)
+    assert isinstance(model.phi.embed_tokens, q.Int4Embedding)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())            # every Linear replaced
+    base, quant = text_loss(stage0_model), text_loss(model)
+    print(f"int4 whole model (group 32): held-out text loss {base:.4f} -> {quant:.4f}")
+    assert abs(quant - base) < 0.1
+    path = q.save_quantized(model, tmp_path / "all.safetensors")
+    loaded = q.load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(model.phi(ids), loaded.phi(ids))
+    with pytest.raises(ValueError, match="embeddings part is quantized to int4 only"):
+        q.quantize_model(copy.deepcopy(stage0_model), "int8", ("embeddings",))
+
+
 def test_load_quantized_rejects_other_files(tmp_path):
     model = tv.TinyVLM.from_preset("tiny")
     path = weights.save_checkpoint(model, tmp_path / "plain.safetensors")
