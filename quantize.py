@@ -300,15 +300,16 @@ class Int4Embedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole models
 
-PARTS = ("phi", "vit", "qformer", "projections", "embeddings")   # "embeddings": Phi's token embeddings, int4 only
+PARTS = ("phi", "vit", "qformer", "projections")     # the model's Linear layers, by part
+ALL_PARTS = PARTS + ("embeddings",)                   # and Phi's token embeddings (int4 only: Imp's recipe)
 PROJECTIONS = ("llama_proj", "llama_proj2", "mlp_proj")
 
 
 def _replace_linears(model: tv.TinyVLM, parts, make) -> None:
     """Replace every nn.Linear of the chosen parts by make(linear), in place."""
     for part in parts:
-        if part not in PARTS:
-            raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+        if part not in ALL_PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {ALL_PARTS}")
         if part == "embeddings" or (part == "qformer" and not hasattr(model, "qformer")):
             continue                                     # not Linear layers (quantize_embeddings); no Q-Former
         names = [n for n in PROJECTIONS if hasattr(model, n)] if part == "projections" else [part]
@@ -444,7 +445,7 @@ def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> di
 class QuantizeConfig:
     checkpoint: str = "out/stage4/model.safetensors"   # a model.safetensors written by train.py
     mode: str = "int8"              # int8 (per-channel), int4 (grouped) or fp16 (FBGEMM's CPU kernel)
-    parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections, embeddings; or all
+    parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections, embeddings (int4); all
     group: int = 128                # int4: inputs per group (the tiny model's 192-wide layers need 64)
     outlier_threshold: float = 6.0  # int8 on a GPU: activation columns above this stay in floating point
     eval_samples: int = 100         # held-out samples per task for the comparison
@@ -457,9 +458,12 @@ class QuantizeConfig:
 def main(argv: list[str] | None = None) -> None:
     import copy
     args = cli.config_from_args(QuantizeConfig, cli.parser_for(QuantizeConfig, __doc__).parse_args(argv))
-    parts = PARTS if args.parts == "all" else tuple(p for p in args.parts.split(",") if p)
-    if not parts or set(parts) - set(PARTS):
-        raise cli.UserError(f"--parts {args.parts!r}: expected a comma-separated list from {', '.join(PARTS)}")
+    parts = (ALL_PARTS if args.mode == "int4" else PARTS) if args.parts == "all" else \
+        tuple(p for p in args.parts.split(",") if p)
+    if not parts or set(parts) - set(ALL_PARTS):
+        raise cli.UserError(f"--parts {args.parts!r}: expected 'all' or a comma-separated list from {', '.join(ALL_PARTS)}")
+    if "embeddings" in parts and args.mode != "int4":
+        raise cli.UserError(f"--parts embeddings: the token embeddings are quantized to int4 only, not {args.mode}")
     if args.out:
         cli.writable_file(args.out, "--out")
     if not Path(args.checkpoint).exists():

@@ -127,7 +127,7 @@ def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
     want = q.dequantize_int4(torch.stack((packed.weight & 15, packed.weight >> 4), -1).view(emb.weight.shape),
                              packed.scales, packed.minima, 32)[ids]
     assert torch.equal(packed(ids), want) and rel_err(packed(ids), emb(ids)) < 0.1
-    model = q.quantize_model(copy.deepcopy(stage0_model), "int4", q.PARTS, group=32)
+    model = q.quantize_model(copy.deepcopy(stage0_model), "int4", q.ALL_PARTS, group=32)
     assert isinstance(model.phi.embed_tokens, q.Int4Embedding)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())            # every Linear replaced
     base, quant = text_loss(stage0_model), text_loss(model)
