@@ -106,7 +106,8 @@ class TrainConfig:
     cache_features: bool = True     # compute the frozen image path (ViT, Q-Former) once per image (built-in world)
 
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "recipe": ("tinygptv", "tinyllava", "imp"), "benchmark": tuple(evaluation.BENCHMARKS),
+        "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "recipe": ("tinygptv", "tinyllava", "imp"),
+        "benchmark": tuple(evaluation.BENCHMARKS),
         "mixture": ("tinygptv-stage4",), "device": ("auto", "cpu", "cuda"),
         "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
     LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
@@ -326,6 +327,11 @@ def check_flags(cfg: TrainConfig) -> None:
         raise cli.UserError(f"--image-size {cfg.image_size}: must be a multiple of the ViT's patch size ({patch})")
 
 
+def previous_stage(cfg: TrainConfig) -> int:
+    """The stage whose output this one starts from (the sibling designs go from 1 to 4)."""
+    return cfg.stage - 1 if cfg.recipe == "tinygptv" else SIBLING_STAGES[SIBLING_STAGES.index(cfg.stage) - 1]
+
+
 def init_path(cfg: TrainConfig) -> str:
     """The trainable weights the stage starts from: --init, else the previous stage's output (stages 2-4), else
     (built-in world) the shipped output of the previous stage, assets/stage{N-1}.safetensors, where there is one."""
@@ -333,7 +339,7 @@ def init_path(cfg: TrainConfig) -> str:
         return cfg.init
     if cfg.checkpoint or cfg.stage < 2:
         return ""
-    previous = cfg.stage - 1 if cfg.recipe == "tinygptv" else SIBLING_STAGES[SIBLING_STAGES.index(cfg.stage) - 1]
+    previous = previous_stage(cfg)
     own = Path(cfg.out_dir) / f"stage{previous}" / "model.safetensors"
     shipped = ASSETS / f"stage{previous}.safetensors"
     if not own.exists() and shipped.exists() and not (cfg.phi or cfg.data) and cfg.preset == "tiny" \
@@ -349,7 +355,8 @@ def check_init(cfg: TrainConfig) -> None:
     if not init:
         return
     if not Path(init).exists():
-        raise cli.UserError(f"{init} not found: run stage {cfg.stage - 1} first, or pass --init")
+        recipe = f"--recipe {cfg.recipe} " if cfg.recipe != "tinygptv" else ""
+        raise cli.UserError(f"{init} not found: run {recipe}--stage {previous_stage(cfg)} first, or pass --init")
     if Path(init).suffix == ".safetensors":       # with public weights, the sizes are known once they are loaded
         weights.check_own_checkpoint(Path(init), None if cfg.phi else model_config(cfg))
 

@@ -67,6 +67,7 @@ CASES = [
     ("train.py", ["--data", "captions:{d}/emptylist.json"], "emptylist.json: holds no records"),
     ("train.py", ["--data", "captions:{d}/malformed.json"], "malformed.json: neither JSON nor JSONL"),
     ("train.py", ["--benchmark", "gqa"], "--benchmark gqa needs the benchmark's question file: --data FILE"),
+    ("train.py", ["--recipe", "imp", "--stage", "4", "--out-dir", "{d}/nothing"], "run --recipe imp --stage 1 first"),
     ("train.py", ["--benchmark", "vizwiz", "--data", "{d}/ok.json", "--image-root", "{d}"],
      "ok.json: record 0 has no 'answers' field"),
     ("train.py", ["--data", "captions:{d}/nofield.json"], "nofield.json: record 0 has no 'caption' field"),
