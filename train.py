@@ -6,6 +6,8 @@ train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tin
     python train.py --stage 0            # rebuild the shipped pretrained tiny backbones (assets/stage0.safetensors)
     python train.py --stage 1 --phi phi-2/ --blip2 blip2-flan-t5-xxl/ --data captions.jsonl --image-root images/
     torchrun --nproc_per_node=2 train.py --stage 1      # DistributedDataParallel, one data shard per rank
+    python train.py --recipe tinyllava --stage 1        # the sibling designs (tinyllava, imp): stages 1, then 4
+    python train.py --benchmark gqa --data testdev_balanced_questions.json --image-root gqa/   # the paper's way
 
     stage  trains                                   data (built-in world)                 TinyGPT-V's data
     1      projections + norm weights               captions                              LAION, CC3M, SBU
