@@ -291,7 +291,8 @@ TEXT_ONLY = TextOnly()
 @dataclass
 class Sample:
     """One training or evaluation example: an image (a path, a pillow image, or a Scene of the shapes world;
-    TEXT_ONLY for a text-only instruction) and one or more (instruction, answer) turns. meta carries what evaluation needs (all VQA answers, the true box)."""
+    TEXT_ONLY for a text-only instruction) and one or more (instruction, answer) turns. meta carries what
+    evaluation needs (all VQA answers, the true box)."""
     image: object
     turns: list[tuple[str, str]]
     task: str | None = None
@@ -360,10 +361,9 @@ def with_image_slots(prompt: str, tokenizer: Tokenizer, num_image_tokens: int, i
 # Imp's also at its added "</s>".
 LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
                 "detailed, and polite answers to the user's questions.")
-FAMILY_TEMPLATES = {"tinyllava": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
-                    "tinyllava-legacy": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
-                    "imp": LLAVA_SYSTEM + " USER: <image>\n{} ASSISTANT:",
-                    "llava-hf": "USER: <image>\n{} ASSISTANT:"}
+LLAVA_TURN = "USER: <image>\n{} ASSISTANT:"
+FAMILY_TEMPLATES = {**{family: f"{LLAVA_SYSTEM} {LLAVA_TURN}" for family in ("tinyllava", "tinyllava-legacy", "imp")},
+                    "llava-hf": LLAVA_TURN}
 FAMILY_STOPS = {"imp": ("</s>",)}
 
 
@@ -499,8 +499,9 @@ class CaptionShards:
                             files = {}
                         key, files[ext.lower()] = k, tar.extractfile(member).read()
             except (tarfile.TarError, OSError, EOFError) as e:
-                if key is not None and "problem" not in sample(key, files).meta:     # read whole before the break
-                    yield sample(key, files)
+                pending = sample(key, files) if key is not None else None
+                if pending is not None and "problem" not in pending.meta:       # read whole before the break
+                    yield pending
                 yield Sample(None, [], meta={"problem": f"{shard}: unreadable after sample {key!r}, the rest of it "
                                                         f"is skipped ({type(e).__name__}: {e})"})
                 return
@@ -619,10 +620,8 @@ def read_refs(path: str | Path, image_root: str | Path = ".", inverse: bool = Fa
         else:
             W, H = open_image(image).size
         box = format_box((x, y, x + w, y + h), W, H, truncate=True)
-        phrase = clean_text(str(record_field(r, "sentence", path, i)))
-        meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": str(path)}
-        turn = (f"what object is in this location {box}", phrase) if inverse else (f"give me the location of {phrase}", box)
-        samples.append(Sample(image, [turn], task="[identify]" if inverse else "[refer]", meta=meta))
+        # one instruction for every sample, the pools' second ("give me the location of {}")
+        samples.append(refer_sample(image, str(record_field(r, "sentence", path, i)), box, 1, inverse, str(path)))
     return samples
 
 
@@ -710,8 +709,8 @@ def read_textcaps(path, image_root) -> list[Sample]:
 
 
 def refer_sample(image: Path, phrase: str, box: str, i: int, inverse: bool, source: str) -> Sample:
-    """A [refer] sample (phrase -> box) or, inverse, an [identify] one (box -> phrase), the instruction taken in
-    turn from the repo's pool."""
+    """A [refer] sample (phrase -> box) or, inverse, an [identify] one (box -> phrase), its phrase cleaned, its
+    instruction entry i (mod its size) of the repo's pool."""
     phrase = clean_text(phrase)
     meta = {"box": parse_boxes(box)[0], "phrase": phrase, "source": source}
     if inverse:

@@ -466,16 +466,18 @@ def run_benchmark(model: tv.TinyVLM, tok: data.Tokenizer, name: str, samples: li
     points: list[float] = []
     tick = cli.Ticker(f"{name}: {len(samples):,} questions", len(samples))
     for i in range(0, len(samples), batch_size):
-        rows, pixels = [], []
+        rows, pixels, prompts = [], [], []
         for j in range(i, min(i + batch_size, len(samples))):
             try:
+                # the prompt, and a multiple-choice question's candidates after it: what must fit the positions
                 longest = BENCHMARK_PROMPT.format(samples[j].turns[0][0]) + " ".join(samples[j].meta.get("choices", []))
-                n = len(data.with_image_slots(longest, tok, model.cfg.num_image_tokens)) + BENCHMARK_NEW_TOKENS
-                if n > model.cfg.phi.max_positions:
-                    raise data.PromptError(f"{n} tokens with the answer, more than the model's "
-                                           f"{model.cfg.phi.max_positions} positions")
+                ids = data.with_image_slots(longest, tok, model.cfg.num_image_tokens)
+                if len(ids) + BENCHMARK_NEW_TOKENS > model.cfg.phi.max_positions:
+                    raise data.PromptError(f"{len(ids) + BENCHMARK_NEW_TOKENS} tokens with the answer, more than the "
+                                           f"model's {model.cfg.phi.max_positions} positions")
                 pixels.append(data.preprocess(data.load_image(samples[j]), image_size))
                 rows.append(j)
+                prompts.append(ids)           # without choices, `longest` is the generation prompt itself
             except (data.ImageError, data.PromptError) as e:
                 print(f"skipping question {j}: {e}")
         if rows:
@@ -488,8 +490,6 @@ def run_benchmark(model: tv.TinyVLM, tok: data.Tokenizer, name: str, samples: li
                     answers[j] = samples[j].meta["choices"][best]
                     points.append(float(best == samples[j].meta["truth"]))
             else:
-                prompts = [data.with_image_slots(BENCHMARK_PROMPT.format(samples[j].turns[0][0]), tok,
-                                                 model.cfg.num_image_tokens) for j in rows]
                 out = generate_batch(model, tok, prompts, features, True, BENCHMARK_NEW_TOKENS)
                 for j, tokens in zip(rows, out):
                     answers[j] = benchmark_answer(tok, tokens)

@@ -50,6 +50,20 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 STAGE0 = ASSETS / "stage0.safetensors"
 
 
+# --mixture: a recipe's data sets, each with its sample ratio and batch size (an iteration draws one set by ratio
+# and takes a batch of that set's size). TinyGPT-V's stage 4 (train_configs/tinygptv_stage4.yaml): 20 sets, the
+# three RefCOCO variants and their inverses each given as their own --data entry.
+MIXTURES = {
+    "tinygptv-stage4": {
+        "multitask_conversation": (50, 1), "llava_conversation": (30, 1), "unnatural": (10, 1), "vg": (40, 3),
+        "llava_detail": (20, 2), "llava_reason": (80, 2), "flickr_grounded": (80, 1),
+        "flickr_caption_to_phrase": (80, 1), "flickr_phrase_to_object": (80, 1), "textcaps": (30, 3),
+        "refcoco_refs": (25, 3), "inv_refcoco_refs": (10, 3), "coco_vqa": (15, 3), "ok_vqa": (8, 3),
+        "aok_vqa": (12, 3), "gqa": (50, 3)},
+}
+MIXTURE_ENTRIES = {"tinygptv-stage4": 20}          # refcoco_refs and inv_refcoco_refs: once per variant
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass; the command line is generated from it
 
@@ -110,7 +124,7 @@ class TrainConfig:
     CHOICES: ClassVar[dict[str, tuple]] = {
         "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "recipe": ("tinygptv", "tinyllava", "imp"),
         "benchmark": tuple(evaluation.BENCHMARKS),
-        "mixture": ("tinygptv-stage4",), "device": ("auto", "cpu", "cuda"),
+        "mixture": tuple(MIXTURES), "device": ("auto", "cpu", "cuda"),
         "dtype": ("auto", "float32", "bfloat16"), "frozen_dtype": ("bfloat16", "float16", "float32")}
     LIMITS: ClassVar[dict[str, tuple]] = {     # (lowest, highest); None: no bound
         "batch_size": (0, None), "grad_accum": (1, None), "max_iters": (0, None), "warmup_iters": (-1, None),
@@ -457,20 +471,6 @@ READERS = {
     "aok_vqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL, "direct_answers", image_basename=True),
     "gqa": lambda path, root: data.read_vqa(path, root, data.VQA_POOL),
 }
-
-# --mixture: a recipe's data sets, each with its sample ratio and batch size (an iteration draws one set by ratio
-# and takes a batch of that set's size). TinyGPT-V's stage 4 (train_configs/tinygptv_stage4.yaml): 20 sets, the
-# three RefCOCO variants and their inverses each given as their own --data entry.
-MIXTURES = {
-    "tinygptv-stage4": {
-        "multitask_conversation": (50, 1), "llava_conversation": (30, 1), "unnatural": (10, 1), "vg": (40, 3),
-        "llava_detail": (20, 2), "llava_reason": (80, 2), "flickr_grounded": (80, 1),
-        "flickr_caption_to_phrase": (80, 1), "flickr_phrase_to_object": (80, 1), "textcaps": (30, 3),
-        "refcoco_refs": (25, 3), "inv_refcoco_refs": (10, 3), "coco_vqa": (15, 3), "ok_vqa": (8, 3),
-        "aok_vqa": (12, 3), "gqa": (50, 3)},
-}
-MIXTURE_ENTRIES = {"tinygptv-stage4": 20}          # refcoco_refs and inv_refcoco_refs: once per variant
-
 
 def data_format(name: str) -> str:
     """The format of a parsed --data entry ("refcoco_refs3" -> "refcoco_refs")."""

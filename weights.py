@@ -994,8 +994,9 @@ def load_llava_family(folder, family: str | None = None, dtype: torch.dtype | No
         f"vision_model.encoder.layers.{i}." for i in range(cfg.vit.num_layers, 1000))
     with torch.device("meta"):
         model = tv.TinyVLM(cfg)
-    load_mapped(model, tensors, key_map, source, ignore=ignore, dtype=_dtype(tensors, dtype))
-    if dtype in (torch.float16, torch.bfloat16) or _dtype(tensors, dtype) in (torch.float16, torch.bfloat16):
+    dtype = _dtype(tensors, dtype)
+    load_mapped(model, tensors, key_map, source, ignore=ignore, dtype=dtype)
+    if dtype in (torch.float16, torch.bfloat16):
         multiply_in_fp32_on_cpu(model)
     return model, facts
 
