@@ -896,8 +896,9 @@ def train(cfg: TrainConfig) -> dict:
             save_training_state(model, optimizer, mixture.state_dict(streams), it + 1, history, cfg, stage_dir)
             last_saved = f"{stage_dir / 'model.safetensors'} (iteration {it + 1})"
     result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
-    if world > 1:
-        import torch.distributed as dist
+    if world > 1:                 # the ranks leave together: one that tears down its group while rank 0 still
+        import torch.distributed as dist      # evaluates can abort in gloo's threads ("terminate called ...")
+        dist.barrier()
         dist.destroy_process_group()
     del lock                                          # held to here: the stage's files are complete
     return result
