@@ -1474,7 +1474,7 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
             print(f"text iter {it:5d} | {kind:<14} loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
-        if (it + 1) % max(1, iters // 4) == 0 or it == iters - 1:
+        if (it + 1) % max(LANGUAGE_REPORT_EVERY, iters // 4) == 0 or it == iters - 1:   # progress, not the cost
             phi.eval(), writer.eval()
             report = {kind: curriculum_accuracy(model, None if kind == "scene as text" else writer, world, tok, device,
                                                 n=cfg.eval_samples)
@@ -1608,6 +1608,7 @@ LANGUAGE_BATCH = 32       # lessons per iteration
 LANGUAGE_LR = 3e-3
 LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
 LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
+LANGUAGE_REPORT_EVERY = 50  # held-out scores at each quarter of the run, but not more often than this (they cost)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""A user's mistakes, through the real command lines in subprocesses: each ends in exit code 2 and one line on
+"""A user's mistakes, through the real command lines, each in a process of its own (tests/cli_processes.py): each ends in exit code 2 and one line on
 stderr that names the flag or file, with no traceback, and leaves the files of an earlier run untouched."""
 
 import dataclasses
@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import cli_processes
 import data
 import train
 import weights
@@ -144,8 +144,8 @@ def fingerprint(folder: Path) -> dict[str, str]:
 
 def test_every_mistake_is_one_line_and_exit_code_2(place):
     before = fingerprint(place)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(lambda c: run(place, c[0], c[1]), CASES))
+    results = cli_processes.run_all([(script, [a.replace("{d}", str(place)) for a in args]) for script, args, _ in CASES],
+                                    cwd=place)
     problems = []
     for (script, args, expected), proc in zip(CASES, results):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]

@@ -390,26 +390,17 @@ KILL_POINTS = ["writing state.pt:2",                              # state.pt's t
 def test_a_kill_during_a_save_always_leaves_a_resumable_stage(tmp_path):
     """kill -9 (through weights.fault_point) at each point of the second and third saves: --resume then finishes
     the stage with exactly the weights of a run that was never interrupted, and no temp file is left."""
-    from concurrent.futures import ThreadPoolExecutor
+    import cli_processes
     args = ["--stage", "1", "--max-iters", "6", "--ckpt-interval", "2", "--train-scenes", "32", "--batch-size", "4",
             "--eval-samples", "2", "--eval-interval", "0", "--warmup-iters", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-    def run(out, kill_at=None, *more):
-        e = {**env, "TINYVLM_KILL_AT": kill_at} if kill_at else env
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(out), *more],
-                              capture_output=True, text=True, env=e, cwd=tmp_path, timeout=300)
-
-    def killed_then_resumed(point):
-        out = tmp_path / point.replace(" ", "_").replace(":", "_")
-        first = run(out, point)
-        resumed = run(out, None, "--resume")
-        return first, resumed, out
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        reference = pool.submit(run, tmp_path / "reference")
-        outcomes = list(pool.map(killed_then_resumed, KILL_POINTS))
-    assert reference.result().returncode == 0, reference.result().stderr[-1000:]
+    folder = lambda point: tmp_path / point.replace(" ", "_").replace(":", "_")
+    run = lambda commands: cli_processes.run_all(commands, tmp_path, parallel=3, env={"OMP_NUM_THREADS": "1"})
+    reference, *firsts = run([("train.py", [*args, "--out-dir", str(tmp_path / "reference")])] +
+                             [("train.py", [*args, "--out-dir", str(folder(p))], {"TINYVLM_KILL_AT": p})
+                              for p in KILL_POINTS])
+    agains = run([("train.py", [*args, "--out-dir", str(folder(p)), "--resume"]) for p in KILL_POINTS])
+    outcomes = [(first, again, folder(p)) for p, first, again in zip(KILL_POINTS, firsts, agains)]
+    assert reference.returncode == 0, reference.stderr[-1000:]
     want = weights.read_weights(tmp_path / "reference" / "stage1" / "model.safetensors")
     for point, (first, resumed, out) in zip(KILL_POINTS, outcomes):
         assert first.returncode == -9, (point, first.returncode, first.stderr[-500:])
