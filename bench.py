@@ -16,7 +16,8 @@ What it does, section by section (--only picks some):
              from them (quantize.py).
   bandwidth  a large streaming read (sum of a 1 GiB tensor), the best of 10: the limit of batch-1 decoding,
              which reads every weight once per token.
-  inference  one process per configuration, so each peak RSS is its own: ours fp32, bf16, fp16, int8, int4 and
+  inference  one process per configuration, so each peak RSS is its own: ours fp32, bf16, fp16, int8, int4 (and
+             int8-w8a16: the int8 file decoding on the weight-only kernel instead of FBGEMM's int8 one) and
              transformers' PhiForCausalLM + Blip2 vision model + Q-Former fp32 and bf16. Load time, image encode
              (ViT + Q-Former), prefill (--prompt-tokens random ids) and decode (batch 1, KV cache,
              --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
@@ -61,7 +62,8 @@ import weights
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("weights", "bandwidth", "inference", "llama.cpp", "train", "stages")
-OURS = ("fp32", "bf16", "fp16", "int8", "int4")
+OURS = ("fp32", "bf16", "fp16", "int8", "int8-w8a16", "int4")
+W8A16 = "int8-w8a16"     # the int8 file with its one-row products on the weight-only kernel (bf16 activations)
 QUANTIZED = ("fp16", "int8", "int4")             # our whole-model files, made by quantize.py from the public ones
 REFERENCE = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -237,6 +239,9 @@ def worker_quantize(job: dict, bc: BenchConfig, paths: dict) -> dict:
 class Ours:
     def __init__(self, dtype: str, bc: BenchConfig, paths: dict):
         blip2_config = weights.read_config(paths["blip2"])
+        if dtype == W8A16:
+            quantize.Int8Linear.DECODE_ACTIVATIONS = "bf16"
+            dtype = "int8"
         if dtype in QUANTIZED:
             self.model = quantize.load_quantized(paths[dtype])
             # the int8 / int4 kernels take bf16 activations; FBGEMM's fp16 one fp32 (as the file's other tensors)
@@ -424,7 +429,7 @@ def worker_main(bc: BenchConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # llama.cpp: the same weights in the tool a CPU user would pick instead
 
-LLAMA_CPP_TYPES = {"F16": "fp16", "Q8_0": "int8", "Q4_0": "int4"}     # its format -> our row of the same width
+LLAMA_CPP_TYPES = {"F16": ("fp16", "bf16"), "Q8_0": ("int8", W8A16), "Q4_0": ("int4",)}   # its formats -> our rows
 LLAMA_CPP_BUILD = ("cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "
                    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF && cmake --build "
                    "llama.cpp/build -j2 --target llama-bench llama-quantize")
@@ -575,7 +580,9 @@ def table(results: dict, bc: BenchConfig) -> str:
         lines += [f"Inference: whole model (ViT + Q-Former + Phi-2), batch 1; prefill {bc.prompt_tokens} tokens, decode "
                   f"{bc.new_tokens} greedy steps with a KV cache; medians of {bc.repeats} runs after a warm-up. "
                   "In brackets: ours / transformers at the same precision (fp16, int8 and int4: / transformers bf16); "
-                  "for times and memory lower is better, for tokens/s higher.", "",
+                  "for times and memory lower is better, for tokens/s higher. int8 decodes one token with FBGEMM's "
+                  "int8 product (the activations quantized per token, W8A8); int8-w8a16 is the same file on the "
+                  "weight-only kernel (bf16 activations).", "",
                   "| model | load s | peak RSS GB | image encode s | prefill tok/s | decode tok/s | decode GB/s (of limit) |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in inf.items():
@@ -608,7 +615,7 @@ def table(results: dict, bc: BenchConfig) -> str:
                   "| prefill tok/s ours / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
         share = lambda rate: f"{rate:.1f}" + (f" ({rate / bw:.0%})" if bw else "")
         for kind, theirs in llama.items():
-            for dtype in (("fp16", "bf16") if kind == "F16" else (LLAMA_CPP_TYPES[kind],)):
+            for dtype in LLAMA_CPP_TYPES[kind]:
                 r = inf.get(f"ours {dtype}")        # without the inference section: llama.cpp's columns alone
                 ours = [f"{r['decode_tok_s']:.2f}", share(r["weight_bytes"] * r["decode_tok_s"] / 1e9)] if r else ["", ""]
                 vs = [f"{r['decode_tok_s'] / theirs['decode_deep_tok_s']:.2f}x",

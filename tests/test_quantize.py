@@ -32,10 +32,17 @@ def test_int8_error_and_paths_agree(linear, monkeypatch):
     assert rel_err(layer(x1), ref1) < 1e-2 and rel_err(layer(x64), ref64) < 1e-2
     reference1, reference64 = layer(x1), layer(x64)
     layer.path = "auto"
-    assert rel_err(layer(x1), reference1) < 1e-2          # decode kernel (bf16 activations)
+    w8a8 = layer.forward_w8a8_reference(x1) + layer.bias
+    assert rel_err(w8a8, reference1) < 2e-2               # one row: the activations quantized too, 7 bits
+    if q.FAST_INT8_DYNAMIC:
+        assert rel_err(layer(x1), w8a8) < 1e-5            # FBGEMM computes exactly what the reference spells out
+    monkeypatch.setattr(q.Int8Linear, "DECODE_ACTIVATIONS", "bf16")
+    assert rel_err(layer(x1), reference1) < 1e-2          # the weight-only kernel (bf16 activations)
+    assert rel_err(layer(x64[:5]), reference64[:5]) < 1e-2    # and below 64 rows in any case
     assert rel_err(layer(x64), reference64) < 1e-6        # many rows on a CPU: the reference, block by block
     assert rel_err(layer.forward_prefill(x64) + layer.bias, reference64) < 2e-2   # int8 x int8 (activations too)
-    print(f"int8: reference {rel_err(reference1, ref1):.1e}, decode kernel {q.FAST_INT8}, int_mm {q.FAST_INT_MM}")
+    print(f"int8: reference {rel_err(reference1, ref1):.1e}, decode kernels {q.FAST_INT8_DYNAMIC} {q.FAST_INT8}, "
+          f"int_mm {q.FAST_INT_MM}")
 
 
 def test_llm_int8_outlier_columns_stay_accurate(linear):
