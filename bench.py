@@ -5,7 +5,7 @@ on the same weight files, and against the memory-bandwidth limit measured in the
     python bench.py                          # everything (2-core CPU, 24 GB: ~50 min; inference 25, stages 23)
     python bench.py --only bandwidth,inference --out bench.md
     python bench.py --only bandwidth,inference,llama.cpp --llama-cpp PATH/TO/llama.cpp   # beside llama.cpp (+10 min)
-    python bench.py --preset tiny --repeats 1 --prompt-tokens 16 --new-tokens 8 --stages 1 --stage-iters 2
+    python bench.py --preset tiny --repeats 1 --prompt-tokens 16 --new-tokens 8 --stages 1 --stage-iters 2 --jobs 2
                                              # the same code on the tiny preset in seconds (the test runs this)
 
 What it does, section by section (--only picks some):
@@ -84,12 +84,13 @@ class BenchConfig:
     stages: str = "1,2,3,4"         # tiny default stages to time
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
     llama_cpp: str = ""             # a llama.cpp tree built as docs/performance.md says: its rows beside ours (section llama.cpp)
+    jobs: int = 1                   # workers at once; more is quicker but their timings share the CPU (smoke tests)
     worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
 
     CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS), "train_stage": (1, 2, 3, 4)}
     LIMITS: ClassVar[dict[str, tuple]] = {"repeats": (1, None), "prompt_tokens": (1, None), "new_tokens": (1, None),
                                           "train_batch": (1, None), "train_text_tokens": (1, None),
-                                          "stage_iters": (0, None)}
+                                          "stage_iters": (0, None), "jobs": (1, None)}
 
 
 def peak_rss_gb() -> float:
@@ -215,9 +216,8 @@ def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
         write_folder(paths["blip2"], blip2_config, blip2_shapes, torch.float32, shard_bytes=2_000_000_000)
         stamp.write_text(written)
         print(f"weights: wrote {cache} in {time.time() - t:.0f} s", flush=True)
-    for mode in QUANTIZED:                         # a separate process each: quantizing holds the whole model
-        if not paths[mode].exists():
-            run_worker({"kind": "quantize", "mode": mode}, bc, paths)
+    # a separate process each: quantizing holds the whole model (at full size, keep --jobs 1 here)
+    run_workers({m: {"kind": "quantize", "mode": m} for m in QUANTIZED if not paths[m].exists()}, bc, paths)
     return paths
 
 
@@ -407,16 +407,22 @@ def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
         [arg for f in dataclasses.fields(BenchConfig) if f.name not in ("worker", "only", "out")
          for arg in (f"--{f.name.replace('_', '-')}", str(getattr(bc, f.name)))]
     label = " ".join(str(v) for v in job.values() if not str(v).startswith("/"))
-    print(f"  {label} ...", end=" ", flush=True)
     t = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not lines:
-        print("failed")
+        print(f"  {label}: failed", flush=True)
         raise RuntimeError(f"bench worker {job} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(RESULT):])
-    print(f"{time.time() - t:.0f} s", flush=True)
-    return result
+    print(f"  {label}: {time.time() - t:.0f} s", flush=True)
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def run_workers(jobs: dict[str, dict], bc: BenchConfig, paths: dict) -> dict[str, dict]:
+    """{name: job} -> {name: result}, --jobs workers at a time (one by default: each is then timed alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=bc.jobs) as pool:
+        futures = {name: pool.submit(run_worker, job, bc, paths) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def worker_main(bc: BenchConfig) -> None:
@@ -714,12 +720,11 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "inference" in sections:
         print("inference:", flush=True)
-        results["inference"] = {}
-        for impl, dtypes in (("ours", OURS), ("transformers", REFERENCE)):
-            for dtype in dtypes:
-                job = {"kind": "inference", "impl": "ours" if impl == "ours" else "reference", "dtype": dtype}
-                results["inference"][f"{impl} {dtype}"] = run_worker(job, bc, paths)
-                save()
+        jobs = {f"{impl} {dtype}": {"kind": "inference", "impl": "ours" if impl == "ours" else "reference",
+                                    "dtype": dtype}
+                for impl, dtypes in (("ours", OURS), ("transformers", REFERENCE)) for dtype in dtypes}
+        results["inference"] = run_workers(jobs, bc, paths)
+        save()
         parity = [cache / f"parity-{impl}.pt" for impl in ("ours", "reference")]
         if all(p.exists() for p in parity):
             a, b = (torch.load(p, weights_only=True) for p in parity)
@@ -739,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     if "stages" in sections:
         print("stages:", flush=True)
         out_dir = tempfile.mkdtemp(prefix="tinyvlm-stages-")
+        # one after another whatever --jobs says: each stage starts from the previous one's output
         results["stages"] = {int(n): run_worker({"kind": "stage", "stage": int(n), "out_dir": out_dir}, bc, {})
                              for n in bc.stages.split(",") if n}
     report = table(results, bc)
