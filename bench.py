@@ -210,6 +210,8 @@ def prepare_weights(bc: BenchConfig, cache: Path) -> dict:
         t = time.time()
         for mode in QUANTIZED:                     # made from the old folders: stale
             paths[mode].unlink(missing_ok=True)
+        for gguf_file in cache.glob("phi-2-*.gguf"):   # llama.cpp's, likewise
+            gguf_file.unlink()
         phi_shapes, blip2_shapes = public_shapes(phi_config, blip2_config)
         # microsoft/phi-2 ships fp16 shards; Salesforce/blip2-* ship fp32
         write_folder(paths["phi"], phi_config, phi_shapes, torch.float16, shard_bytes=2_000_000_000)

@@ -178,7 +178,7 @@ class Int8Linear(nn.Module):
         step = ((hi - lo) / 127).clamp(min=1e-8)                                    # (M, 1)
         zero_point = torch.round(-lo / step).clamp(0, 127)
         xq = (torch.round(x / step) + zero_point).clamp(0, 127)
-        return ((xq - zero_point) @ self.weight.float().T) * step * self.scales   # exact in fp32 below 2^24
+        return ((xq - zero_point) @ self.weight.float().T) * step * self.scales   # integer sums, in fp32
 
     def forward_prefill(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows on a GPU (int8 tensor cores): int8 x int8 -> int32 with per-token activation scales. LLM.int8's
