@@ -1,5 +1,6 @@
-"""A user's mistakes, through the real command lines, each in a process of its own (tests/cli_processes.py): each ends in exit code 2 and one line on
-stderr that names the flag or file, with no traceback, and leaves the files of an earlier run untouched."""
+"""A user's mistakes, through the real command lines, each in a process of its own (tests/cli_processes.py): each
+ends in exit code 2 and one line on stderr that names the flag or file, with no traceback, and leaves the files of
+an earlier run untouched."""
 
 import dataclasses
 import hashlib
