@@ -83,7 +83,7 @@ class BenchConfig:
     train_text_tokens: int = 32     # text tokens per sample in it (stage 2's captions are short)
     stages: str = "1,2,3,4"         # tiny default stages to time
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
-    llama_cpp: str = ""             # a llama.cpp tree built as docs/performance.md says: its rows beside ours (section llama.cpp)
+    llama_cpp: str = ""             # a llama.cpp tree built as docs/performance.md says: its rows beside ours
     jobs: int = 1                   # workers at once; more is quicker but their timings share the CPU (smoke tests)
     worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
 
@@ -621,16 +621,17 @@ def table(results: dict, bc: BenchConfig) -> str:
                       "in brackets, of the measured limit.", "",
                   "| ours | decode tok/s | GB/s | llama.cpp | decode tok/s | GB/s | ours / llama.cpp decode "
                   "| prefill tok/s ours / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
-        share = lambda rate: f"{rate:.1f}" + (f" ({rate / bw:.0%})" if bw else "")
+        share = lambda r, key: f"{r['weight_bytes'] * r[key] / 1e9:.1f}" + \
+            (f" ({r['weight_bytes'] * r[key] / 1e9 / bw:.0%})" if bw else "")
         for kind, theirs in llama.items():
+            deep = theirs["decode_deep_tok_s"]
             for dtype in LLAMA_CPP_TYPES[kind]:
                 r = inf.get(f"ours {dtype}")        # without the inference section: llama.cpp's columns alone
-                ours = [f"{r['decode_tok_s']:.2f}", share(r["weight_bytes"] * r["decode_tok_s"] / 1e9)] if r else ["", ""]
-                vs = [f"{r['decode_tok_s'] / theirs['decode_deep_tok_s']:.2f}x",
-                      f"{r['prefill_tok_s']:.1f} / {theirs['prefill_tok_s']:.1f}"] if r else ["", f"- / {theirs['prefill_tok_s']:.1f}"]
-                lines.append("| " + " | ".join([dtype, *ours, kind, f"{theirs['decode_deep_tok_s']:.2f} "
-                             f"({theirs['decode_tok_s']:.2f})", share(theirs["weight_bytes"] * theirs["decode_deep_tok_s"] / 1e9),
-                             *vs]) + " |")
+                ours = [f"{r['decode_tok_s']:.2f}", share(r, "decode_tok_s")] if r else ["", ""]
+                vs = [f"{r['decode_tok_s'] / deep:.2f}x", f"{r['prefill_tok_s']:.1f}"] if r else ["", "-"]
+                cells = [dtype, *ours, kind, f"{deep:.2f} ({theirs['decode_tok_s']:.2f})",
+                         share(theirs, "decode_deep_tok_s"), vs[0], f"{vs[1]} / {theirs['prefill_tok_s']:.1f}"]
+                lines.append("| " + " | ".join(cells) + " |")
     tr = results.get("train")
     if tr:
         lines += ["", f"Training, stage {bc.train_stage} at full size (frozen bf16, "
