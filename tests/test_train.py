@@ -351,13 +351,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     args = ["--stage", "1", "--max-iters", "6", "--train-scenes", "64", "--batch-size", "8", "--eval-samples", "4",
             "--log-interval", "1", "--warmup-iters", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-                          str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
+    start = lambda *cmd: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                          cwd=tmp_path)
+    one = start(sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "one"))   # side by side
+    two = start(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "two"))
+    for proc in (one, two):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
     read = lambda d: [float(r.split(",")[1]) for r in (d / "stage1" / "log.csv").read_text().splitlines()[1:]]
     a, b = read(tmp_path / "one"), read(tmp_path / "two")
     assert len(a) == len(b) == 6
