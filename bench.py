@@ -419,12 +419,15 @@ def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def run_workers(jobs: dict[str, dict], bc: BenchConfig, paths: dict) -> dict[str, dict]:
-    """{name: job} -> {name: result}, --jobs workers at a time (one by default: each is then timed alone)."""
-    from concurrent.futures import ThreadPoolExecutor
+def run_workers(jobs: dict[str, dict], bc: BenchConfig, paths: dict, done=lambda name, result: None) -> dict[str, dict]:
+    """{name: job} -> {name: result} in the jobs' order, --jobs workers at a time (one by default: each is then
+    timed alone); done(name, result) as each finishes, in this thread (a long section keeps what it measured)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     with ThreadPoolExecutor(max_workers=bc.jobs) as pool:
-        futures = {name: pool.submit(run_worker, job, bc, paths) for name, job in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
+        futures = {pool.submit(run_worker, job, bc, paths): name for name, job in jobs.items()}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+    return {name: f.result() for f, name in futures.items()}
 
 
 def worker_main(bc: BenchConfig) -> None:
@@ -652,9 +655,9 @@ def table(results: dict, bc: BenchConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def first_token_s(r: dict, bc_prompt_tokens: int) -> float:
+def first_token_s(r: dict, prompt_tokens: int) -> float:
     """What a user waits for before the first new token: the image encoded, then the prompt prefilled."""
-    return r["encode_s"] + bc_prompt_tokens / r["prefill_tok_s"]
+    return r["encode_s"] + prompt_tokens / r["prefill_tok_s"]
 
 
 def targets(inf: dict, bw: float | None, llama: dict, prompt_tokens: int) -> list[str]:
@@ -726,8 +729,9 @@ def main(argv: list[str] | None = None) -> None:
         jobs = {f"{impl} {dtype}": {"kind": "inference", "impl": "ours" if impl == "ours" else "reference",
                                     "dtype": dtype}
                 for impl, dtypes in (("ours", OURS), ("transformers", REFERENCE)) for dtype in dtypes}
-        results["inference"] = run_workers(jobs, bc, paths)
-        save()
+        results["inference"] = {}
+        results["inference"] = run_workers(jobs, bc, paths,
+                                           lambda name, r: (results["inference"].update({name: r}), save()))
         parity = [cache / f"parity-{impl}.pt" for impl in ("ours", "reference")]
         if all(p.exists() for p in parity):
             a, b = (torch.load(p, weights_only=True) for p in parity)
