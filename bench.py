@@ -403,14 +403,16 @@ WORKERS = {"quantize": worker_quantize, "inference": worker_inference, "train": 
 RESULT = "BENCH-RESULT "
 
 
-def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
-    """Run one job in a fresh Python process (its peak RSS is then its own) and return what it printed."""
+def run_worker(job: dict, bc: BenchConfig, paths: dict, threads: int = 0) -> dict:
+    """Run one job in a fresh Python process (its peak RSS is then its own) and return what it printed; threads:
+    torch's threads there (0: torch's default, one per core)."""
     argv = [sys.executable, str(HERE / "bench.py"), "--worker", json.dumps(job)] + \
         [arg for f in dataclasses.fields(BenchConfig) if f.name not in ("worker", "only", "out")
          for arg in (f"--{f.name.replace('_', '-')}", str(getattr(bc, f.name)))]
     label = " ".join(str(v) for v in job.values() if not str(v).startswith("/"))
     t = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not lines:
         print(f"  {label}: failed", flush=True)
@@ -419,12 +421,19 @@ def run_worker(job: dict, bc: BenchConfig, paths: dict) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
+def worker_threads(bc: BenchConfig) -> int:
+    """torch's threads in each of --jobs workers side by side: more threads than cores wait on each other (the
+    tiny bench took 2x longer with two 2-thread workers on 2 cores)."""
+    return max(1, torch.get_num_threads() // bc.jobs)
+
+
 def run_workers(jobs: dict[str, dict], bc: BenchConfig, paths: dict, done=lambda name, result: None) -> dict[str, dict]:
     """{name: job} -> {name: result} in the jobs' order, --jobs workers at a time (one by default: each is then
     timed alone); done(name, result) as each finishes, in this thread (a long section keeps what it measured)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
+    threads = worker_threads(bc) if bc.jobs > 1 else 0
     with ThreadPoolExecutor(max_workers=bc.jobs) as pool:
-        futures = {pool.submit(run_worker, job, bc, paths): name for name, job in jobs.items()}
+        futures = {pool.submit(run_worker, job, bc, paths, threads): name for name, job in jobs.items()}
         for future in as_completed(futures):
             done(futures[future], future.result())
     return {name: f.result() for f, name in futures.items()}
@@ -578,10 +587,13 @@ def cpu_description() -> str:
 def table(results: dict, bc: BenchConfig) -> str:
     import transformers
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    threads = f"{torch.get_num_threads()} threads"
+    if bc.jobs > 1:
+        threads += f" (--jobs {bc.jobs}: workers side by side, {worker_threads(bc)} each)"
     lines = [f"## bench: preset {bc.preset}, {time.strftime('%Y-%m-%d')}",
              "",
              f"{cpu_description()}", "",
-             f"{torch.get_num_threads()} threads, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+             f"{threads}, {mem:.0f} GiB RAM, torch {torch.__version__}, "
              f"transformers {transformers.__version__}, Python {platform.python_version()}", ""]
     bw = results.get("bandwidth")
     if bw:
@@ -750,10 +762,10 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "stages" in sections:
         print("stages:", flush=True)
-        out_dir = tempfile.mkdtemp(prefix="tinyvlm-stages-")
         # one after another whatever --jobs says: each stage starts from the previous one's output
-        results["stages"] = {int(n): run_worker({"kind": "stage", "stage": int(n), "out_dir": out_dir}, bc, {})
-                             for n in bc.stages.split(",") if n}
+        with tempfile.TemporaryDirectory(prefix="tinyvlm-stages-") as out_dir:
+            results["stages"] = {int(n): run_worker({"kind": "stage", "stage": int(n), "out_dir": out_dir}, bc, {})
+                                 for n in bc.stages.split(",") if n}
     report = table(results, bc)
     print("\n" + report)
     if bc.out:

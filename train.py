@@ -1305,7 +1305,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     scenes = world.scenes("train", cfg.train_scenes * QFORMER_SCENES)
     pretrain_vit(model.vit, heads, scenes[:cfg.train_scenes], cfg, rng, device, t0)
     pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
-    vision_report = evaluate_vision(model, heads, world, device)
+    vision_report = evaluate_vision(model, heads, world, device, n=2 * cfg.eval_samples)   # 400 scenes by default
     print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in vision_report.items()))
     language = pretrain_language(model, world, cfg, rng, device, t0)
 
@@ -1666,7 +1666,7 @@ def step(opt, loss, params, clip):
 
 
 @torch.no_grad()
-def evaluate_vision(model, heads, world, device, n: int = 400) -> dict[str, float]:
+def evaluate_vision(model, heads, world, device, n: int) -> dict[str, float]:
     """The held-out read-out of the frozen features, at stages 1-3's 64 px and stage 4's 96 px: per patch and per
     query (after matching), and per shape what the language model will meet: the shape named right (colour and
     kind) by exactly one query, by none (missing), or by two."""

@@ -367,7 +367,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     backbones = tmp_path / "backbones.safetensors"
-    report = train.train(train.TrainConfig(stage=0, backbones=str(backbones), max_iters=4, train_scenes=64,
+    report = train.train(train.TrainConfig(stage=0, backbones=str(backbones), max_iters=2, train_scenes=64,
                                            batch_size=8, log_interval=2, eval_samples=3))
     assert backbones.exists() and "slot kind @64" in report["vision"]
     for way in ("scene as text", "scene as cells"):       # the language curriculum's held-out score, both ways
