@@ -1002,12 +1002,21 @@ def load_llava_family(folder, family: str | None = None, dtype: torch.dtype | No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Half-precision weights on a CPU: stored in half precision, multiplied in fp32
+# Half-precision weights on a CPU: stored in half precision, multiplied in fp32 where the CPU has no bf16 arithmetic
 #
 # A CPU without bf16 / fp16 instructions (AVX2: most laptops) multiplies half-precision matrices far slower than
 # fp32 ones (a 2-core AVX2 EPYC: 256 x 2560 @ (10240 x 2560)^T at 22 GFLOP/s in bf16 against 146 in fp32; the
 # backward's grad @ W 38 s against 0.18 s). So load_tinyvlm, given a half-precision dtype, swaps each nn.Linear for
-# CPUHalfLinear: the same parameters and state dict, and on a CPU the products in fp32.
+# CPUHalfLinear: the same parameters and state dict, and on such a CPU the products in fp32. A CPU with bf16
+# dot-product instructions (avx512_bf16, AMX) is the other way round: the same bf16 product at 393 GFLOP/s against
+# 107 in fp32 (a 2-core AVX-512 EPYC), so there bf16 weights are multiplied as they are.
+
+def _cpu_has(feature: str) -> bool:
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)     # private probes: absent in some torch versions
+    return bool(probe and probe())
+
+
+NATIVE_BF16 = _cpu_has("avx512_bf16") or _cpu_has("amx_tile")
 
 class WidenedLinear(torch.autograd.Function):
     """x @ W^T + b computed in fp32 from a frozen half-precision W, widening W a block of rows at a time: an 8 MB
@@ -1024,12 +1033,14 @@ class WidenedLinear(torch.autograd.Function):
         return [(i, min(i + rows, weight.shape[0])) for i in range(0, weight.shape[0], rows)]
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                compute_dtype: torch.dtype = torch.float32):
         ctx.save_for_backward(weight)
         ctx.x_dtype = x.dtype
-        x32 = x.float()
+        xc = x.to(compute_dtype)
         with torch.autocast("cpu", enabled=False):
-            y = torch.cat([F.linear(x32, weight[i:j].float(), None if bias is None else bias[i:j].float())
+            y = torch.cat([F.linear(xc, weight[i:j].to(compute_dtype),
+                                    None if bias is None else bias[i:j].to(compute_dtype))
                            for i, j in WidenedLinear.row_blocks(weight)], -1)
         return y.to(out_dtype)
 
@@ -1041,12 +1052,13 @@ class WidenedLinear(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             for i, j in WidenedLinear.row_blocks(weight):
                 grad_x.addmm_(g[:, i:j], weight[i:j].float())
-        return grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None
+        return grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None, None
 
 
 class CPUHalfLinear(nn.Linear):
     """nn.Linear, with the CPU policy: a half-precision weight that takes no gradient (inference, or frozen in
-    training) times many rows (prefill, image encoding, training) is widened to fp32 a block at a time; a few rows
+    training) times many rows (prefill, image encoding, training) is widened to fp32 a block at a time, unless it
+    is bf16 and the CPU multiplies bf16 natively (NATIVE_BF16); a few rows
     (decoding) stay in half precision, where the weight's bytes and not the arithmetic are the cost; an fp32
     weight under CPU autocast (a trained projection) is not cast down. The output has the dtype the plain layer
     would give (autocast's, else the input's): the policy changes speed and rounding, not the activations' dtype."""
@@ -1060,7 +1072,8 @@ class CPUHalfLinear(nn.Linear):
             return super().forward(x)
         out_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
         frozen = not (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)))
-        if w.dtype in (torch.bfloat16, torch.float16) and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
+        slow_half = w.dtype == torch.float16 or (w.dtype == torch.bfloat16 and not NATIVE_BF16)
+        if slow_half and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
             return WidenedLinear.apply(x, w, b, out_dtype)
         if w.dtype == torch.float32 and out_dtype != torch.float32:
             with torch.autocast("cpu", enabled=False):

@@ -48,7 +48,7 @@ def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path, c
     assert e.value.code == 2 and "'[vqaa]'" in err and "[detection]" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
 def test_saved_quantized_model_answers_in_a_fresh_process(checkpoint, tmp_path, mode):
     """As a user runs it: a file saved by quantize.py, then `python tinyvlm.py --quantized FILE --device cpu` in a
     process of its own, so a crash in a kernel is a failed test with its exit code, not a dead test runner."""

@@ -120,7 +120,7 @@ CASES = [
     ("quantize.py", ["--checkpoint", "{d}/nothing.safetensors"], "nothing.safetensors: not found"),
     ("quantize.py", ["--group", "0"], "argument --group: 0 is not one of 32, 64, 128, 256"),
     ("quantize.py", ["--parts", "brain"], "--parts 'brain'"),
-    ("quantize.py", ["--mode", "int3"], "argument --mode: 'int3' is not one of int8, int4, fp16"),
+    ("quantize.py", ["--mode", "int3"], "argument --mode: 'int3' is not one of int8, int4, fp16, bf16"),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "/dev/null/q.safetensors"],
      "--out /dev/null/q.safetensors"),
     ("data.py", ["--preview", "--stage", "5"], "argument --stage: 5 is not one of 1, 2, 3, 4"),

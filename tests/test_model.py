@@ -482,10 +482,12 @@ def test_mlp_connector():
 
 
 def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
-    """A frozen bf16 weight x many rows is computed in fp32 on a CPU (faster without bf16 instructions, and more
-    exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a weight
-    being trained, keep the ordinary half-precision product. (The numbers alone cannot tell the paths apart: the
-    native bf16 product also sums in fp32. So the widened calls are counted.)"""
+    """On a CPU without bf16 instructions a frozen bf16 weight x many rows is computed in fp32 (faster there, and
+    more exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a weight
+    being trained, keep the ordinary half-precision product. On a CPU with them bf16 is multiplied as it is, fp16
+    still widened. (The numbers alone cannot tell the paths apart: the native bf16 product also sums in fp32. So
+    the widened calls are counted.) Both kinds of CPU are simulated, whichever this one is."""
+    monkeypatch.setattr(weights, "NATIVE_BF16", False)
     monkeypatch.setattr(weights.WidenedLinear, "BLOCK_NUMEL", 64 * 10)       # blocks of 10 rows: 5 for 48 rows
     calls, apply = [], weights.WidenedLinear.apply
     monkeypatch.setattr(weights.WidenedLinear, "apply", lambda *args: calls.append(1) or apply(*args))
@@ -532,3 +534,10 @@ def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
     assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(many.float(), trained.weight, trained.bias).bfloat16())
     y.float().sum().backward()
     assert trained.weight.grad.dtype == torch.float32
+
+    monkeypatch.setattr(weights, "NATIVE_BF16", True)          # avx512_bf16 / AMX: bf16 as it is, fp16 still widened
+    with torch.inference_mode():
+        was, y = widened(lambda: layer(many))
+        assert not was and torch.equal(y, F.linear(many, layer.weight, layer.bias))
+        was, _ = widened(lambda: layer.half()(many.half()))
+        assert was

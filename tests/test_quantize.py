@@ -39,7 +39,10 @@ def test_int8_error_and_paths_agree(linear, monkeypatch):
     monkeypatch.setattr(q.Int8Linear, "DECODE_ACTIVATIONS", "bf16")
     assert rel_err(layer(x1), reference1) < 1e-2          # the weight-only kernel (bf16 activations)
     assert rel_err(layer(x64[:5]), reference64[:5]) < 1e-2    # and below 64 rows in any case
+    monkeypatch.setattr(weights, "NATIVE_BF16", False)
     assert rel_err(layer(x64), reference64) < 1e-6        # many rows on a CPU: the reference, block by block
+    monkeypatch.setattr(weights, "NATIVE_BF16", True)     # with bf16 instructions: codes in bf16 (exact), x rounded
+    assert 0 < rel_err(layer(x64), reference64) < 5e-3
     assert rel_err(layer.forward_prefill(x64) + layer.bias, reference64) < 2e-2   # int8 x int8 (activations too)
     print(f"int8: reference {rel_err(reference1, ref1):.1e}, decode kernels {q.FAST_INT8_DYNAMIC} {q.FAST_INT8}, "
           f"int_mm {q.FAST_INT_MM}")
@@ -87,6 +90,22 @@ def test_fp16_matches_its_reference(linear):
         q.Fp16Linear.from_linear(too_big)
 
 
+def test_bf16_matches_its_reference(linear):
+    """On a CPU with bf16 instructions, oneDNN's packed kernel: bf16 products summed in fp32, the output rounded to
+    bf16 once; elsewhere (FAST_BF16 False) the reference serves, and the same bounds hold."""
+    layer = q.Bf16Linear.from_linear(linear)
+    x1, x40 = torch.randn(1, 512).bfloat16(), torch.randn(40, 512).bfloat16()
+    layer.path = "reference"
+    reference1, reference40 = layer(x1.float()), layer(x40.float())       # fp32 sums of the same bf16 operands
+    assert rel_err(reference40, linear(x40.float()).detach()) < 1e-2     # bf16 weights: ~3e-3 relative
+    layer.path = "auto"
+    for x, reference in ((x1, reference1), (x40, reference40)):
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer(x.float()).dtype == torch.float32
+        torch.testing.assert_close(y.float(), reference, rtol=2 ** -7, atol=1e-3)      # one bf16 rounding
+    print(f"bf16: kernel {q.FAST_BF16}")
+
+
 @pytest.fixture(scope="module")
 def stage0_model():
     """The shipped tiny backbones (a trained LM), so that quality is measured on a model that knows something."""
@@ -102,16 +121,16 @@ def text_loss(model, n=64):
         return float(train.lm_loss(model.phi, [[tok.bos_id] + tok.encode(l) + [tok.eos_id] for l in lines], tok.eos_id, "cpu"))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
 def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     import copy
     base = text_loss(stage0_model)
     model = q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "vit", "qformer", "projections"), group=64)
     quant = text_loss(model)
     print(f"{mode}: held-out text loss {base:.4f} -> {quant:.4f}")
-    assert abs(quant - base) < {"fp16": 1e-3, "int8": 0.02, "int4": 0.1}[mode]
+    assert abs(quant - base) < {"fp16": 1e-3, "bf16": 5e-3, "int8": 0.02, "int4": 0.1}[mode]
     before, after = q.part_bytes(stage0_model), q.part_bytes(model)
-    assert after["phi"] < before["phi"] / {"fp16": 1.9, "int8": 3, "int4": 4}[mode]
+    assert after["phi"] < before["phi"] / {"fp16": 1.9, "bf16": 1.9, "int8": 3, "int4": 4}[mode]
     tokenizer = data.shapes_tokenizer().to_str()              # the file carries its tokenizer: it is the whole model
     path = q.save_quantized(model, tmp_path / f"{mode}.safetensors", tokenizer=tokenizer)
     loaded = q.load_quantized(path)
@@ -193,7 +212,7 @@ def probe(mode: str, path: str) -> None:
     real = weights.read_weights
     weights.read_weights = lambda p: {k: guarded(t, 8 + 16 * (i % 3)) for i, (k, t) in enumerate(real(p).items())}
     model = q.load_quantized(path).eval()
-    layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.Int4Linear, q.Fp16Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.Int4Linear, q.Fp16Linear, q.Bf16Linear))]
     kinds = {type(m).__name__: m for m in layers}
     with torch.no_grad():
         for (name, layer), rows, misalign in itertools.product(kinds.items(), range(1, 17), (8, 24, 40)):
