@@ -24,7 +24,8 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     assert re.search(r"\(\d+\.\d\dx\)", rows["ours bf16"])        # ratio against the reference
     # the two implementations computed the same thing on the same files
     assert results["parity"]["logits"] < 1e-4 and results["parity"]["features"] < 1e-4 and results["parity"]["tokens"]
-    assert results["bandwidth"] > 0.5
+    assert results["bandwidth"] > 0.5 and len(results["bandwidth_reads"]) == 2     # before and after inference
+    assert results["bandwidth"] == max(results["bandwidth_reads"]) and "before and after" in report
     assert results["train"]["step_s"] > 0 and all(map(lambda x: x == x, results["train"]["losses"]))
     assert results["stages"]["1"]["examples_s"] > 0
     assert "Targets:" in report and "Memory bandwidth" in report
