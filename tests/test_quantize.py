@@ -1,5 +1,5 @@
 """quantize.py: error bounds per kernel against fp32, agreement of the fast and reference paths, save / load
-without building the full-precision model, and quality of a quantized tiny model on held-out text."""
+without building the full-precision model, and quality of a quantized tiny model on held-out answers."""
 
 from pathlib import Path
 
@@ -114,11 +114,13 @@ def stage0_model():
     return model.eval()
 
 
-def text_loss(model, n=64):
-    tok = data.shapes_tokenizer()
-    lines = data.ShapesWorld().text_corpus("test", n // 4)
+def text_loss(model, n=16):
+    """The held-out answer loss of stage 0's curriculum (scenes written out in text, then the tasks about them):
+    what the shipped LM was trained on, and knows (0.16 against a random LM's 6.6). Its loss on other text is
+    near chance: it learnt the answers only, so that text would not show what quantizing costs."""
+    items = data.ShapesWorld().curriculum("val", n)
     with torch.no_grad():
-        return float(train.lm_loss(model.phi, [[tok.bos_id] + tok.encode(l) + [tok.eos_id] for l in lines], tok.eos_id, "cpu"))
+        return float(train.curriculum_batch(model, None, items, data.shapes_tokenizer(), "cpu"))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
@@ -127,8 +129,9 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     base = text_loss(stage0_model)
     model = q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "vit", "qformer", "projections"), group=64)
     quant = text_loss(model)
-    print(f"{mode}: held-out text loss {base:.4f} -> {quant:.4f}")
-    assert abs(quant - base) < {"fp16": 1e-3, "bf16": 5e-3, "int8": 0.02, "int4": 0.1}[mode]
+    print(f"{mode}: held-out answer loss {base:.4f} -> {quant:.4f}")
+    assert base < 0.5                                          # a model that knows its answers
+    assert abs(quant - base) < {"fp16": 1e-4, "bf16": 2e-3, "int8": 0.01, "int4": 0.02}[mode]   # 0, 1e-5, 2e-4, 1.4e-3
     before, after = q.part_bytes(stage0_model), q.part_bytes(model)
     assert after["phi"] < before["phi"] / {"fp16": 1.9, "bf16": 1.9, "int8": 3, "int4": 4}[mode]
     tokenizer = data.shapes_tokenizer().to_str()              # the file carries its tokenizer: it is the whole model
@@ -145,7 +148,7 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
 
 def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
     """--parts all: every Linear and the token embeddings in int4 groups of 32 (Imp's phone recipe); an embedding
-    lookup gives the dequantized rows, the text loss stays near, and the file round-trips exactly."""
+    lookup gives the dequantized rows, the answer loss stays near, and the file round-trips exactly."""
     import copy
     emb = stage0_model.phi.embed_tokens
     packed = q.Int4Embedding.from_embedding(emb, 32)
@@ -157,8 +160,8 @@ def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
     assert isinstance(model.phi.embed_tokens, q.Int4Embedding)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())            # every Linear replaced
     base, quant = text_loss(stage0_model), text_loss(model)
-    print(f"int4 whole model (group 32): held-out text loss {base:.4f} -> {quant:.4f}")
-    assert abs(quant - base) < 0.1
+    print(f"int4 whole model (group 32): held-out answer loss {base:.4f} -> {quant:.4f}")
+    assert abs(quant - base) < 0.02                            # 5e-4 measured
     path = q.save_quantized(model, tmp_path / "all.safetensors")
     loaded = q.load_quantized(path)
     with torch.no_grad():
