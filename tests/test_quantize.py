@@ -114,7 +114,7 @@ def stage0_model():
     return model.eval()
 
 
-def text_loss(model, n=16):
+def answer_loss(model, n=16):
     """The held-out answer loss of stage 0's curriculum (scenes written out in text, then the tasks about them):
     what the shipped LM was trained on, and knows (0.16 against a random LM's 6.6). Its loss on other text is
     near chance: it learnt the answers only, so that text would not show what quantizing costs."""
@@ -126,9 +126,9 @@ def text_loss(model, n=16):
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
 def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     import copy
-    base = text_loss(stage0_model)
+    base = answer_loss(stage0_model)
     model = q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "vit", "qformer", "projections"), group=64)
-    quant = text_loss(model)
+    quant = answer_loss(model)
     print(f"{mode}: held-out answer loss {base:.4f} -> {quant:.4f}")
     assert base < 0.5                                          # a model that knows its answers
     assert abs(quant - base) < {"fp16": 1e-4, "bf16": 2e-3, "int8": 0.01, "int4": 0.02}[mode]   # 0, 1e-5, 2e-4, 1.4e-3
@@ -159,7 +159,7 @@ def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
     model = q.quantize_model(copy.deepcopy(stage0_model), "int4", q.ALL_PARTS, group=32)
     assert isinstance(model.phi.embed_tokens, q.Int4Embedding)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())            # every Linear replaced
-    base, quant = text_loss(stage0_model), text_loss(model)
+    base, quant = answer_loss(stage0_model), answer_loss(model)
     print(f"int4 whole model (group 32): held-out answer loss {base:.4f} -> {quant:.4f}")
     assert abs(quant - base) < 0.02                            # 5e-4 measured
     path = q.save_quantized(model, tmp_path / "all.safetensors")
