@@ -65,8 +65,8 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = ("weights", "bandwidth", "inference", "llama.cpp", "train", "stages")
 OURS = ("fp32", "bf16", "bf16-packed", "fp16", "int8", "int8-w8a16", "int4")
 W8A16 = "int8-w8a16"     # the int8 file with its one-row products on the weight-only kernel (bf16 activations)
-QUANTIZED = ("fp16", "bf16", "int8", "int4")     # our whole-model files, made by quantize.py from the public ones
-FILE_OF_ROW = {"bf16-packed": "bf16", "fp16": "fp16", "int8": "int8", W8A16: "int8", "int4": "int4"}
+FILE_OF_ROW = {"bf16-packed": "bf16", "fp16": "fp16", "int8": "int8", W8A16: "int8", "int4": "int4"}   # rows -> files
+QUANTIZED = tuple(dict.fromkeys(FILE_OF_ROW.values()))   # our whole-model files, made by quantize.py from the public ones
 REFERENCE = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
