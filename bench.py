@@ -23,6 +23,7 @@ What it does, section by section (--only picks some):
              (ViT + Q-Former), prefill (--prompt-tokens random ids) and decode (batch 1, KV cache,
              --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
              norm off) so the two compute the same thing: the fp32 logits and image features are compared.
+             transformers runs before ours and again after: each of its figures is the mean of the two.
   llama.cpp  (with --llama-cpp PATH) the tool a CPU user would pick instead: the same phi-2 folder converted by
              its convert_hf_to_gguf.py to F16, then llama-quantize to BF16, Q8_0 and Q4_0; llama-bench with our
              thread count, prefill --prompt-tokens, decode --new-tokens from an empty cache (its tg) and after
@@ -352,6 +353,12 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
     return result
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """A reference measured before our rows and after them: each figure the mean of the two runs, both kept."""
+    mean = {k: (v + after[k]) / 2 for k, v in before.items() if isinstance(v, (int, float)) and k in after}
+    return {**mean, "runs": [before, after]}
+
+
 def worker_train(job: dict, bc: BenchConfig, paths: dict) -> dict:
     """One optimizer step of --train-stage at full size, as train.py takes it with --phi/--blip2 (frozen bf16,
     trainable fp32, bf16 autocast), on random pixels and tokens."""
@@ -613,7 +620,8 @@ def table(results: dict, bc: BenchConfig) -> str:
                   "int8 product (the activations quantized per token, W8A8); int8-w8a16 is the same file on the "
                   "weight-only kernel (bf16 activations). bf16 is the public weights loaded in bf16; bf16-packed "
                   "is quantize.py's bf16 file, its weights packed once for oneDNN's kernel (fast on CPUs with "
-                  "bf16 instructions).", "",
+                  "bf16 instructions). Each transformers row is the mean of a run before ours and one after "
+                  "(the machine's speed drifts).", "",
                   "| model | load s | peak RSS GB | image encode s | prefill tok/s | decode tok/s | decode GB/s (of limit) |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in inf.items():
@@ -753,12 +761,19 @@ def main(argv: list[str] | None = None) -> None:
         read_bandwidth()
     if "inference" in sections:
         print("inference:", flush=True)
-        jobs = {f"{impl} {dtype}": {"kind": "inference", "impl": "ours" if impl == "ours" else "reference",
-                                    "dtype": dtype}
-                for impl, dtypes in (("ours", OURS), ("transformers", REFERENCE)) for dtype in dtypes}
+        job = lambda impl, dtype: {"kind": "inference", "impl": impl, "dtype": dtype}
+        reference = {f"transformers {dtype}": job("reference", dtype) for dtype in REFERENCE}
+        keep = lambda name, r: (results["inference"].update({name: r}), save())
+        # transformers runs before ours and again after, its figures the mean of the two: a VM's speed drifts over
+        # the half hour (its bandwidth read 27.2 GB/s as one run began, 36.6 after it), and a reference run only
+        # at one end of the section would tilt every ratio
         results["inference"] = {}
-        results["inference"] = run_workers(jobs, bc, paths,
-                                           lambda name, r: (results["inference"].update({name: r}), save()))
+        before = run_workers(reference, bc, paths, keep)
+        results["inference"] = {}
+        run_workers({f"ours {dtype}": job("ours", dtype) for dtype in OURS}, bc, paths, keep)
+        after = run_workers(reference, bc, paths)
+        results["inference"].update({name: bracketed(before[name], after[name]) for name in reference})
+        save()
         parity = [cache / f"parity-{impl}.pt" for impl in ("ours", "reference")]
         if all(p.exists() for p in parity):
             a, b = (torch.load(p, weights_only=True) for p in parity)

@@ -21,6 +21,10 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     for name, r in results["inference"].items():
         assert r["load_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["encode_s"] > 0, name
         assert 0.05 < r["peak_rss_gb"] < 8, name                  # the worker's own peak, not its parent's
+    for name in ("transformers fp32", "transformers bf16"):      # run before ours and after, the mean taken
+        runs = results["inference"][name]["runs"]
+        assert len(runs) == 2 and results["inference"][name]["decode_tok_s"] == (runs[0]["decode_tok_s"] +
+                                                                                 runs[1]["decode_tok_s"]) / 2
     assert re.search(r"\(\d+\.\d\dx\)", rows["ours bf16"])        # ratio against the reference
     # the two implementations computed the same thing on the same files
     assert results["parity"]["logits"] < 1e-4 and results["parity"]["features"] < 1e-4 and results["parity"]["tokens"]
