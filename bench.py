@@ -2,7 +2,7 @@
 bench.py: speed and memory of the full-size TinyGPT-V on this machine, side by side with Hugging Face transformers
 on the same weight files, and against the memory-bandwidth limit measured in the same run.
 
-    python bench.py                          # everything (2-core CPU, 24 GB: ~50 min; inference 25, stages 23)
+    python bench.py                          # everything (2-core CPU, 24 GB: ~45 min; inference 18, stages 23)
     python bench.py --only bandwidth,inference --out bench.md
     python bench.py --only bandwidth,inference,llama.cpp --llama-cpp PATH/TO/llama.cpp   # beside llama.cpp (+10 min)
     python bench.py --preset tiny --repeats 1 --prompt-tokens 16 --new-tokens 8 --stages 1 --stage-iters 2 --jobs 2
