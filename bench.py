@@ -768,8 +768,8 @@ def main(argv: list[str] | None = None) -> None:
         # the half hour (its bandwidth read 27.2 GB/s as one run began, 36.6 after it), and a reference run only
         # at one end of the section would tilt every ratio
         results["inference"] = {}
-        before = run_workers(reference, bc, paths, keep)
-        results["inference"] = {}
+        before = run_workers(reference, bc, paths, keep)          # saved as they come, should a later worker fail
+        results["inference"] = {}                                    # then the table lists ours first
         run_workers({f"ours {dtype}": job("ours", dtype) for dtype in OURS}, bc, paths, keep)
         after = run_workers(reference, bc, paths)
         results["inference"].update({name: bracketed(before[name], after[name]) for name in reference})
