@@ -215,7 +215,7 @@ def probe(mode: str, path: str) -> None:
     real = weights.read_weights
     weights.read_weights = lambda p: {k: guarded(t, 8 + 16 * (i % 3)) for i, (k, t) in enumerate(real(p).items())}
     model = q.load_quantized(path).eval()
-    layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.Int4Linear, q.Fp16Linear, q.Bf16Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (q.Int8Linear, q.PackedLinear))]   # int4, fp16, bf16 too
     kinds = {type(m).__name__: m for m in layers}
     with torch.no_grad():
         for (name, layer), rows, misalign in itertools.product(kinds.items(), range(1, 17), (8, 24, 40)):
