@@ -1253,20 +1253,31 @@ class ShapesWorld:
     VQA_TYPES = ("count", "count_kind", "exists", "colour", "shape", "position")
 
     @staticmethod
-    def vqa(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-        """One free-form question, its answer and its type: colour, shape, count (of all shapes or of one kind),
-        existence (yes / no) or relative position (yes / no)."""
-        shapes = scene.shapes
-        kinds = [s.kind for s in shapes]
-        colours = [s.colour for s in shapes]
+    def vqa_types(scene: Scene) -> list[str]:
+        """The question types a scene can be asked: a colour question needs a kind that occurs once (else "the
+        square" names no one shape), a shape question a colour that occurs once, a position question two shapes."""
+        kinds = [s.kind for s in scene.shapes]
+        colours = [s.colour for s in scene.shapes]
         options = ["count", "count_kind", "exists"]
         if any(kinds.count(k) == 1 for k in kinds):
             options.append("colour")
         if any(colours.count(c) == 1 for c in colours):
             options.append("shape")
-        if len(shapes) >= 2:
+        if len(scene.shapes) >= 2:
             options.append("position")
-        q = rng.choice(options)
+        return options
+
+    @staticmethod
+    def vqa(scene: Scene, rng: random.Random, qtype: str | None = None) -> tuple[str, str, str]:
+        """One free-form question, its answer and its type: colour, shape, count (of all shapes or of one kind),
+        existence (yes / no) or relative position (yes / no); of type `qtype` if given, else of a random one."""
+        shapes = scene.shapes
+        kinds = [s.kind for s in shapes]
+        colours = [s.colour for s in shapes]
+        options = ShapesWorld.vqa_types(scene)
+        if qtype is not None and qtype not in options:
+            raise ValueError(f"a scene of {len(shapes)} shapes cannot be asked a {qtype!r} question")
+        q = qtype or rng.choice(options)
         if q == "count":
             return "how many shapes are there?", str(len(shapes)), q
         if q == "count_kind":
@@ -1356,6 +1367,38 @@ class ShapesWorld:
                 rng.shuffle(turns)
                 out.append((4, Sample(scene, [(f"{t.task} {t.turns[0][0]}", t.turns[0][1]) for t in turns])))
         return out
+
+    # Stage 0's second lesson: questions the curriculum leaves near chance (is there a ..., is A left of B, and the
+    # colour and count-of-a-kind ones that those lessons would otherwise crowd out), many about one scene at a time.
+    # A yes / no position question is answered from two boxes' edges in the right order; the LM learns that only
+    # from hundreds of such questions per step (README, "Known limits").
+    DRILL_TYPES = {"exists": 1, "position": 2, "colour": 1, "count_kind": 1}     # type -> weight
+
+    def question_drill(self, split: str, n: int, seed: int = 0, per_scene: int = 6) -> list[tuple[int, Sample]]:
+        """For each of n scenes one stage-4 conversation of `per_scene` [vqa] questions, each of a type drawn from
+        DRILL_TYPES by weight among those the scene can be asked."""
+        rng = random.Random(f"{self.seed}-drill-{split}-{seed}")
+        out = []
+        for scene in self.scenes(split, n):
+            types = [t for t in self.DRILL_TYPES if t in self.vqa_types(scene)]
+            turns = []
+            for qtype in rng.choices(types, [self.DRILL_TYPES[t] for t in types], k=per_scene):
+                q, a, _ = self.vqa(scene, rng, qtype)
+                turns.append((f"[vqa] {q}", a))
+            out.append((4, Sample(scene, turns)))           # each turn names its task, as the curriculum's
+        return out
+
+    def typed_questions(self, qtype: str, split: str, n: int, seed: int = 0) -> list[Sample]:
+        """n [vqa] samples of one question type, about the first scenes of the split that can be asked it."""
+        rng = random.Random(f"{self.seed}-{qtype}-{split}-{seed}")
+        out = []
+        for scene in self.scenes(split, 4 * n):          # position needs two shapes: about 3 scenes in 4 have them
+            if qtype in self.vqa_types(scene):
+                q, a, _ = self.vqa(scene, rng, qtype)
+                out.append(Sample(scene, [(q, a)], "[vqa]", {"answers": [a], "qtype": qtype}))
+                if len(out) == n:
+                    return out
+        raise ValueError(f"fewer than {n} scenes of split {split!r} can be asked a {qtype!r} question")
 
     def task_samples(self, task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
         """n stage-4 samples of one task (for evaluation per task)."""

@@ -75,8 +75,10 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
+    stage0_phases: str = "vit,qformer,language,questions"   # stage 0's parts to run; the rest come from --init
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
-    init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors)
+    init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
+                                    # stage 0: the backbones, default the shipped ones)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
     eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
     benchmark: str = ""             # score a model on one of the paper's benchmarks, its file as --data FILE
@@ -326,6 +328,16 @@ def check_flags(cfg: TrainConfig) -> None:
               ("--tokenizer", cfg.tokenizer)] + ([("--backbones", cfg.backbones)] if cfg.stage else [])
     if cfg.text and cfg.stage != 0:
         raise cli.UserError("--text belongs to --stage 0 (the tiny LM learns your words there, before stages 1-3)")
+    phases = cfg.stage0_phases.split(",")
+    if phases != list(STAGE0_PHASES):
+        if cfg.stage != 0 or cfg.text:
+            raise cli.UserError("--stage0-phases belongs to --stage 0 on the built-in world (without --text)")
+        unknown = [p for p in phases if p not in STAGE0_PHASES]
+        if unknown or len(set(phases)) != len(phases) or not phases:
+            raise cli.UserError(f"--stage0-phases {cfg.stage0_phases}: give some of {','.join(STAGE0_PHASES)}, "
+                                f"each once, comma-separated")
+        if cfg.init:
+            inputs.append(("--init", cfg.init))
     if cfg.recipe != "tinygptv" and (cfg.phi or cfg.stage not in SIBLING_STAGES):
         raise cli.UserError(f"--recipe {cfg.recipe} trains the tiny model in two stages, --stage 1 (the connector, on "
                             f"captions) then --stage 4 (the language side, on the six tasks)"
@@ -1301,16 +1313,30 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     world = data.ShapesWorld(seed=0)
     rng = random.Random(cfg.seed)
     t0 = time.time()
-    heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden, model.cfg.vit.width).to(device)
-    scenes = world.scenes("train", cfg.train_scenes * QFORMER_SCENES)
-    pretrain_vit(model.vit, heads, scenes[:cfg.train_scenes], cfg, rng, device, t0)
-    pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
-    vision_report = evaluate_vision(model, heads, world, device, n=2 * cfg.eval_samples)   # 400 scenes by default
-    print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in vision_report.items()))
-    language = pretrain_language(model, world, cfg, rng, device, t0)
-
-    save_backbones(model, cfg, {"vision": vision_report, "language": language}, t0)
-    return {"vision": vision_report, "language": language}
+    phases = cfg.stage0_phases.split(",")
+    report = {}
+    if phases != list(STAGE0_PHASES):         # the parts not run again keep the weights (and read-outs) of --init
+        source = Path(cfg.init) if cfg.init else STAGE0
+        weights.load_checkpoint(model, source)
+        report = {k: json.loads(v) for k, v in weights.read_metadata(source).items() if k in STAGE0_REPORTS}
+        print(f"stage 0 | {', '.join(p for p in STAGE0_PHASES if p not in phases)}: from {source}")
+    if "vit" in phases or "qformer" in phases:
+        heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden,
+                                    model.cfg.vit.width).to(device)
+        scenes = world.scenes("train", cfg.train_scenes * QFORMER_SCENES)
+        if "vit" in phases:
+            pretrain_vit(model.vit, heads, scenes[:cfg.train_scenes], cfg, rng, device, t0)
+        if "qformer" in phases:
+            pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
+        report["vision"] = evaluate_vision(model, heads, world, device, n=2 * cfg.eval_samples)   # 400 scenes
+        print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in report["vision"].items()))
+    writer = None
+    if "language" in phases:
+        report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0)
+    if "questions" in phases:
+        report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0)
+    save_backbones(model, cfg, report, t0)
+    return report
 
 
 def save_backbones(model: tv.TinyVLM, cfg: TrainConfig, metadata: dict, t0: float) -> Path:
@@ -1453,7 +1479,7 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
       reasoning (find the shape a question means, compare, count, write its box) learnt on words;
     - the same scenes written into the 16 image positions by the SceneWriter: the same reasoning over the form
       the image tokens will take.
-    Returns the held-out accuracy of each task both ways."""
+    Returns the held-out accuracy of each task both ways, and the scene writer (the question drill goes on with it)."""
     tok = data.shapes_tokenizer()
     phi = model.phi
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
@@ -1481,6 +1507,46 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
                       for kind in ("scene as text", "scene as cells")}
             for kind, row in report.items():
                 print(f"held-out after {it + 1} | {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return report, writer
+
+
+def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, cfg: TrainConfig,
+                    rng: random.Random, device, t0: float) -> dict:
+    """The language model's second lesson, on the scenes in the image slots (stage 4's form): conversations of
+    [vqa] questions of the types the curriculum leaves weak (ShapesWorld.question_drill: existence, position,
+    colour, count of a kind), beside a few of the curriculum's lessons so that the other tasks are kept. Run after
+    the curriculum, it goes on with its writer; run alone (--stage0-phases questions), with a fresh one (the writer
+    is stage 0's scaffolding: it is not saved). Returns the held-out accuracy per question type and per task."""
+    tok = data.shapes_tokenizer()
+    phi = model.phi
+    if writer is None:
+        writer = SceneWriter(phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+    drill = world.question_drill("train", cfg.train_scenes)
+    lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
+    own = [p for n, p in writer.named_parameters() if not n.startswith("embed.")]
+    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay) + [{"params": own, "weight_decay": 0.0}],
+                            lr=QUESTIONS_LR)
+    params = list(phi.parameters()) + own
+    iters = cfg.max_iters * QUESTIONS_ITERS
+    schedule = dataclasses.replace(cfg, max_iters=iters, lr=QUESTIONS_LR, min_lr=min(cfg.min_lr, QUESTIONS_LR))
+    print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
+          f"{QUESTIONS_BATCH} per iteration beside {QUESTIONS_LESSONS} curriculum lessons")
+    for it in range(iters):
+        phi.train(), writer.train()
+        lr = set_lr(opt, it, schedule)
+        batch = rng.sample(drill, QUESTIONS_BATCH) + rng.sample(lessons, QUESTIONS_LESSONS)
+        loss = curriculum_batch(model, writer, batch, tok, device)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"stopped: the loss became {loss.item()} at iteration {it} of the question drill; "
+                                f"nothing was written")
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == iters - 1:
+            print(f"drill iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
+    phi.eval(), writer.eval()
+    report = {"by question type": question_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
+              "tasks": curriculum_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
+    for part, row in report.items():
+        print(f"held-out, scene as cells | {part}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return report
 
 
@@ -1603,42 +1669,69 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     return report
 
 
+STAGE0_PHASES = ("vit", "qformer", "language", "questions")      # in the order they run
+STAGE0_REPORTS = ("vision", "language", "questions")             # their held-out read-outs, kept in the file's metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
 LANGUAGE_LR = 3e-3
 LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
 LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
 LANGUAGE_REPORT_EVERY = 50  # held-out scores at each quarter of the run, but not more often than this (they cost)
+QUESTIONS_BATCH = 24      # drill conversations (6 questions each) per iteration ...
+QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
+QUESTIONS_LR = 1e-3       # lower than the curriculum's: the LM is trained already
+QUESTIONS_ITERS = 1       # drill iterations per --max-iters
 
 
 @torch.no_grad()
 def curriculum_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
                         device, n: int = 200) -> dict[str, float]:
     """Greedy answers on held-out scenes, scored as stage 4's evaluation scores them: the headline metric per task."""
-    grid = math.isqrt(model.cfg.num_image_tokens)
     headline = {"[vqa]": "accuracy", "[identify]": "accuracy", "[refer]": "iou>=0.5", "[caption]": "shape recall",
                 "[grounding]": "box recall", "[detection]": "box recall"}
     out = {}
     for task, metric in headline.items():
         samples = world.task_samples(task, "val", n)
-        answers = []
-        for i in range(0, n, 100):
-            chunk = samples[i:i + 100]
-            prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
-                                          image_text=None if writer else s.image.text(grid)) for s in chunk]
-            T = max(map(len, prompts))
-            ids = torch.full((len(chunk), T), tok.eos_id, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for b, p in enumerate(prompts):
-                ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-            x = model.embed(ids.to(device), writer([s.image for s in chunk]) if writer else None)
-            tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
-                                                   eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
-                                len(chunk))
-            answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
+        answers = greedy_answers(model, writer, samples, tok, device)
         scores = [evaluation.score(s, a)[metric] for s, a in zip(samples, answers)]
         out[task] = sum(scores) / len(scores)
     return out
+
+
+@torch.no_grad()
+def question_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
+                      device, n: int = 200) -> dict[str, float]:
+    """Greedy [vqa] accuracy per question type, n held-out questions of each."""
+    out = {}
+    for qtype in data.ShapesWorld.VQA_TYPES:
+        samples = world.typed_questions(qtype, "val", n)
+        answers = greedy_answers(model, writer, samples, tok, device)
+        scores = [evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)]
+        out[qtype] = sum(scores) / len(scores)
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, samples: list, tok: data.Tokenizer,
+                   device) -> list[str]:
+    """Stage-4 answers to the samples' first questions, the scene in the image slots (writer) or written as text."""
+    grid = math.isqrt(model.cfg.num_image_tokens)
+    answers = []
+    for i in range(0, len(samples), 100):
+        chunk = samples[i:i + 100]
+        prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
+                                      image_text=None if writer else s.image.text(grid)) for s in chunk]
+        T = max(map(len, prompts))
+        ids = torch.full((len(chunk), T), tok.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+        x = model.embed(ids.to(device), writer([s.image for s in chunk]) if writer else None)
+        tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
+                                               eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
+                            len(chunk))
+        answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
+    return answers
 
 
 def set_lr(opt: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -613,6 +614,54 @@ def test_curriculum_covers_every_stage_and_task_without_giveaways():
             refer = next(a for q, a in s.turns if q.startswith("[refer]"))
             identify = [q for q, _ in s.turns if q.startswith("[identify]")]
             assert not identify or refer not in identify[0]
+
+
+def test_question_drill_asks_the_weak_types_and_answers_them_true():
+    """Stage 0's question drill: conversations of six [vqa] questions of the drill's types only, in about their
+    weights (position twice as often where a scene has two shapes to compare: about 3 in 4 scenes), both yes / no
+    answers about equally, and each answer the world's truth."""
+    world = data.ShapesWorld()
+    drill = world.question_drill("train", 400)
+    assert {st for st, _ in drill} == {4} and all(len(s.turns) == 6 and s.task is None for _, s in drill)
+    qtypes, answers = [], []
+    for _, s in drill:
+        for q, a in s.turns:
+            assert q.startswith("[vqa] ")
+            q = q.removeprefix("[vqa] ")
+            if q.startswith("is the "):                       # position: recompute it from the boxes
+                a_name, relation, b_name = re.fullmatch(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?",
+                                                        q).groups()
+                (ax, ay), (bx, by) = (next(t.centre for t in s.image.shapes if t.name == n) for n in (a_name, b_name))
+                truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+                qtypes.append("position")
+            elif q.startswith("is there a "):
+                truth = q.removeprefix("is there a ").rstrip("?") in {t.name for t in s.image.shapes}
+                qtypes.append("exists")
+            elif q.startswith("what color is the "):
+                kind = q.removeprefix("what color is the ").rstrip("?")
+                truth = [t.colour for t in s.image.shapes if t.kind == kind] == [a]
+                qtypes.append("colour")
+            else:
+                kind = re.fullmatch(r"how many (\w+)s are there\?", q).group(1)
+                truth = str(sum(t.kind == kind for t in s.image.shapes)) == a
+                qtypes.append("count_kind")
+            if a in ("yes", "no"):
+                truth = truth == (a == "yes")
+            assert truth, (q, a, s.image.shapes)
+            answers.append(a)
+    share = {t: qtypes.count(t) / len(qtypes) for t in world.DRILL_TYPES}
+    assert 0.26 < share["position"] < 0.34 and all(0.18 < share[t] < 0.28 for t in ("exists", "colour", "count_kind"))
+    assert 0.45 < answers.count("yes") / (answers.count("yes") + answers.count("no")) < 0.55
+
+
+def test_typed_questions_give_one_type_each_and_refuse_impossible_ones():
+    world = data.ShapesWorld()
+    for qtype in data.ShapesWorld.VQA_TYPES:
+        samples = world.typed_questions(qtype, "val", 50)
+        assert len(samples) == 50 and {s.meta["qtype"] for s in samples} == {qtype}
+    lonely = next(s for s in world.scenes("val", 100) if len(s.shapes) == 1)
+    with pytest.raises(ValueError, match="cannot be asked a 'position' question"):
+        world.vqa(lonely, random.Random(0), "position")
 
 
 def test_shape_geometry_matches_the_drawing():

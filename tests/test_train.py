@@ -374,12 +374,33 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
         assert set(report["language"][way]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]",
                                                 "[detection]"}
         assert all(0 <= v <= 1 for v in report["language"][way].values())
+    assert set(report["questions"]["by question type"]) == set(data.ShapesWorld.VQA_TYPES)
     from safetensors.torch import load_file
     keys = set(load_file(backbones))
     assert any(k.startswith("vit.") for k in keys) and any(k.startswith("qformer.") for k in keys)
     assert not any(k.startswith("llama_proj") or "lora_" in k for k in keys)
     result = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, backbones=str(backbones)))
     assert len(result["history"]) == 2
+
+
+def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path):
+    """--stage0-phases questions: the question drill alone, from --init's backbones. The ViT and Q-Former come out
+    bit for bit as they went in, the LM changes, and the read-outs of the phases not run are carried over."""
+    from safetensors.torch import load_file
+    out = tmp_path / "drilled.safetensors"
+    report = train.train(train.TrainConfig(stage=0, stage0_phases="questions", init=str(train.STAGE0),
+                                           backbones=str(out), max_iters=2, train_scenes=32, log_interval=1,
+                                           eval_samples=2))
+    before, after = load_file(train.STAGE0), load_file(out)
+    assert before.keys() == after.keys()
+    kept = [k for k in before if k.startswith(("vit.", "qformer."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert not torch.equal(before["phi.layers.0.mlp.fc1.weight"], after["phi.layers.0.mlp.fc1.weight"])
+    shipped = {k: json.loads(v) for k, v in weights.read_metadata(train.STAGE0).items() if k in ("vision", "language")}
+    assert {k: report[k] for k in shipped} == shipped
+    assert json.loads(weights.read_metadata(out)["questions"]) == report["questions"]
+    assert set(report["questions"]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]",
+                                                 "[detection]"}
 
 
 KILL_POINTS = ["writing state.pt:2",                              # state.pt's temp file written, not yet renamed
