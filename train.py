@@ -4,6 +4,7 @@ train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tin
     python train.py --stage 1            # the built-in shapes world and the tiny preset, on a laptop CPU
     python train.py --stage 2            # ... each stage starts from the previous stage's output
     python train.py --stage 0            # rebuild the shipped pretrained tiny backbones (assets/stage0.safetensors)
+    python train.py --stage 0 --stage0-phases questions    # only its last part: the LM's question drill
     python train.py --stage 1 --phi phi-2/ --blip2 blip2-flan-t5-xxl/ --data captions.jsonl --image-root images/
     torchrun --nproc_per_node=2 train.py --stage 1      # DistributedDataParallel, one data shard per rank
     python train.py --recipe tinyllava --stage 1        # the sibling designs (tinyllava, imp): stages 1, then 4
@@ -1659,8 +1660,9 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     after = {"nats per character": nats_per_character(phi, tok, held_out, device),
              **data.vocabulary_check(held_out, tok, known)}
     print("held-out text after:  " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()))
-    shipped = json.loads(weights.read_metadata(STAGE0)["language"])["scene as text"]
-    world_report = curriculum_accuracy(model, None, world, tok, device, n=min(cfg.eval_samples, 100))
+    n = min(cfg.eval_samples, 100)
+    shipped = curriculum_accuracy(old.to(device).eval(), None, world, old_tok, device, n=n)    # the same samples
+    world_report = curriculum_accuracy(model, None, world, tok, device, n=n)
     print("the world's tasks, scene as text (shipped -> now): " + ", ".join(
         f"{k} {shipped[k]:.3f} -> {v:.3f}" for k, v in world_report.items()))
     report = {"held-out text before": before, "held-out text after": after, "world tasks as text": world_report}
