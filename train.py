@@ -339,6 +339,9 @@ def check_flags(cfg: TrainConfig) -> None:
                                 f"each once, comma-separated")
         if cfg.init:
             inputs.append(("--init", cfg.init))
+    elif cfg.stage == 0 and cfg.init and not cfg.text:
+        raise cli.UserError("--init at --stage 0 gives the backbones for the parts that --stage0-phases leaves out; "
+                            "with all four parts run, nothing would be read from it")
     if cfg.recipe != "tinygptv" and (cfg.phi or cfg.stage not in SIBLING_STAGES):
         raise cli.UserError(f"--recipe {cfg.recipe} trains the tiny model in two stages, --stage 1 (the connector, on "
                             f"captions) then --stage 4 (the language side, on the six tasks)"

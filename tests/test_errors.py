@@ -96,6 +96,7 @@ CASES = [
     ("train.py", ["--stage", "1", "--stage0-phases", "questions"], "--stage0-phases belongs to --stage 0"),
     ("train.py", ["--stage", "0", "--stage0-phases", "questions", "--init", "{d}/nothing.safetensors"],
      "--init {d}/nothing.safetensors: no such file"),
+    ("train.py", ["--stage", "0", "--init", "{d}/ok.json"], "with all four parts run, nothing would be read"),
     ("data.py", ["--emoji", "{d}/empty_dir"], "emoji.json: not found; unpack the npm package first"),
     ("train.py", ["--image-size", "100"], "--image-size 100: must be a multiple of the ViT's patch size (8)"),
     ("train.py", ["--tokenizer", "{d}/nothing.json"], "--tokenizer {d}/nothing.json: no such file"),
