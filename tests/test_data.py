@@ -629,8 +629,8 @@ def test_question_drill_asks_the_weak_types_and_answers_them_true():
             assert q.startswith("[vqa] ")
             q = q.removeprefix("[vqa] ")
             if q.startswith("is the "):                       # position: recompute it from the boxes
-                a_name, relation, b_name = re.fullmatch(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?",
-                                                        q).groups()
+                pattern = r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?"
+                a_name, relation, b_name = re.fullmatch(pattern, q).groups()
                 (ax, ay), (bx, by) = (next(t.centre for t in s.image.shapes if t.name == n) for n in (a_name, b_name))
                 truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
                 qtypes.append("position")
