@@ -1476,6 +1476,21 @@ def curriculum_batch(model: tv.TinyVLM, writer: SceneWriter | None, items: list,
                            ignore_index=tv.IGNORE_INDEX)
 
 
+def scene_writer(model: tv.TinyVLM, tok: data.Tokenizer, device) -> SceneWriter:
+    """A fresh SceneWriter over the LM's own embedding table, one cell per image token, blurred in training as the
+    Q-Former's queries will be."""
+    return SceneWriter(model.phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+
+
+def language_optimizer(phi: tv.Phi, writer: SceneWriter, weight_decay: float,
+                       lr: float) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """One AdamW over the LM and the writer's own weights (its embedding table is the LM's, counted once), and the
+    parameters whose gradients are clipped together."""
+    own = [p for n, p in writer.named_parameters() if not n.startswith("embed.")]
+    opt = torch.optim.AdamW(param_groups(phi, weight_decay) + [{"params": own, "weight_decay": 0.0}], lr=lr)
+    return opt, list(phi.parameters()) + own
+
+
 def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
                       t0: float) -> dict:
     """The language model on the world's text, a curriculum taken two ways in turn:
@@ -1487,10 +1502,8 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
     tok = data.shapes_tokenizer()
     phi = model.phi
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
-    writer = SceneWriter(phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
-    own = [p for n, p in writer.named_parameters() if not n.startswith("embed.")]
-    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay) + [{"params": own, "weight_decay": 0.0}], lr=cfg.lr)
-    params = list(phi.parameters()) + own
+    writer = scene_writer(model, tok, device)
+    opt, params = language_optimizer(phi, writer, cfg.weight_decay, cfg.lr)
     print(f"stage 0 | language: {sum(p.numel() for p in phi.parameters()):,} parameters, {len(lessons):,} lessons")
     iters = cfg.max_iters * LANGUAGE_ITERS
     schedule = dataclasses.replace(cfg, max_iters=iters, lr=LANGUAGE_LR)
@@ -1523,14 +1536,10 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
     is stage 0's scaffolding: it is not saved). Returns the held-out accuracy per question type and per task."""
     tok = data.shapes_tokenizer()
     phi = model.phi
-    if writer is None:
-        writer = SceneWriter(phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+    writer = writer or scene_writer(model, tok, device)
     drill = world.question_drill("train", cfg.train_scenes)
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
-    own = [p for n, p in writer.named_parameters() if not n.startswith("embed.")]
-    opt = torch.optim.AdamW(param_groups(phi, cfg.weight_decay) + [{"params": own, "weight_decay": 0.0}],
-                            lr=QUESTIONS_LR)
-    params = list(phi.parameters()) + own
+    opt, params = language_optimizer(phi, writer, cfg.weight_decay, QUESTIONS_LR)
     iters = cfg.max_iters * QUESTIONS_ITERS
     schedule = dataclasses.replace(cfg, max_iters=iters, lr=QUESTIONS_LR, min_lr=min(cfg.min_lr, QUESTIONS_LR))
     print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
