@@ -1369,22 +1369,31 @@ class ShapesWorld:
         return out
 
     # Stage 0's second lesson: questions the curriculum leaves near chance (is there a ..., is A left of B, and the
-    # colour and count-of-a-kind ones that those lessons would otherwise crowd out), many about one scene at a time.
-    # A yes / no position question is answered from two boxes' edges in the right order; the LM learns that only
-    # from hundreds of such questions per step (README, "Known limits").
-    DRILL_TYPES = {"exists": 1, "position": 2, "colour": 1, "count_kind": 1}     # type -> weight
+    # colour and count-of-a-kind ones that those lessons would otherwise crowd out; which shape is in this box),
+    # many about one scene at a time. A yes / no position question is answered from two boxes' edges in the right
+    # order, an [identify] question by finding the shape whose box has these numbers; the LM learns either only
+    # from tens of thousands of such questions (README, "Known limits").
+    DRILL_TYPES = {"exists": 1, "position": 2, "colour": 1, "count_kind": 1, "identify": 6}    # type -> weight
 
     def question_drill(self, split: str, n: int, seed: int = 0, per_scene: int = 6) -> list[tuple[int, Sample]]:
-        """For each of n scenes one stage-4 conversation of `per_scene` [vqa] questions, each of a type drawn from
-        DRILL_TYPES by weight among those the scene can be asked."""
+        """For each of n scenes one stage-4 conversation of `per_scene` questions, each of a type drawn from
+        DRILL_TYPES by weight among those the scene can be asked: [vqa] questions, and [identify] where the scene
+        has two shapes (with one, the answer needs no box)."""
         rng = random.Random(f"{self.seed}-drill-{split}-{seed}")
         out = []
         for scene in self.scenes(split, n):
-            types = [t for t in self.DRILL_TYPES if t in self.vqa_types(scene)]
-            turns = []
+            allowed = self.vqa_types(scene) + (["identify"] if len(scene.shapes) >= 2 else [])
+            types = [t for t in self.DRILL_TYPES if t in allowed]
+            turns, named = [], []
             for qtype in rng.choices(types, [self.DRILL_TYPES[t] for t in types], k=per_scene):
-                q, a, _ = self.vqa(scene, rng, qtype)
-                turns.append((f"[vqa] {q}", a))
+                if qtype == "identify":       # a shape not asked about yet, so that no answer repeats an earlier one
+                    shape = rng.choice([t for t in scene.shapes if t not in named] or scene.shapes)
+                    named.append(shape)
+                    s = self.task_sample(scene, "[identify]", rng, shape=shape)
+                    turns.append((f"[identify] {s.turns[0][0]}", s.turns[0][1]))
+                else:
+                    q, a, _ = self.vqa(scene, rng, qtype)
+                    turns.append((f"[vqa] {q}", a))
             out.append((4, Sample(scene, turns)))           # each turn names its task, as the curriculum's
         return out
 

@@ -826,6 +826,10 @@ def train(cfg: TrainConfig) -> dict:
     check_flags(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
+        least = max(cfg.batch_size, QUESTIONS_BATCH)
+        if not cfg.text and cfg.train_scenes < least:    # each batch draws that many different scenes
+            raise cli.UserError(f"--train-scenes {cfg.train_scenes}: stage 0 draws batches of {least} different "
+                                f"scenes; give at least {least}")
         return pretrain_on_text(cfg) if cfg.text else pretrain_backbones(cfg)
     if cfg.benchmark:
         return score_benchmark(cfg)
@@ -1530,8 +1534,8 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
 def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, cfg: TrainConfig,
                     rng: random.Random, device, t0: float) -> dict:
     """The language model's second lesson, on the scenes in the image slots (stage 4's form): conversations of
-    [vqa] questions of the types the curriculum leaves weak (ShapesWorld.question_drill: existence, position,
-    colour, count of a kind), beside a few of the curriculum's lessons so that the other tasks are kept. Run after
+    the questions the curriculum leaves weak (ShapesWorld.question_drill: [vqa] existence, position, colour, count
+    of a kind, and [identify]), beside a few of the curriculum's lessons so that the other tasks are kept. Run after
     the curriculum, it goes on with its writer; run alone (--stage0-phases questions), with a fresh one (the writer
     is stage 0's scaffolding: it is not saved). Returns the held-out accuracy per question type and per task."""
     tok = data.shapes_tokenizer()
@@ -1540,7 +1544,7 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
     drill = world.question_drill("train", cfg.train_scenes)
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
     opt, params = language_optimizer(phi, writer, cfg.weight_decay, QUESTIONS_LR)
-    iters = cfg.max_iters * QUESTIONS_ITERS
+    iters = max(1, round(cfg.max_iters * QUESTIONS_ITERS))
     schedule = dataclasses.replace(cfg, max_iters=iters, lr=QUESTIONS_LR, min_lr=min(cfg.min_lr, QUESTIONS_LR))
     print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
           f"{QUESTIONS_BATCH} per iteration beside {QUESTIONS_LESSONS} curriculum lessons")
@@ -1691,10 +1695,10 @@ LANGUAGE_LR = 3e-3
 LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
 LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
 LANGUAGE_REPORT_EVERY = 50  # held-out scores at each quarter of the run, but not more often than this (they cost)
-QUESTIONS_BATCH = 24      # drill conversations (6 questions each) per iteration ...
+QUESTIONS_BATCH = 32      # drill conversations (6 questions each) per iteration ...
 QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
-QUESTIONS_LR = 1e-3       # lower than the curriculum's: the LM is trained already
-QUESTIONS_ITERS = 1       # drill iterations per --max-iters
+QUESTIONS_LR = 2e-3       # [identify] is learnt late (a sudden rise after ~60,000 questions); 1e-3 is slower still
+QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 
 
 @torch.no_grad()

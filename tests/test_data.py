@@ -617,15 +617,22 @@ def test_curriculum_covers_every_stage_and_task_without_giveaways():
 
 
 def test_question_drill_asks_the_weak_types_and_answers_them_true():
-    """Stage 0's question drill: conversations of six [vqa] questions of the drill's types only, in about their
-    weights (position twice as often where a scene has two shapes to compare: about 3 in 4 scenes), both yes / no
-    answers about equally, and each answer the world's truth."""
+    """Stage 0's question drill: conversations of six questions of the drill's types only, in about their weights
+    (position and [identify] only where a scene has two shapes: about 3 in 4 scenes), both yes / no answers about
+    equally, each answer the world's truth, and no box asked twice while the scene has shapes not asked about."""
     world = data.ShapesWorld()
     drill = world.question_drill("train", 400)
     assert {st for st, _ in drill} == {4} and all(len(s.turns) == 6 and s.task is None for _, s in drill)
     qtypes, answers = [], []
     for _, s in drill:
+        boxes = []
         for q, a in s.turns:
+            if q.startswith("[identify] "):                   # the name of the shape whose box the question gives
+                box = q.removeprefix("[identify] what object is in this location ")
+                assert [t.name for t in s.image.shapes if data.format_box(t.box) == box] == [a], (q, a)
+                qtypes.append("identify")
+                boxes.append(box)
+                continue
             assert q.startswith("[vqa] ")
             q = q.removeprefix("[vqa] ")
             if q.startswith("is the "):                       # position: recompute it from the boxes
@@ -649,8 +656,11 @@ def test_question_drill_asks_the_weak_types_and_answers_them_true():
                 truth = truth == (a == "yes")
             assert truth, (q, a, s.image.shapes)
             answers.append(a)
+        assert len(set(boxes)) == min(len(boxes), len(s.image.shapes)), boxes
+        assert not boxes or len(s.image.shapes) >= 2
     share = {t: qtypes.count(t) / len(qtypes) for t in world.DRILL_TYPES}
-    assert 0.26 < share["position"] < 0.34 and all(0.18 < share[t] < 0.28 for t in ("exists", "colour", "count_kind"))
+    assert 0.35 < share["identify"] < 0.45 and 0.11 < share["position"] < 0.17
+    assert all(0.12 < share[t] < 0.2 for t in ("exists", "colour", "count_kind")), share
     assert 0.45 < answers.count("yes") / (answers.count("yes") + answers.count("no")) < 0.55
 
 

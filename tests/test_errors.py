@@ -94,6 +94,7 @@ CASES = [
     ("train.py", ["--stage", "0", "--text", "captions:{d}/emptylist.json"], "emptylist.json: holds no records"),
     ("train.py", ["--stage", "0", "--stage0-phases", "language,drill"], "give some of vit,qformer,language,questions"),
     ("train.py", ["--stage", "1", "--stage0-phases", "questions"], "--stage0-phases belongs to --stage 0"),
+    ("train.py", ["--stage", "0", "--train-scenes", "16"], "stage 0 draws batches of 48 different scenes"),
     ("train.py", ["--stage", "0", "--stage0-phases", "questions", "--init", "{d}/nothing.safetensors"],
      "--init {d}/nothing.safetensors: no such file"),
     ("train.py", ["--stage", "0", "--init", "{d}/ok.json"], "with all four parts run, nothing would be read"),
