@@ -484,15 +484,16 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
     shipped = ROOT / "assets" / "stage3.safetensors"
     train_file, val_file = own_style_vqa(tmp_path / "images", 600, 1), own_style_vqa(tmp_path / "images", 100, 2)
     report = train.train(tiny_cfg(tmp_path, stage=4, init=str(shipped), data=f"vqa:{train_file}",
-                                  val_data=f"vqa:{val_file}", image_root=str(tmp_path / "images"), max_iters=300,
-                                  ckpt_interval=300,       # one save, at the end: 30 would cost 4 s
+                                  val_data=f"vqa:{val_file}", image_root=str(tmp_path / "images"), max_iters=400,
+                                  ckpt_interval=400,       # one save, at the end: 40 would cost 4 s
                                   batch_size=8, image_size=64, eval_samples=100, eval_interval=0, log_interval=20))
     answers = [r["answer"] for r in json.loads(val_file.read_text())]
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
     accuracy = report["metrics"]["[vqa]"]["accuracy"]
-    # measured: 0.50 against a majority answer of 0.18 (300 iterations of 8, from the stage 3 shipped on 2026-12-03;
-    # from the one before, 0.54, and 200 of 8 gave 0.15, 250 of 16 0.52: the words are new to the tiny LM, and it
-    # learns them late in the run); the margin leaves room for other CPUs' rounding, which changes a run's path
+    # measured from the stage 3 shipped on the afternoon of 2026-12-03: 0.57 against a majority answer of 0.18
+    # (400 iterations of 8; seeds 1 and 2: 0.51, 0.50), where 300 iterations gave 0.27 / 0.31 (from the stage 3s
+    # before it, 0.50 and 0.54): the words are new to the tiny LM, and it learns them late in the run, later from
+    # some stage-3 models than from others; the margin leaves room for other CPUs' rounding, which changes the path
     print(f"own-style VQA: accuracy {accuracy:.3f}, majority answer {majority:.3f}")
     assert accuracy >= majority + 0.2, (accuracy, majority)
 
