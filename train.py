@@ -826,8 +826,9 @@ def train(cfg: TrainConfig) -> dict:
     check_flags(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
-        least = max(cfg.batch_size, QUESTIONS_BATCH)
-        if not cfg.text and cfg.train_scenes < least:    # each batch draws that many different scenes
+        batch = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "language": LANGUAGE_BATCH, "questions": QUESTIONS_BATCH}
+        least = max(batch[p] for p in cfg.stage0_phases.split(","))   # a batch draws this many different scenes
+        if not cfg.text and cfg.train_scenes < least:
             raise cli.UserError(f"--train-scenes {cfg.train_scenes}: stage 0 draws batches of {least} different "
                                 f"scenes; give at least {least}")
         return pretrain_on_text(cfg) if cfg.text else pretrain_backbones(cfg)

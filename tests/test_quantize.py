@@ -116,8 +116,9 @@ def stage0_model():
 
 def answer_loss(model, n=16):
     """The held-out answer loss of stage 0's curriculum (scenes written out in text, then the tasks about them):
-    what the shipped LM was trained on, and knows (0.16 against a random LM's 6.6). Its loss on other text is
-    near chance: it learnt the answers only, so that text would not show what quantizing costs."""
+    what the shipped LM was trained on, and knows (0.67 against a random LM's 6.6; 0.16 after the curriculum, before
+    the question drill, which trains on scenes in the image slots only). Its loss on other text is near chance: it
+    learnt the answers only, so that text would not show what quantizing costs."""
     items = data.ShapesWorld().curriculum("val", n)
     with torch.no_grad():
         return float(train.curriculum_batch(model, None, items, data.shapes_tokenizer(), "cpu"))
@@ -130,7 +131,7 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
     model = q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "vit", "qformer", "projections"), group=64)
     quant = answer_loss(model)
     print(f"{mode}: held-out answer loss {base:.4f} -> {quant:.4f}")
-    assert base < 0.5                                          # a model that knows its answers
+    assert base < 1.0                                          # a model that knows its answers
     assert abs(quant - base) < {"fp16": 1e-4, "bf16": 2e-3, "int8": 0.01, "int4": 0.02}[mode]   # 0, 1e-5, 2e-4, 1.4e-3
     before, after = q.part_bytes(stage0_model), q.part_bytes(model)
     assert after["phi"] < before["phi"] / {"fp16": 1.9, "bf16": 1.9, "int8": 3, "int4": 4}[mode]
