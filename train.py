@@ -826,8 +826,9 @@ def train(cfg: TrainConfig) -> dict:
     check_flags(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
-        batch = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "language": LANGUAGE_BATCH, "questions": QUESTIONS_BATCH}
-        least = max(batch[p] for p in cfg.stage0_phases.split(","))   # a batch draws this many different scenes
+        batch_of = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "language": LANGUAGE_BATCH,
+                    "questions": QUESTIONS_BATCH}
+        least = max(batch_of[p] for p in cfg.stage0_phases.split(","))   # a batch draws this many different scenes
         if not cfg.text and cfg.train_scenes < least:
             raise cli.UserError(f"--train-scenes {cfg.train_scenes}: stage 0 draws batches of {least} different "
                                 f"scenes; give at least {least}")
@@ -1698,7 +1699,7 @@ LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum 
 LANGUAGE_REPORT_EVERY = 50  # held-out scores at each quarter of the run, but not more often than this (they cost)
 QUESTIONS_BATCH = 32      # drill conversations (6 questions each) per iteration ...
 QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
-QUESTIONS_LR = 2e-3       # [identify] is learnt late (a sudden rise after ~60,000 questions); 1e-3 is slower still
+QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (README, "Known limits")
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 
 
