@@ -62,7 +62,6 @@ import tinyvlm as tv
 import train
 import weights
 
-HERE = Path(__file__).resolve().parent
 SECTIONS = ("weights", "bandwidth", "inference", "llama.cpp", "train", "stages")
 OURS = ("fp32", "bf16", "bf16-packed", "fp16", "int8", "int8-w8a16", "int4")
 W8A16 = "int8-w8a16"     # the int8 file with its one-row products on the weight-only kernel (bf16 activations)
@@ -88,7 +87,6 @@ class BenchConfig:
     stage_iters: int = 0            # 0: each stage's default; more: a shorter run (the test)
     llama_cpp: str = ""             # a llama.cpp tree built as docs/performance.md says: its rows beside ours
     jobs: int = 1                   # workers at once; more is quicker but their timings share the CPU (smoke tests)
-    worker: str = ""                # internal: run one measurement (JSON) in this process and print its result
 
     CHOICES: ClassVar[dict[str, tuple]] = {"preset": tuple(tv.PRESETS), "train_stage": (1, 2, 3, 4)}
     LIMITS: ClassVar[dict[str, tuple]] = {"repeats": (1, None), "prompt_tokens": (1, None), "new_tokens": (1, None),
@@ -409,25 +407,59 @@ def worker_stage(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 
 WORKERS = {"quantize": worker_quantize, "inference": worker_inference, "train": worker_train, "stage": worker_stage}
-RESULT = "BENCH-RESULT "
+
+
+def worker_processes(bc: BenchConfig):
+    """Where each measurement's process comes from. One at a time (the default: the figures to keep), a fresh
+    interpreter each (multiprocessing's spawn), whose peak RSS is what a user's own process holds, its imports
+    included. Several at a time (--jobs N: a smoke test, whose timings share the CPU anyway), forked from a server
+    that imported torch and this project once (forkserver, where the platform has one): 4 s less each, most of a
+    tiny run's time, but its peak RSS leaves out the pages only the imports touched (0.06 GB on the tiny preset)."""
+    import multiprocessing
+    if bc.jobs == 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bench"])       # this file, and through it torch and the project
+    return context
 
 
 def run_worker(job: dict, bc: BenchConfig, paths: dict, threads: int = 0) -> dict:
-    """Run one job in a fresh Python process (its peak RSS is then its own) and return what it printed; threads:
-    torch's threads there (0: torch's default, one per core)."""
-    argv = [sys.executable, str(HERE / "bench.py"), "--worker", json.dumps(job)] + \
-        [arg for f in dataclasses.fields(BenchConfig) if f.name not in ("worker", "only", "out")
-         for arg in (f"--{f.name.replace('_', '-')}", str(getattr(bc, f.name)))]
+    """Run one job in a process of its own (its peak RSS is then its own) and return its result; threads: torch's
+    threads there (0: torch's default, one per core)."""
     label = " ".join(str(v) for v in job.values() if not str(v).startswith("/"))
     t = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode or not lines:
+    processes = worker_processes(bc)
+    receive, send = processes.Pipe(duplex=False)
+    proc = processes.Process(target=worker_main, args=(job, bc, paths, threads, send))
+    proc.start()
+    send.close()                                     # the worker holds the only other end: its exit ends recv()
+    try:
+        ok, result = receive.recv()
+    except EOFError:                                 # it died without a word: a crash in a kernel, or killed
+        ok, result = False, "(no result: the process died)"
+    proc.join()
+    if not ok or proc.exitcode:
         print(f"  {label}: failed", flush=True)
-        raise RuntimeError(f"bench worker {job} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bench worker {job} failed (exit {proc.exitcode}):\n{result}")
     print(f"  {label}: {time.time() - t:.0f} s", flush=True)
-    return json.loads(lines[-1][len(RESULT):])
+    return result
+
+
+def worker_main(job: dict, bc: BenchConfig, paths: dict, threads: int, send) -> None:
+    """In the worker's process: the job, with what it prints kept back (shown only should it fail), and its result
+    or the failure sent to the parent."""
+    import contextlib
+    import io
+    import traceback
+    if threads:
+        torch.set_num_threads(threads)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            result = WORKERS[job["kind"]](job, bc, paths)
+        send.send((True, result))
+    except BaseException:
+        send.send((False, printed.getvalue()[-3000:] + traceback.format_exc()))
 
 
 def worker_threads(bc: BenchConfig) -> int:
@@ -446,13 +478,6 @@ def run_workers(jobs: dict[str, dict], bc: BenchConfig, paths: dict, done=lambda
         for future in as_completed(futures):
             done(futures[future], future.result())
     return {name: f.result() for f, name in futures.items()}
-
-
-def worker_main(bc: BenchConfig) -> None:
-    job = json.loads(bc.worker)
-    paths = weight_paths(Path(bc.cache))
-    result = WORKERS[job["kind"]](job, bc, paths)
-    print(RESULT + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -728,8 +753,6 @@ def targets(inf: dict, bw: float | None, llama: dict, prompt_tokens: int) -> lis
 def main(argv: list[str] | None = None) -> None:
     bc = cli.config_from_args(BenchConfig, cli.parser_for(BenchConfig, __doc__).parse_args(argv))
     bc = dataclasses.replace(bc, cache=bc.cache or str(Path(tempfile.gettempdir()) / f"tinyvlm-bench-{bc.preset}"))
-    if bc.worker:
-        return worker_main(bc)
     sections = [s for s in bc.only.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

@@ -20,10 +20,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What the command lines import, imported once in the server: the project's modules (4 s with torch), and for those
+# that train, what training imports on its way (torch.optim's first optimizer imports torch._dynamo, 2.7 s; loss.png
+# imports matplotlib, 0.9 s), each of which a forked child would otherwise import again.
+PROJECT = ("torch", "cli", "data", "weights", "tinyvlm", "evaluation", "train", "quantize", "chat", "bench")
+TRAINING = PROJECT + ("torch._dynamo", "matplotlib.pyplot")
+
 SERVER = r"""
 import atexit, json, os, runpy, sys, threading, traceback
-import torch, cli, data, weights, tinyvlm, evaluation, train, quantize, chat, bench   # what the scripts import
-jobs, parallel = json.loads(sys.stdin.read()), int(sys.argv[1])
+import importlib
+jobs, parallel, preload = json.loads(sys.stdin.read()), int(sys.argv[1]), sys.argv[2].split(",")
+for name in preload:
+    importlib.import_module(name)
+import gc; gc.freeze()
 running, codes = {}, {}
 
 def start(i, job):
@@ -81,14 +90,15 @@ class Finished:
 
 
 def run_all(commands: list[tuple], cwd: Path, parallel: int = 2, timeout: int = 600,
-            env: dict | None = None) -> list[Finished]:
+            env: dict | None = None, preload: tuple[str, ...] = TRAINING) -> list[Finished]:
     """[(script, args) or (script, args, {VAR: value})] -> one Finished per command line, in order; each ran as
     `VAR=value python ROOT/script args` in cwd, at most `parallel` at a time. env: for all of them, from the start
-    (what torch reads when imported, such as OMP_NUM_THREADS, must be there)."""
+    (what torch reads when imported, such as OMP_NUM_THREADS, must be there); preload: the modules the server
+    imports before it forks (PROJECT where no command line trains)."""
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [{"script": str(ROOT / c[0]), "args": c[1], "env": c[2] if len(c) > 2 else {}, "cwd": str(cwd),
                  "stdout": f"{tmp}/{i}.out", "stderr": f"{tmp}/{i}.err"} for i, c in enumerate(commands)]
-        server = subprocess.run([sys.executable, "-c", SERVER, str(parallel)], input=json.dumps(jobs),
+        server = subprocess.run([sys.executable, "-c", SERVER, str(parallel), ",".join(preload)], input=json.dumps(jobs),
                                 capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}, cwd=cwd)
         if server.returncode:

@@ -1,12 +1,15 @@
 """`python tinyvlm.py --image ...`: on a real photo, with boxes drawn, the attention picture and int8, and the
 clear errors for a corrupt image and an unknown task identifier."""
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
 
 import chat
 import cli
+import quantize
 import tinyvlm as tv
 import train
 
@@ -48,23 +51,32 @@ def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path, c
     assert e.value.code == 2 and "'[vqaa]'" in err and "[detection]" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
-def test_saved_quantized_model_answers_in_a_fresh_process(checkpoint, tmp_path, mode):
-    """As a user runs it: a file saved by quantize.py, then `python tinyvlm.py --quantized FILE --device cpu` in a
-    process of its own, so a crash in a kernel is a failed test with its exit code, not a dead test runner."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    import quantize
+@pytest.fixture(scope="module")
+def quantized_answers(checkpoint, tmp_path_factory):
+    """{mode: the run of `python tinyvlm.py --quantized FILE --device cpu --image red.png`} on a file saved by
+    quantize.py in that mode: each in a process of its own, forked from one server that imported torch once
+    (tests/cli_processes.py)."""
+    import cli_processes
+    folder = tmp_path_factory.mktemp("quantized")
     cfg = train.resolve(train.TrainConfig(stage=1, init=str(checkpoint)))
     model, _ = train.build_model(cfg, torch.device("cpu"))
-    path = quantize.save_quantized(quantize.quantize_model(model.eval(), mode, quantize.PARTS, group=64),
-                                   tmp_path / f"{mode}.safetensors", stage=1, image_size=cfg.image_size)
-    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "tinyvlm.py"), "--quantized", str(path), "--device", "cpu",
-                           "--image", str(tmp_path / "red.png"), "--max-new-tokens", "6"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(folder / "red.png")
+    commands = {}
+    for mode in quantize.MODES:
+        path = quantize.save_quantized(quantize.quantize_model(copy.deepcopy(model).eval(), mode, quantize.PARTS,
+                                                               group=64),
+                                       folder / f"{mode}.safetensors", stage=1, image_size=cfg.image_size)
+        commands[mode] = ("tinyvlm.py", ["--quantized", str(path), "--device", "cpu", "--image", str(folder / "red.png"),
+                                         "--max-new-tokens", "6"])
+    runs = cli_processes.run_all(list(commands.values()), folder, preload=cli_processes.PROJECT)
+    return dict(zip(commands, runs))
+
+
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_saved_quantized_model_answers_in_a_fresh_process(quantized_answers, mode):
+    """As a user runs it: a file saved by quantize.py, then `python tinyvlm.py --quantized FILE --device cpu` in a
+    process of its own, so a crash in a kernel is a failed test with its exit code, not a dead test runner."""
+    proc = quantized_answers[mode]
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.strip()
 
@@ -74,9 +86,8 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
     position-id buffer, the optimizer, config, scaler and epoch), on a Phi folder of .bin pickles (Phi-2's first
     revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, asked in a process of its
     own."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    import shutil
+    import cli_processes
     from transformers import PhiConfig, PhiForCausalLM
     from conftest import randomize_
     from test_checkpoints import stage_checkpoint, vlm_config
@@ -99,18 +110,17 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
     assert torch.equal(loaded.model.llama_proj2.weight, sd["llama_proj2.weight"])
 
     Image.new("RGB", (80, 60), (200, 40, 40)).save(tmp_path / "red.png")
-    run = subprocess.run([sys.executable, str(Path(chat.__file__).with_name("tinyvlm.py")), "--image",
-                          str(tmp_path / "red.png"), "--checkpoint", str(release), "--phi", str(tmp_path / "phi"),
-                          "--blip2", blip2, "--tokenizer", str(data.SHAPES_TOKENIZER), "--max-new-tokens", "4",
-                          "what colour is it?"], capture_output=True, text=True, timeout=300)
+    unnamed = tmp_path / "finetuned.pth"                  # the same file under a name that says no stage
+    shutil.copy(release, unnamed)
+    common = ["--image", str(tmp_path / "red.png"), "--phi", str(tmp_path / "phi"), "--tokenizer",
+              str(data.SHAPES_TOKENIZER)]
+    run, unnamed_run = cli_processes.run_all(
+        [("tinyvlm.py", [*common, "--checkpoint", str(release), "--blip2", blip2, "--max-new-tokens", "4",
+                         "what colour is it?"]),
+         ("tinyvlm.py", [*common, "--checkpoint", str(unnamed), "q"])], tmp_path, preload=cli_processes.PROJECT)
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
     assert "stage 4" in run.stderr
-    unnamed = tmp_path / "finetuned.pth"
-    release.rename(unnamed)
-    run = subprocess.run([sys.executable, str(Path(chat.__file__).with_name("tinyvlm.py")), "--image",
-                          str(tmp_path / "red.png"), "--checkpoint", str(unnamed), "--phi", str(tmp_path / "phi"),
-                          "--tokenizer", str(data.SHAPES_TOKENIZER), "q"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "--blip2" in run.stderr and "Traceback" not in run.stderr
+    assert unnamed_run.returncode == 2 and "--blip2" in unnamed_run.stderr and "Traceback" not in unnamed_run.stderr
 
 
 def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):

@@ -152,7 +152,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 def test_every_mistake_is_one_line_and_exit_code_2(place):
     before = fingerprint(place)
     results = cli_processes.run_all([(script, [a.replace("{d}", str(place)) for a in args]) for script, args, _ in CASES],
-                                    cwd=place)
+                                    cwd=place, preload=cli_processes.PROJECT)
     problems = []
     for (script, args, expected), proc in zip(CASES, results):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]

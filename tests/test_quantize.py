@@ -236,14 +236,22 @@ def quantized_files(stage0_model, tmp_path_factory):
                                    d / f"{mode}.safetensors") for mode in q.MODES}
 
 
+@pytest.fixture(scope="module")
+def probes(quantized_files):
+    """{mode: its probe's run}: each in a process of its own, so that a crash in a kernel is that mode's failed test
+    with its exit code, not a dead test runner; all forked from one server that imported torch once
+    (tests/cli_processes.py), rather than four interpreters that would each spend 4 s on imports."""
+    import cli_processes
+    root = Path(__file__).resolve().parents[1]
+    modes = list(quantized_files)
+    runs = cli_processes.run_all([("tests/test_quantize.py", [mode, str(quantized_files[mode])]) for mode in modes],
+                                 root, preload=cli_processes.PROJECT)
+    return dict(zip(modes, runs))
+
+
 @pytest.mark.parametrize("mode", q.MODES)
-def test_packed_kernels_survive_misaligned_tensors_at_a_guard_page(quantized_files, mode):
-    import os
-    import subprocess
-    import sys
-    root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, __file__, mode, str(quantized_files[mode])], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+def test_packed_kernels_survive_misaligned_tensors_at_a_guard_page(probes, mode):
+    proc = probes[mode]
     last = (proc.stdout.strip().splitlines() or ["(nothing)"])[-1]
     assert proc.returncode == 0 and last == "PROBE-OK", \
         f"exit {proc.returncode} at: {last}\n{proc.stderr[-2000:]}"
