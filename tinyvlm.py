@@ -160,6 +160,14 @@ PRESETS: dict[str, Callable[[], TinyVLMConfig]] = {
 # Building blocks. Every layer is a plain nn.Linear; loading half-precision weights for a CPU swaps them for
 # weights.CPUHalfLinear (stored in half precision, multiplied in fp32), and quantize.py for int8 / int4 layers.
 
+def normal_init(*shape: int, std: float) -> torch.Tensor:
+    """N(0, std) numbers for a learned embedding. On the meta device, where the loaders build a model before they
+    fill in a file's tensors, nothing is drawn or scaled: scaling a meta tensor (as nn.init.normal_ does) runs a
+    Python decomposition whose first call imports torch._dynamo, 2.5 s of every load."""
+    x = torch.randn(shape)
+    return x if x.is_meta else x.mul_(std)
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
@@ -272,11 +280,9 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
-        # learned embeddings start as N(0, 0.02), as in EVA / BLIP-2 (zeros would make every position the same);
-        # torch.normal, not 0.02 * torch.randn: the same numbers, but on the meta device (loading) the product
-        # goes through a Python decomposition whose first call imports torch._dynamo, 2.5 s of every start
-        self.cls_token = nn.Parameter(torch.normal(0.0, 0.02, (1, 1, cfg.width))) if cfg.cls_token else None
-        self.pos_embed = nn.Parameter(torch.normal(0.0, 0.02, (1, cfg.num_positions, cfg.width)))
+        # learned embeddings start as N(0, 0.02), as in EVA / BLIP-2 (zeros would make every position the same)
+        self.cls_token = nn.Parameter(normal_init(1, 1, cfg.width, std=0.02)) if cfg.cls_token else None
+        self.pos_embed = nn.Parameter(normal_init(1, cfg.num_positions, cfg.width, std=0.02))
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps) if cfg.ln_vision else nn.Identity()
@@ -367,7 +373,7 @@ class QFormer(nn.Module):
         self.cfg = cfg
         # N(0, 0.02) as BLIP-2: identical (e.g. zero) queries would stay identical, and LayerNorm of a zero vector
         # with eps 1e-12 has enormous gradients
-        self.query_tokens = nn.Parameter(torch.normal(0.0, 0.02, (1, cfg.num_queries, cfg.hidden)))   # as ViT's
+        self.query_tokens = nn.Parameter(normal_init(1, cfg.num_queries, cfg.hidden, std=0.02))
         self.layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)   # BERT's embeddings LayerNorm, on the queries
         self.layers = nn.ModuleList(QFormerLayer(cfg, cross_attention=(i % cfg.cross_attention_every == 0))
                                     for i in range(cfg.num_layers))
@@ -465,12 +471,11 @@ class Phi(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         self.cfg = cfg
-        # GPT-2 / Phi's init N(0, 0.02), for training from scratch; drawn by torch.normal, not nn.init.normal_: on the
-        # meta device (loading) that one runs a Python decomposition whose first call imports torch._dynamo (2.5 s of
-        # every start). nn.Embedding's own N(0, 1) is still drawn first, so that a seed gives the numbers it gave.
+        # GPT-2 / Phi's init N(0, 0.02), for training from scratch, through normal_init rather than nn.Embedding's
+        # own (see there); its N(0, 1) is still drawn first, so that a seed gives the numbers it always gave
         shape = (cfg.vocab_size, cfg.hidden)
-        self.embed_tokens = nn.Embedding(*shape, _weight=torch.normal(0.0, 1.0, shape))
-        self.embed_tokens.weight.data = torch.normal(0.0, 0.02, shape)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.randn(shape))
+        self.embed_tokens.weight.data = normal_init(*shape, std=0.02)
         self.layers = nn.ModuleList(PhiBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm(cfg.hidden, eps=cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)    # with a bias, not tied to the embeddings

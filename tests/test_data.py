@@ -575,14 +575,11 @@ def test_shipped_tokenizer_is_the_one_the_world_trains():
 def test_preview_and_scene_commands(tmp_path):
     """`python data.py --preview` (titled sheet, to out/ by default) and `--scene FILE` (a held-out picture and
     what is in it), through the command line."""
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    run = lambda *args: subprocess.run([sys.executable, str(root / "data.py"), *args], capture_output=True, text=True,
-                                       cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    preview = run("--preview", "--stage", "3")
+    import cli_processes
+    preview, scene = cli_processes.run_all([("data.py", ["--preview", "--stage", "3"]),
+                                            ("data.py", ["--scene", "scene.png", "--seed", "2"])], tmp_path,
+                                           preload=cli_processes.PROJECT)
     assert preview.returncode == 0 and Image.open(tmp_path / "out" / "shapes_preview.png").size[0] > 700
-    scene = run("--scene", "scene.png", "--seed", "2")
     assert scene.returncode == 0 and Image.open(tmp_path / "scene.png").size == (256, 256)
     truth = data.ShapesWorld().scenes("test", 3)[2]
     assert all(data.format_box(s.box) in scene.stdout and s.name in scene.stdout for s in truth.shapes)

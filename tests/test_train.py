@@ -515,9 +515,10 @@ def test_stage0_on_your_text_then_stage1_and_chat_use_its_tokenizer(tmp_path, ca
     shipped = hashlib.sha256(train.STAGE0.read_bytes()).hexdigest()
     out = tmp_path / "out"
     report = train.train(train.TrainConfig(stage=0, text=f"txt:{tmp_path / 'words.txt'}", out_dir=str(out),
-                                           max_iters=40, warmup_iters=5, log_interval=10, eval_samples=3,
+                                           max_iters=20, warmup_iters=5, log_interval=10, eval_samples=3,
                                            train_scenes=40))
     before, after = report["held-out text before"], report["held-out text after"]
+    # measured on 2026-12-03: 6.32 -> 0.25 nats per character after 20 iterations (0.11 after 40)
     assert after["nats per character"] < 0.5 * before["nats per character"], (before, after)
     assert after["letters in one-letter pieces"] == 0 < before["letters in one-letter pieces"]
     assert after["unseen words"] == 0 < before["unseen words"]
