@@ -413,13 +413,16 @@ def worker_processes(bc: BenchConfig):
     """Where each measurement's process comes from. One at a time (the default: the figures to keep), a fresh
     interpreter each (multiprocessing's spawn), whose peak RSS is what a user's own process holds, its imports
     included. Several at a time (--jobs N: a smoke test, whose timings share the CPU anyway), forked from a server
-    that imported torch and this project once (forkserver, where the platform has one): 4 s less each, most of a
-    tiny run's time, but its peak RSS leaves out the pages only the imports touched (0.06 GB on the tiny preset)."""
+    that imported torch, this project and transformers' Phi and BLIP-2 once (forkserver, where the platform has
+    one): 4 s less for each of ours and 9 s for each reference, most of a tiny run's time; but the peak RSS then
+    leaves out the pages only the imports touched (0.06 GB on the tiny preset), and transformers' load time its
+    import (5 s)."""
     import multiprocessing
     if bc.jobs == 1 or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bench"])       # this file, and through it torch and the project
+    context.set_forkserver_preload(["bench", "transformers.models.phi.modeling_phi",
+                                    "transformers.models.blip_2.modeling_blip_2"])
     return context
 
 

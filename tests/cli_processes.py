@@ -1,17 +1,20 @@
 """Many command lines, each in a process of its own, without paying for Python's and torch's imports each time.
 
-`python train.py ARGS` spends about 2 s importing torch before it reads its first flag; seventy such runs are most
-of a test's time on a 2-core machine. Here one server process imports the project once, then forks a child per
-command line, and the child runs the script as `python SCRIPT ARGS` does (runpy, as __main__, with sys.argv, the
-working folder, stdout and stderr of its own), so the exit code and the output are the command line's own. The
-server is a fresh interpreter that has run no torch operation before forking (a process whose thread pools have
-started cannot fork safely; pytest's own process may have).
+`python train.py ARGS` spends about 4 s importing torch and the project before it reads its first flag, and 3.6 s
+more on its way through training (torch.optim's first optimizer imports torch._dynamo; loss.png imports
+matplotlib); seventy such runs are most of a test's time on a 2-core machine. Here one server process imports all
+that once, for the whole test session (conftest's `command_lines` fixture), then forks a child per command line,
+and the child runs the script as `python SCRIPT ARGS` does (runpy, as __main__, with sys.argv, the working folder,
+stdout and stderr of its own, stdin empty), so the exit code and the output are the command line's own. The server
+is a fresh interpreter that has run no torch operation before forking (a process whose thread pools have started
+cannot fork safely; pytest's own process may have).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -20,30 +23,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What the command lines import, imported once in the server: the project's modules (4 s with torch), and for those
-# that train, what training imports on its way (torch.optim's first optimizer imports torch._dynamo, 2.7 s; loss.png
-# imports matplotlib, 0.9 s), each of which a forked child would otherwise import again.
-PROJECT = ("torch", "cli", "data", "weights", "tinyvlm", "evaluation", "train", "quantize", "chat", "bench")
-TRAINING = PROJECT + ("torch._dynamo", "matplotlib.pyplot")
+PRELOAD = ("torch", "cli", "data", "weights", "tinyvlm", "evaluation", "train", "quantize", "chat", "bench",
+           "torch._dynamo", "matplotlib.pyplot")
 
 SERVER = r"""
-import atexit, json, os, runpy, sys, threading, traceback
-import importlib
-jobs, parallel, preload = json.loads(sys.stdin.read()), int(sys.argv[1]), sys.argv[2].split(",")
-for name in preload:
+import atexit, gc, importlib, json, os, runpy, sys, threading, traceback
+for name in sys.argv[1].split(","):
     importlib.import_module(name)
-import gc; gc.freeze()
-running, codes = {}, {}
+# Objects the children inherit are never collected there: without this, each child's garbage collector would walk
+# them all, copying every page it shares with the server (the heavier the imports, the slower each child).
+gc.freeze()
 
-def start(i, job):
+def start(job, threads):
     pid = os.fork()
     if pid:
-        running[pid] = i
-        return
+        return pid
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)            # stdin is the server's channel: not the child's
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.chdir(job["cwd"])
     os.environ.update(job["env"])
+    if threads:                                             # the pool starts with the child's first torch operation
+        import torch
+        torch.set_num_threads(threads)
     sys.argv = [job["script"], *job["args"]]
     code = 0
     try:
@@ -68,15 +70,18 @@ def start(i, job):
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
 
-for i, job in enumerate(jobs):
-    if len(running) >= parallel:
+for line in sys.stdin:                      # one batch of command lines per line; the exit codes back, in order
+    batch = json.loads(line)
+    jobs, running, codes = batch["jobs"], {}, {}
+    for i, job in enumerate(jobs):
+        if len(running) >= batch["parallel"]:
+            pid, status = os.wait()
+            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+        running[start(job, batch["threads"])] = i
+    while running:
         pid, status = os.wait()
         codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-    start(i, job)
-while running:
-    pid, status = os.wait()
-    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps([codes[i] for i in range(len(jobs))]))
+    print(json.dumps([codes[i] for i in range(len(jobs))]), flush=True)
 """
 
 
@@ -89,20 +94,36 @@ class Finished:
     stderr: str
 
 
-def run_all(commands: list[tuple], cwd: Path, parallel: int = 2, timeout: int = 600,
-            env: dict | None = None, preload: tuple[str, ...] = TRAINING) -> list[Finished]:
-    """[(script, args) or (script, args, {VAR: value})] -> one Finished per command line, in order; each ran as
-    `VAR=value python ROOT/script args` in cwd, at most `parallel` at a time. env: for all of them, from the start
-    (what torch reads when imported, such as OMP_NUM_THREADS, must be there); preload: the modules the server
-    imports before it forks (PROJECT where no command line trains)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs = [{"script": str(ROOT / c[0]), "args": c[1], "env": c[2] if len(c) > 2 else {}, "cwd": str(cwd),
-                 "stdout": f"{tmp}/{i}.out", "stderr": f"{tmp}/{i}.err"} for i, c in enumerate(commands)]
-        server = subprocess.run([sys.executable, "-c", SERVER, str(parallel), ",".join(preload)], input=json.dumps(jobs),
-                                capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}, cwd=cwd)
-        if server.returncode:
-            raise RuntimeError(f"the command-line server failed (exit {server.returncode}):\n{server.stderr[-3000:]}")
-        codes = json.loads(server.stdout.splitlines()[-1])
-        return [Finished([c[0], *c[1]], code, Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text())
-                for c, code, job in zip(commands, codes, jobs)]
+class Server:
+    """The server process; run_all() hands it one batch of command lines at a time."""
+
+    def __init__(self):
+        self.log = tempfile.TemporaryFile(mode="w+")        # the server's own errors (the children write elsewhere)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(PRELOAD)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def run_all(self, commands: list[tuple], cwd: Path, parallel: int = 2, threads: int = 0,
+                timeout: int = 600) -> list[Finished]:
+        """[(script, args) or (script, args, {VAR: value})] -> one Finished per command line, in order; each ran as
+        `VAR=value python ROOT/script args` in cwd, at most `parallel` at a time. threads: torch's threads in each
+        (0: its default, one per core); VAR=value cannot set them, torch having read its environment on import."""
+        with tempfile.TemporaryDirectory() as tmp:
+            jobs = [{"script": str(ROOT / c[0]), "args": c[1], "env": c[2] if len(c) > 2 else {}, "cwd": str(cwd),
+                     "stdout": f"{tmp}/{i}.out", "stderr": f"{tmp}/{i}.err"} for i, c in enumerate(commands)]
+            self.proc.stdin.write(json.dumps({"jobs": jobs, "parallel": parallel, "threads": threads}) + "\n")
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                self.proc.kill()
+                self.log.seek(0)
+                raise RuntimeError(f"the command-line server failed or took over {timeout} s:\n{self.log.read()[-3000:]}")
+            codes = json.loads(line)
+            return [Finished([c[0], *c[1]], code, Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text())
+                    for c, code, job in zip(commands, codes, jobs)]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()

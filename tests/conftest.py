@@ -87,3 +87,13 @@ def phi2_tokenizer_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("phi2_tokenizer")
     tok.save(str(out / "tokenizer.json"))
     return folder, out
+
+
+@pytest.fixture(scope="session")
+def command_lines():
+    """Runs command lines (`python train.py ...`), each in a process of its own, forked from one server that
+    imported torch and the project once for the whole session (tests/cli_processes.py)."""
+    import cli_processes
+    server = cli_processes.Server()
+    yield server
+    server.close()

@@ -52,11 +52,9 @@ def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def quantized_answers(checkpoint, tmp_path_factory):
+def quantized_answers(checkpoint, tmp_path_factory, command_lines):
     """{mode: the run of `python tinyvlm.py --quantized FILE --device cpu --image red.png`} on a file saved by
-    quantize.py in that mode: each in a process of its own, forked from one server that imported torch once
-    (tests/cli_processes.py)."""
-    import cli_processes
+    quantize.py in that mode, each in a process of its own."""
     folder = tmp_path_factory.mktemp("quantized")
     cfg = train.resolve(train.TrainConfig(stage=1, init=str(checkpoint)))
     model, _ = train.build_model(cfg, torch.device("cpu"))
@@ -68,7 +66,7 @@ def quantized_answers(checkpoint, tmp_path_factory):
                                        folder / f"{mode}.safetensors", stage=1, image_size=cfg.image_size)
         commands[mode] = ("tinyvlm.py", ["--quantized", str(path), "--device", "cpu", "--image", str(folder / "red.png"),
                                          "--max-new-tokens", "6"])
-    runs = cli_processes.run_all(list(commands.values()), folder, preload=cli_processes.PROJECT)
+    runs = command_lines.run_all(list(commands.values()), folder)
     return dict(zip(commands, runs))
 
 
@@ -81,13 +79,12 @@ def test_saved_quantized_model_answers_in_a_fresh_process(quantized_answers, mod
     assert proc.stdout.strip()
 
 
-def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
+def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, command_lines):
     """TinyGPT-V_for_Stage4.pth as the original runner saves it (trained tensors under "model", plus the Q-Former's
     position-id buffer, the optimizer, config, scaler and epoch), on a Phi folder of .bin pickles (Phi-2's first
     revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, asked in a process of its
     own."""
     import shutil
-    import cli_processes
     from transformers import PhiConfig, PhiForCausalLM
     from conftest import randomize_
     from test_checkpoints import stage_checkpoint, vlm_config
@@ -114,10 +111,10 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir):
     shutil.copy(release, unnamed)
     common = ["--image", str(tmp_path / "red.png"), "--phi", str(tmp_path / "phi"), "--tokenizer",
               str(data.SHAPES_TOKENIZER)]
-    run, unnamed_run = cli_processes.run_all(
+    run, unnamed_run = command_lines.run_all(
         [("tinyvlm.py", [*common, "--checkpoint", str(release), "--blip2", blip2, "--max-new-tokens", "4",
                          "what colour is it?"]),
-         ("tinyvlm.py", [*common, "--checkpoint", str(unnamed), "q"])], tmp_path, preload=cli_processes.PROJECT)
+         ("tinyvlm.py", [*common, "--checkpoint", str(unnamed), "q"])], tmp_path)
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
     assert "stage 4" in run.stderr
     assert unnamed_run.returncode == 2 and "--blip2" in unnamed_run.stderr and "Traceback" not in unnamed_run.stderr

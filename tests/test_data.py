@@ -572,13 +572,11 @@ def test_shipped_tokenizer_is_the_one_the_world_trains():
     assert shipped.decode(shipped.encode(text)) == text
 
 
-def test_preview_and_scene_commands(tmp_path):
+def test_preview_and_scene_commands(tmp_path, command_lines):
     """`python data.py --preview` (titled sheet, to out/ by default) and `--scene FILE` (a held-out picture and
     what is in it), through the command line."""
-    import cli_processes
-    preview, scene = cli_processes.run_all([("data.py", ["--preview", "--stage", "3"]),
-                                            ("data.py", ["--scene", "scene.png", "--seed", "2"])], tmp_path,
-                                           preload=cli_processes.PROJECT)
+    preview, scene = command_lines.run_all([("data.py", ["--preview", "--stage", "3"]),
+                                            ("data.py", ["--scene", "scene.png", "--seed", "2"])], tmp_path)
     assert preview.returncode == 0 and Image.open(tmp_path / "out" / "shapes_preview.png").size[0] > 700
     assert scene.returncode == 0 and Image.open(tmp_path / "scene.png").size == (256, 256)
     truth = data.ShapesWorld().scenes("test", 3)[2]

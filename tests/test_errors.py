@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import cli_processes
 import data
 import train
 import weights
@@ -149,10 +148,10 @@ def fingerprint(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
-def test_every_mistake_is_one_line_and_exit_code_2(place):
+def test_every_mistake_is_one_line_and_exit_code_2(place, command_lines):
     before = fingerprint(place)
-    results = cli_processes.run_all([(script, [a.replace("{d}", str(place)) for a in args]) for script, args, _ in CASES],
-                                    cwd=place, preload=cli_processes.PROJECT)
+    results = command_lines.run_all([(script, [a.replace("{d}", str(place)) for a in args]) for script, args, _ in CASES],
+                                    place)
     problems = []
     for (script, args, expected), proc in zip(CASES, results):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]

@@ -124,10 +124,15 @@ def answer_loss(model, n=16):
         return float(train.curriculum_batch(model, None, items, data.shapes_tokenizer(), "cpu"))
 
 
+@pytest.fixture(scope="module")
+def base_answer_loss(stage0_model):
+    return answer_loss(stage0_model)          # 2.5 s: one forward of 16 long lessons
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
-def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
+def test_quantized_model_quality_and_round_trip(stage0_model, base_answer_loss, tmp_path, mode):
     import copy
-    base = answer_loss(stage0_model)
+    base = base_answer_loss
     model = q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "vit", "qformer", "projections"), group=64)
     quant = answer_loss(model)
     print(f"{mode}: held-out answer loss {base:.4f} -> {quant:.4f}")
@@ -147,7 +152,7 @@ def test_quantized_model_quality_and_round_trip(stage0_model, tmp_path, mode):
         assert torch.equal(model.encode_image(px), loaded.encode_image(px))
 
 
-def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
+def test_imp_style_int4_of_the_whole_model(stage0_model, base_answer_loss, tmp_path):
     """--parts all: every Linear and the token embeddings in int4 groups of 32 (Imp's phone recipe); an embedding
     lookup gives the dequantized rows, the answer loss stays near, and the file round-trips exactly."""
     import copy
@@ -160,7 +165,7 @@ def test_imp_style_int4_of_the_whole_model(stage0_model, tmp_path):
     model = q.quantize_model(copy.deepcopy(stage0_model), "int4", q.ALL_PARTS, group=32)
     assert isinstance(model.phi.embed_tokens, q.Int4Embedding)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())            # every Linear replaced
-    base, quant = answer_loss(stage0_model), answer_loss(model)
+    base, quant = base_answer_loss, answer_loss(model)
     print(f"int4 whole model (group 32): held-out answer loss {base:.4f} -> {quant:.4f}")
     assert abs(quant - base) < 0.02                            # 5e-4 measured
     path = q.save_quantized(model, tmp_path / "all.safetensors")
@@ -237,15 +242,13 @@ def quantized_files(stage0_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def probes(quantized_files):
+def probes(quantized_files, command_lines):
     """{mode: its probe's run}: each in a process of its own, so that a crash in a kernel is that mode's failed test
-    with its exit code, not a dead test runner; all forked from one server that imported torch once
-    (tests/cli_processes.py), rather than four interpreters that would each spend 4 s on imports."""
-    import cli_processes
+    with its exit code, not a dead test runner."""
     root = Path(__file__).resolve().parents[1]
     modes = list(quantized_files)
-    runs = cli_processes.run_all([("tests/test_quantize.py", [mode, str(quantized_files[mode])]) for mode in modes],
-                                 root, preload=cli_processes.PROJECT)
+    runs = command_lines.run_all([("tests/test_quantize.py", [mode, str(quantized_files[mode])]) for mode in modes],
+                                 root)
     return dict(zip(modes, runs))
 
 

@@ -220,9 +220,10 @@ def write_world_shards(folder: Path, n_shards: int, per_shard: int) -> None:
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, monkeypatch):
+def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, monkeypatch, command_lines):
     """Stage 1 on caption shards streamed through a buffer: an interrupted and resumed run has the same losses as
-    an uninterrupted one; under torchrun each rank reads its own shards and a checkpoint keeps both positions."""
+    an uninterrupted one; with two ranks (torchrun's environment) each reads its own shards and a checkpoint keeps
+    both positions."""
     write_world_shards(tmp_path / "shards", 4, 24)
     cfg = lambda out, **kw: tiny_cfg(out, stage=1, data=f"captions:{tmp_path / 'shards'}", max_iters=12,
                                      ckpt_interval=4, eval_samples=4, **kw)
@@ -242,13 +243,15 @@ def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, m
     resumed = train.train(cfg(tmp_path / "b", resume=True))
     a, b = [h["loss"] for h in full["history"]], [h["loss"] for h in resumed["history"]]
     assert len(b) == 12 and b[8:] == a[8:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573",
-                          str(ROOT / "train.py"), "--stage", "1", "--data", f"captions:{tmp_path / 'shards'}",
-                          "--max-iters", "3", "--batch-size", "8", "--eval-samples", "4", "--out-dir",
-                          str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "captions0 streamed from 2 shard(s)" in two.stdout
+    # the two ranks as torchrun starts them, told who they are by its environment variables, but forked from the
+    # command-line server rather than fresh interpreters (test_two_process_ddp_matches_one_process runs torchrun)
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573"}
+    args = ["--stage", "1", "--data", f"captions:{tmp_path / 'shards'}", "--max-iters", "3", "--batch-size", "8",
+            "--eval-samples", "4", "--out-dir", str(tmp_path / "two")]
+    two = command_lines.run_all([("train.py", args, {**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)],
+                                tmp_path, threads=1)
+    assert all(rank.returncode == 0 for rank in two), [rank.stderr[-2000:] for rank in two]
+    assert "captions0 streamed from 2 shard(s)" in two[0].stdout
     state = torch.load(tmp_path / "two" / "stage1" / "state.pt", weights_only=True)
     streams = json.loads(state["mixture"])["streams"]
     assert [s["captions0"]["drawn"] for s in streams] == [12, 12]         # 3 iterations of 4 samples, per rank
@@ -409,14 +412,13 @@ KILL_POINTS = ["writing state.pt:2",                              # state.pt's t
                "writing state.pt:3"]                              # the last save of the run
 
 
-def test_a_kill_during_a_save_always_leaves_a_resumable_stage(tmp_path):
+def test_a_kill_during_a_save_always_leaves_a_resumable_stage(tmp_path, command_lines):
     """kill -9 (through weights.fault_point) at each point of the second and third saves: --resume then finishes
     the stage with exactly the weights of a run that was never interrupted, and no temp file is left."""
-    import cli_processes
     args = ["--stage", "1", "--max-iters", "6", "--ckpt-interval", "2", "--train-scenes", "32", "--batch-size", "4",
             "--eval-samples", "2", "--eval-interval", "0", "--warmup-iters", "1"]
     folder = lambda point: tmp_path / point.replace(" ", "_").replace(":", "_")
-    run = lambda commands: cli_processes.run_all(commands, tmp_path, parallel=3, env={"OMP_NUM_THREADS": "1"})
+    run = lambda commands: command_lines.run_all(commands, tmp_path, parallel=3, threads=1)
     reference, *firsts = run([("train.py", [*args, "--out-dir", str(tmp_path / "reference")])] +
                              [("train.py", [*args, "--out-dir", str(folder(p))], {"TINYVLM_KILL_AT": p})
                               for p in KILL_POINTS])
