@@ -4,8 +4,6 @@ checkpoints and exact resume, NaN handling, the metrics, real-format weights and
 import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -348,20 +346,20 @@ def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
-def test_two_process_ddp_matches_one_process(tmp_path):
+def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     """torchrun --nproc_per_node=2 on the CPU (gloo): each rank takes half of every global batch; the losses are
     those of one process with the same global batch."""
     args = ["--stage", "1", "--max-iters", "6", "--train-scenes", "64", "--batch-size", "8", "--eval-samples", "4",
             "--log-interval", "1", "--warmup-iters", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start = lambda *cmd: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                          cwd=tmp_path)
-    one = start(sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "one"))   # side by side
-    two = start(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-                str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "two"))
-    for proc in (one, two):
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
+    import torch.distributed.run as torchrun
+    # side by side: `python train.py ...` and `python -m torch.distributed.run ... train.py ...`, whose two ranks
+    # it starts as fresh interpreters of their own
+    runs = command_lines.run_all([("train.py", [*args, "--out-dir", str(tmp_path / "one")]),
+                                  (torchrun.__file__, ["--nproc_per_node=2", "--master_port=29571", str(ROOT / "train.py"),
+                                                       *args, "--out-dir", str(tmp_path / "two")], {"OMP_NUM_THREADS": "1"})],
+                                 tmp_path, threads=1)
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
     read = lambda d: [float(r.split(",")[1]) for r in (d / "stage1" / "log.csv").read_text().splitlines()[1:]]
     a, b = read(tmp_path / "one"), read(tmp_path / "two")
     assert len(a) == len(b) == 6
