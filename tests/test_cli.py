@@ -71,7 +71,7 @@ def quantized_answers(checkpoint, tmp_path_factory, command_lines):
 
 
 @pytest.mark.parametrize("mode", quantize.MODES)
-def test_saved_quantized_model_answers_in_a_fresh_process(quantized_answers, mode):
+def test_saved_quantized_model_answers_in_a_process_of_its_own(quantized_answers, mode):
     """As a user runs it: a file saved by quantize.py, then `python tinyvlm.py --quantized FILE --device cpu` in a
     process of its own, so a crash in a kernel is a failed test with its exit code, not a dead test runner."""
     proc = quantized_answers[mode]
