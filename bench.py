@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,6 +427,13 @@ def worker_processes(bc: BenchConfig):
     return context
 
 
+# multiprocessing's Process.start() polls every child still running (to reap the finished), and a poll racing another
+# thread's join() takes the exit code from under it: under forkserver the joiner then reads 255 (measured: 18 of 300
+# short workers from two threads). So --jobs' threads start and join their workers one at a time, each joining only
+# once its worker has exited.
+CHILD_TABLE = threading.Lock()
+
+
 def run_worker(job: dict, bc: BenchConfig, paths: dict, threads: int = 0) -> dict:
     """Run one job in a process of its own (its peak RSS is then its own) and return its result; threads: torch's
     threads there (0: torch's default, one per core)."""
@@ -434,13 +442,17 @@ def run_worker(job: dict, bc: BenchConfig, paths: dict, threads: int = 0) -> dic
     processes = worker_processes(bc)
     receive, send = processes.Pipe(duplex=False)
     proc = processes.Process(target=worker_main, args=(job, bc, paths, threads, send))
-    proc.start()
+    with CHILD_TABLE:
+        proc.start()
     send.close()                                     # the worker holds the only other end: its exit ends recv()
     try:
         ok, result = receive.recv()
     except EOFError:                                 # it died without a word: a crash in a kernel, or killed
         ok, result = False, "(no result: the process died)"
-    proc.join()
+    from multiprocessing.connection import wait
+    wait([proc.sentinel])
+    with CHILD_TABLE:
+        proc.join()
     if not ok or proc.exitcode:
         print(f"  {label}: failed", flush=True)
         raise RuntimeError(f"bench worker {job} failed (exit {proc.exitcode}):\n{result}")
