@@ -503,6 +503,7 @@ LLAMA_CPP_TYPES = {"F16": ("fp16",), "BF16": ("bf16", "bf16-packed"), "Q8_0": ("
 LLAMA_CPP_BUILD = ("cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "
                    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF && cmake --build "
                    "llama.cpp/build -j2 --target llama-bench llama-quantize")
+LLAMA_CPP_NO_AMX = "cmake ... -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"   # the same, plus these
 
 
 def llama_cpp_tools(root: Path) -> dict[str, Path]:
@@ -536,11 +537,22 @@ def gguf_source_folder(paths: dict, cache: Path) -> Path:
     return folder
 
 
+class ToolFailed(RuntimeError):
+    """A llama.cpp program that failed: its command line, how it ended, the end of what it printed."""
+
+
 def run_tool(cmd: list[str], **kw) -> str:
-    """One of llama.cpp's programs; its stdout, or its own words when it fails."""
+    """One of llama.cpp's programs; its stdout, or its own words when it fails (and the signal, if one killed it)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        how = f"exit {proc.returncode}"
+        if proc.returncode < 0:
+            import signal
+            how = f"killed by {signal.Signals(-proc.returncode).name}"
+            if -proc.returncode == signal.SIGILL:
+                how += (" (an instruction this machine would not run: llama.cpp's AMX kernels do that on some "
+                        "machines with AMX; rebuild it without them: " + LLAMA_CPP_NO_AMX + ", docs/performance.md)")
+        raise ToolFailed(f"{' '.join(cmd)} failed ({how}):\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 
@@ -593,7 +605,12 @@ def run_llama_cpp(bc: BenchConfig, paths: dict, cache: Path) -> dict:
     for kind, gguf_file in ggufs.items():
         t = time.time()
         print(f"  {kind} ...", end=" ", flush=True)
-        out[kind] = {**llama_bench(tools, gguf_file, bc), "weight_bytes": gguf_decode_bytes(root, gguf_file)}
+        try:
+            out[kind] = {**llama_bench(tools, gguf_file, bc), "weight_bytes": gguf_decode_bytes(root, gguf_file)}
+        except ToolFailed as e:          # one format crashing is a finding: the others and our rows still count
+            out[kind] = {"failed": str(e).splitlines()[0].split(" failed ", 1)[-1]}
+            print(f"failed {out[kind]['failed']}", flush=True)
+            continue
         print(f"{time.time() - t:.0f} s", flush=True)
     return out
 
@@ -685,7 +702,8 @@ def table(results: dict, bc: BenchConfig) -> str:
         lines += [""] + targets(inf, bw, results.get("llama.cpp", {}), bc.prompt_tokens)
     llama = results.get("llama.cpp")
     if llama:
-        lines += ["", f"Beside llama.cpp on the same weights (backend {next(iter(llama.values()))['backends']}, "
+        backend = next((r["backends"] for r in llama.values() if "backends" in r), "?")
+        lines += ["", f"Beside llama.cpp on the same weights (backend {backend}, "
                       f"{torch.get_num_threads()} threads), decode after {bc.prompt_tokens} cached tokens (its -d "
                       f"{bc.prompt_tokens}; from an empty cache in brackets), prefill {bc.prompt_tokens} tokens. "
                       "GB/s: the bytes a decode step reads (all weights but the token embeddings) times tokens/s; "
@@ -695,10 +713,13 @@ def table(results: dict, bc: BenchConfig) -> str:
         share = lambda r, key: f"{r['weight_bytes'] * r[key] / 1e9:.1f}" + \
             (f" ({r['weight_bytes'] * r[key] / 1e9 / bw:.0%})" if bw else "")
         for kind, theirs in llama.items():
-            deep = theirs["decode_deep_tok_s"]
             for dtype in LLAMA_CPP_TYPES[kind]:
                 r = inf.get(f"ours {dtype}")        # without the inference section: llama.cpp's columns alone
                 ours = [f"{r['decode_tok_s']:.2f}", share(r, "decode_tok_s")] if r else ["", ""]
+                if "failed" in theirs:
+                    lines.append("| " + " | ".join([dtype, *ours, kind, f"failed: {theirs['failed']}", "", "", ""]) + " |")
+                    continue
+                deep = theirs["decode_deep_tok_s"]
                 vs = [f"{r['decode_tok_s'] / deep:.2f}x", f"{r['prefill_tok_s']:.1f}"] if r else ["", "-"]
                 cells = [dtype, *ours, kind, f"{deep:.2f} ({theirs['decode_tok_s']:.2f})",
                          share(theirs, "decode_deep_tok_s"), vs[0], f"{vs[1]} / {theirs['prefill_tok_s']:.1f}"]

@@ -57,3 +57,26 @@ def test_report_sets_llama_cpp_beside_our_rows():
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells == ["int8", "3.83", "10.2 (34%)", "Q8_0", "5.25 (6.76)", "14.8 (50%)", "0.73x", "20.9 / 23.9"]
     assert "- MISSED: ours int8 decode >= 0.8x llama.cpp Q8_0 (0.73x)" in report
+
+
+def test_a_crashing_llama_cpp_format_is_a_row_not_the_end_of_the_run(tmp_path):
+    """llama.cpp's AMX kernels die with SIGILL on some AMX machines (one of this project's did, on Q8_0 only): the
+    crash is named, with what to do, and the report still sets its other formats and our rows side by side."""
+    crash = tmp_path / "llama-bench"
+    crash.write_text("#!/bin/sh\nkill -ILL $$\n")
+    crash.chmod(0o755)
+    try:
+        bench.run_tool([str(crash)])
+        raise AssertionError("a crashed tool passed")
+    except bench.ToolFailed as e:
+        assert "killed by SIGILL" in str(e) and "docs/performance.md" in str(e)
+    ours = {"load_s": 1.9, "peak_rss_gb": 4.28, "encode_s": 5.13, "prefill_tok_s": 20.9, "decode_tok_s": 3.83,
+            "weight_bytes": 2_660_000_000}
+    q4 = {"prefill_tok_s": 29.0, "decode_tok_s": 10.86, "decode_deep_tok_s": 6.91, "file_bytes": 1602468480,
+          "weight_bytes": 1_500_000_000, "backends": "CPU"}
+    results = {"cpu": "x", "bandwidth": 29.7, "inference": {"ours int8": ours, "ours int4": ours},
+               "llama.cpp": {"Q8_0": {"failed": "(killed by SIGILL)"}, "Q4_0": q4}}
+    report = bench.table(results, bench.BenchConfig())
+    assert "| int8 | 3.83 | 10.2 (34%) | Q8_0 | failed: (killed by SIGILL) |" in report
+    assert "| int4 | 3.83 |" in report and "ours int4 decode >= 0.8x llama.cpp Q4_0 (0.55x)" in report
+    assert "backend CPU" in report and "llama.cpp Q8_0" not in report.split("Targets:")[1].split("Beside")[0]
