@@ -60,7 +60,7 @@ def test_report_sets_llama_cpp_beside_our_rows():
 
 
 def test_a_crashing_llama_cpp_format_is_a_row_not_the_end_of_the_run(tmp_path):
-    """llama.cpp's AMX kernels die with SIGILL on some AMX machines (one of this project's did, on Q8_0 only): the
+    """llama.cpp's AMX kernels die with SIGILL on some AMX machines (one of this project's did, on Q8_0): the
     crash is named, with what to do, and the report still sets its other formats and our rows side by side."""
     crash = tmp_path / "llama-bench"
     crash.write_text("#!/bin/sh\nkill -ILL $$\n")
