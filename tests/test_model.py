@@ -1,6 +1,7 @@
 """The model core against the reference implementations (transformers, on the same weights, fp32) and against
 independent straightforward computations where no reference exists (TinyGPT-V's post-attention RMSNorm)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -358,6 +359,22 @@ def test_kv_cache_generation_equals_no_cache(small_phi):
     assert tv.generate(small_phi, ids, max_new_tokens=25)[0] == greedy_without_cache(small_phi, ids, 25)
     with torch.no_grad():                                 # prefill's shortcut: the output layer on the last position
         torch.testing.assert_close(small_phi(ids, last_only=True), small_phi(ids)[:, -1:], rtol=1e-6, atol=1e-6)
+
+
+def test_a_prompt_attends_in_the_model_dtype_and_is_cached_in_fp32(small_phi):
+    """On a CPU the cache is fp32 (one query's attention is far faster so); the prompt, with nothing cached before
+    it, attends over its own keys and values in the model's dtype: a bf16 prefill through the cache computes
+    exactly the pass without one, and what it cached is those keys and values, widened."""
+    phi = copy.deepcopy(small_phi).to(torch.bfloat16)
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x = phi.embed_tokens(ids)
+        cache = tv.KVCache(phi.cfg, 1, 16, "cpu", x.dtype)
+        logits = tv.prefill(phi, x, torch.ones_like(ids), cache)
+        assert cache.k.dtype == torch.float32
+        torch.testing.assert_close(logits, phi(ids)[:, -1], rtol=0, atol=0)
+        q, k, v = phi.layers[0].self_attn.qkv(phi.layers[0].input_layernorm(x)).view(1, 9, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        assert torch.equal(cache.v[0, :, :, :9], v.float())       # the values as computed, widened exactly
 
 
 def test_generation_matches_transformers_greedy(hf_phi_dirs):
