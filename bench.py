@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -547,7 +548,6 @@ def run_tool(cmd: list[str], **kw) -> str:
     if proc.returncode:
         how = f"exit {proc.returncode}"
         if proc.returncode < 0:
-            import signal
             how = f"killed by {signal.Signals(-proc.returncode).name}"
             if -proc.returncode == signal.SIGILL:
                 how += (" (an instruction this machine would not run: llama.cpp's AMX kernels do that on some "

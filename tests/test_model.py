@@ -373,7 +373,8 @@ def test_a_prompt_attends_in_the_model_dtype_and_is_cached_in_fp32(small_phi):
         logits = tv.prefill(phi, x, torch.ones_like(ids), cache)
         assert cache.k.dtype == torch.float32
         torch.testing.assert_close(logits, phi(ids)[:, -1], rtol=0, atol=0)
-        q, k, v = phi.layers[0].self_attn.qkv(phi.layers[0].input_layernorm(x)).view(1, 9, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        first = phi.layers[0]
+        v = first.self_attn.qkv(first.input_layernorm(x)).view(1, 9, 3, 4, 16)[:, :, 2].transpose(1, 2)  # (B, nh, T, hs)
         assert torch.equal(cache.v[0, :, :, :9], v.float())       # the values as computed, widened exactly
 
 
