@@ -539,7 +539,11 @@ def gguf_source_folder(paths: dict, cache: Path) -> Path:
 
 
 class ToolFailed(RuntimeError):
-    """A llama.cpp program that failed: its command line, how it ended, the end of what it printed."""
+    """A llama.cpp program that failed: its command line, how it ended (.how), the end of what it printed."""
+
+    def __init__(self, cmd: list[str], how: str, stderr: str):
+        super().__init__(f"{' '.join(cmd)} failed ({how}):\n{stderr[-3000:]}")
+        self.how = how
 
 
 def run_tool(cmd: list[str], **kw) -> str:
@@ -552,7 +556,7 @@ def run_tool(cmd: list[str], **kw) -> str:
             if -proc.returncode == signal.SIGILL:
                 how += (" (an instruction this machine would not run: llama.cpp's AMX kernels do that on some "
                         "machines with AMX; rebuild it without them: " + LLAMA_CPP_NO_AMX + ", docs/performance.md)")
-        raise ToolFailed(f"{' '.join(cmd)} failed ({how}):\n{proc.stderr[-3000:]}")
+        raise ToolFailed(cmd, how, proc.stderr)
     return proc.stdout
 
 
@@ -608,7 +612,7 @@ def run_llama_cpp(bc: BenchConfig, paths: dict, cache: Path) -> dict:
         try:
             out[kind] = {**llama_bench(tools, gguf_file, bc), "weight_bytes": gguf_decode_bytes(root, gguf_file)}
         except ToolFailed as e:          # one format crashing is a finding: the others and our rows still count
-            out[kind] = {"failed": str(e).splitlines()[0].split(" failed ", 1)[-1]}
+            out[kind] = {"failed": e.how}
             print(f"failed {out[kind]['failed']}", flush=True)
             continue
         print(f"{time.time() - t:.0f} s", flush=True)
