@@ -27,7 +27,7 @@ PRELOAD = ("torch", "cli", "data", "weights", "tinyvlm", "evaluation", "train", 
            "torch._dynamo", "matplotlib.pyplot")
 
 SERVER = r"""
-import atexit, gc, importlib, json, os, runpy, sys, threading, traceback
+import atexit, gc, importlib, json, os, runpy, signal, sys, threading, time, traceback
 for name in sys.argv[1].split(","):
     importlib.import_module(name)
 # Objects the children inherit are never collected there: without this, each child's garbage collector would walk
@@ -37,7 +37,13 @@ gc.freeze()
 def start(job, threads):
     pid = os.fork()
     if pid:
+        try:                    # (in both processes, so that neither can act before the group exists)
+            os.setpgid(pid, pid)
+        except (ProcessLookupError, PermissionError):       # the child got there first, or has already ended
+            pass
         return pid
+    os.setpgid(0, 0)            # a group of its own: a command that hangs is killed with what it started (torchrun's ranks)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)            # stdin is the server's channel: not the child's
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -70,24 +76,50 @@ def start(job, threads):
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
 
-for line in sys.stdin:                      # one batch of command lines per line; the exit codes back, in order
+class RanOver(Exception):
+    pass
+
+def ran_over(signum, frame):
+    raise RanOver
+
+signal.signal(signal.SIGALRM, ran_over)
+
+def wait_one(running, codes, deadline):     # reaps one child; past the deadline, kills all running (and theirs)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.001))
+        pid, status = os.wait()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    except RanOver:             # (one that ended just then, reaped or not, is said to have run over too)
+        for pid, i in running.items():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            codes[i] = "ran over"
+        running.clear()
+
+for line in sys.stdin:          # one batch of command lines per line; back, in order, their exit codes or "ran over"
     batch = json.loads(line)
     jobs, running, codes = batch["jobs"], {}, {}
+    deadline = time.monotonic() + batch["timeout"]
     for i, job in enumerate(jobs):
-        if len(running) >= batch["parallel"]:
-            pid, status = os.wait()
-            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-        running[start(job, batch["threads"])] = i
+        while len(running) >= batch["parallel"]:
+            wait_one(running, codes, deadline)
+        if time.monotonic() < deadline:
+            running[start(job, batch["threads"])] = i
+        else:
+            codes[i] = "ran over"
     while running:
-        pid, status = os.wait()
-        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+        wait_one(running, codes, deadline)
     print(json.dumps([codes[i] for i in range(len(jobs))]), flush=True)
 """
 
 
 @dataclass
 class Finished:
-    """What subprocess.run would have returned for one command line."""
+    """What subprocess.run would have returned for one command line (returncode -9 if it ran over the time given)."""
     args: list[str]
     returncode: int
     stdout: str
@@ -98,6 +130,9 @@ class Server:
     """The server process; run_all() hands it one batch of command lines at a time."""
 
     def __init__(self):
+        self.start()
+
+    def start(self) -> None:
         self.log = tempfile.TemporaryFile(mode="w+")        # the server's own errors (the children write elsewhere)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(PRELOAD)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
@@ -107,23 +142,35 @@ class Server:
                 timeout: int = 600) -> list[Finished]:
         """[(script, args) or (script, args, {VAR: value})] -> one Finished per command line, in order; each ran as
         `VAR=value python ROOT/script args` in cwd, at most `parallel` at a time. threads: torch's threads in each
-        (0: its default, one per core); VAR=value cannot set them, torch having read its environment on import."""
+        (0: its default, one per core); VAR=value cannot set them, torch having read its environment on import.
+        timeout: seconds for the whole batch; a command line still running then is killed, with all it started, and
+        its Finished says so at the end of its stderr (a hang costs one test, with the command's own output)."""
         with tempfile.TemporaryDirectory() as tmp:
             jobs = [{"script": str(ROOT / c[0]), "args": c[1], "env": c[2] if len(c) > 2 else {}, "cwd": str(cwd),
                      "stdout": f"{tmp}/{i}.out", "stderr": f"{tmp}/{i}.err"} for i, c in enumerate(commands)]
-            self.proc.stdin.write(json.dumps({"jobs": jobs, "parallel": parallel, "threads": threads}) + "\n")
+            if self.proc.poll() is not None:                 # an earlier batch's failure cost that batch only
+                self.close()
+                self.start()
+            self.proc.stdin.write(json.dumps({"jobs": jobs, "parallel": parallel, "threads": threads,
+                                              "timeout": timeout}) + "\n")
             self.proc.stdin.flush()
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout + 60)
             line = self.proc.stdout.readline() if ready else ""
             if not line:
                 self.proc.kill()
                 self.log.seek(0)
-                raise RuntimeError(f"the command-line server failed or took over {timeout} s:\n{self.log.read()[-3000:]}")
-            codes = json.loads(line)
-            return [Finished([c[0], *c[1]], code, Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text())
-                    for c, code, job in zip(commands, codes, jobs)]
+                raise RuntimeError(f"the command-line server failed:\n{self.log.read()[-3000:]}")
+            out = lambda path: Path(path).read_text() if Path(path).exists() else ""
+            finished = []
+            for c, code, job in zip(commands, json.loads(line), jobs):
+                err = out(job["stderr"])
+                if code == "ran over":
+                    code, err = -9, err + f"\n[tests/cli_processes.py: killed, still running after {timeout} s]\n"
+                finished.append(Finished([c[0], *c[1]], code, out(job["stdout"]), err))
+            return finished
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
         self.log.close()

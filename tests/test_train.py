@@ -4,6 +4,7 @@ checkpoints and exact resume, NaN handling, the metrics, real-format weights and
 import dataclasses
 import json
 import math
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +19,15 @@ import weights
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
+RANKS_TIMEOUT = 180     # seconds for a test's ranks (a few each, here): a hang is killed, and each rank's output shown
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a test's rendezvous: a fixed one can be taken (then rank 0 cannot host the
+    rendezvous, and rank 1 waits for it for torch's 30 minutes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_trainable_parameter_counts_at_real_size():
@@ -243,11 +253,11 @@ def test_streamed_shards_train_resume_exactly_and_split_across_ranks(tmp_path, m
     assert len(b) == 12 and b[8:] == a[8:]
     # the two ranks as torchrun starts them, told who they are by its environment variables, but forked from the
     # command-line server rather than fresh interpreters (test_two_process_ddp_matches_one_process runs torchrun)
-    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573"}
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     args = ["--stage", "1", "--data", f"captions:{tmp_path / 'shards'}", "--max-iters", "3", "--batch-size", "8",
             "--eval-samples", "4", "--out-dir", str(tmp_path / "two")]
     two = command_lines.run_all([("train.py", args, {**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)],
-                                tmp_path, threads=1)
+                                tmp_path, threads=1, timeout=RANKS_TIMEOUT)
     assert all(rank.returncode == 0 for rank in two), [rank.stderr[-2000:] for rank in two]
     assert "captions0 streamed from 2 shard(s)" in two[0].stdout
     state = torch.load(tmp_path / "two" / "stage1" / "state.pt", weights_only=True)
@@ -355,9 +365,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     # side by side: `python train.py ...` and `python -m torch.distributed.run ... train.py ...`, whose two ranks
     # it starts as fresh interpreters of their own
     runs = command_lines.run_all([("train.py", [*args, "--out-dir", str(tmp_path / "one")]),
-                                  (torchrun.__file__, ["--nproc_per_node=2", "--master_port=29571", str(ROOT / "train.py"),
+                                  (torchrun.__file__, ["--nproc_per_node=2", f"--master_port={free_port()}", str(ROOT / "train.py"),
                                                        *args, "--out-dir", str(tmp_path / "two")], {"OMP_NUM_THREADS": "1"})],
-                                 tmp_path, threads=1)
+                                 tmp_path, threads=1, timeout=RANKS_TIMEOUT)
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     read = lambda d: [float(r.split(",")[1]) for r in (d / "stage1" / "log.csv").read_text().splitlines()[1:]]
