@@ -84,21 +84,45 @@ def ran_over(signum, frame):
 
 signal.signal(signal.SIGALRM, ran_over)
 
-def wait_one(running, codes, deadline):     # reaps one child; past the deadline, kills all running (and theirs)
+def wait_one(running, codes, deadline):     # reaps one child; past the deadline, stops all running instead
     try:
         signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.001))
         pid, status = os.wait()
         signal.setitimer(signal.ITIMER_REAL, 0)
         codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
     except RanOver:             # (one that ended just then, reaped or not, is said to have run over too)
-        for pid, i in running.items():
+        stop(running, codes)
+
+def signal_groups(pids, sig):
+    for pid in pids:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+def stop(running, codes):
+    # SIGTERM first, as torchrun stops its ranks then (they run in sessions of their own); after 15 s, SIGKILL to
+    # each group, whose leader may have gone while something it started has not
+    groups = list(running)
+    for i in running.values():
+        codes[i] = "ran over"
+    signal_groups(groups, signal.SIGTERM)
+    end = time.monotonic() + 15
+    while running and time.monotonic() < end:
+        for pid in list(running):
             try:
-                os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            codes[i] = "ran over"
-        running.clear()
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    running.pop(pid)
+            except ChildProcessError:
+                running.pop(pid)
+        time.sleep(0.1)
+    signal_groups(groups, signal.SIGKILL)
+    for pid in running:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    running.clear()
 
 for line in sys.stdin:          # one batch of command lines per line; back, in order, their exit codes or "ran over"
     batch = json.loads(line)

@@ -137,18 +137,23 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
 
 
 def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
-    """The command-line server (tests/cli_processes.py) kills a command line that runs over its batch's time, with the
-    processes it started, and says so beside the command's own output; the server's next batch runs as usual."""
-    (tmp_path / "hang.py").write_text("import subprocess, sys, time\n"
-                                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-                                      "print(child.pid, flush=True)\n"
-                                      "time.sleep(600)\n")
+    """The command-line server (tests/cli_processes.py) stops a command line that runs over its batch's time, with the
+    processes it started (as torchrun does, one in a session of its own that only the command itself can stop), and
+    says so beside the command's own output; the server's next batch runs as usual."""
+    (tmp_path / "hang.py").write_text(
+        "import signal, subprocess, sys, time\n"
+        "sleep = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "own, apart = subprocess.Popen(sleep), subprocess.Popen(sleep, start_new_session=True)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (apart.kill(), apart.wait(), sys.exit(1)))\n"
+        "print(own.pid, apart.pid, flush=True)\n"
+        "time.sleep(600)\n")
     (tmp_path / "quick.py").write_text("print('done')\n")
     hung, quick = command_lines.run_all([(str(tmp_path / "hang.py"), []), (str(tmp_path / "quick.py"), [])],
                                         tmp_path, timeout=5)
     assert hung.returncode == -9 and "killed, still running after 5 s" in hung.stderr
-    grandchild = int(hung.stdout)
-    assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+    for pid in map(int, hung.stdout.split()):            # gone, or a zombie left to init
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
     assert quick.returncode == 0 and quick.stdout == "done\n"
     again, = command_lines.run_all([(str(tmp_path / "quick.py"), [])], tmp_path)
     assert again.returncode == 0 and again.stdout == "done\n"
