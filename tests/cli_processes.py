@@ -182,6 +182,7 @@ class Server:
             line = self.proc.stdout.readline() if ready else ""
             if not line:
                 self.proc.kill()
+                self.proc.wait()                            # (so that the next batch finds it ended, and restarts it)
                 self.log.seek(0)
                 raise RuntimeError(f"the command-line server failed:\n{self.log.read()[-3000:]}")
             out = lambda path: Path(path).read_text() if Path(path).exists() else ""

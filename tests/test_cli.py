@@ -139,7 +139,8 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
 def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
     """The command-line server (tests/cli_processes.py) stops a command line that runs over its batch's time, with the
     processes it started (as torchrun does, one in a session of its own that only the command itself can stop), and
-    says so beside the command's own output; the server's next batch runs as usual."""
+    says so beside the command's own output; the server's next batch runs as usual, and a server that died is
+    started again."""
     (tmp_path / "hang.py").write_text(
         "import signal, subprocess, sys, time\n"
         "sleep = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
@@ -155,5 +156,9 @@ def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
     assert quick.returncode == 0 and quick.stdout == "done\n"
+    again, = command_lines.run_all([(str(tmp_path / "quick.py"), [])], tmp_path)
+    assert again.returncode == 0 and again.stdout == "done\n"
+    command_lines.proc.kill()                  # a server that died is started again: one failure is not every test's
+    command_lines.proc.wait()
     again, = command_lines.run_all([(str(tmp_path / "quick.py"), [])], tmp_path)
     assert again.returncode == 0 and again.stdout == "done\n"
