@@ -2,6 +2,7 @@
 clear errors for a corrupt image and an unknown task identifier."""
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,7 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
     assert run.stdout.strip() == "4"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
     """The command-line server (tests/cli_processes.py) stops a command line that runs over its batch's time, with the
     processes it started (as torchrun does, one in a session of its own that only the command itself can stop), and

@@ -19,7 +19,7 @@ import weights
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-RANKS_TIMEOUT = 180     # seconds for a test's ranks (a few each, here): a hang is killed, and each rank's output shown
+RANKS_TIMEOUT = 180     # seconds a rank test's batch gets (it takes 3-30): a hang is stopped, each rank's output shown
 
 
 def free_port() -> int:
@@ -364,9 +364,10 @@ def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     import torch.distributed.run as torchrun
     # side by side: `python train.py ...` and `python -m torch.distributed.run ... train.py ...`, whose two ranks
     # it starts as fresh interpreters of their own
+    launch = ["--nproc_per_node=2", f"--master_port={free_port()}", str(ROOT / "train.py")]
     runs = command_lines.run_all([("train.py", [*args, "--out-dir", str(tmp_path / "one")]),
-                                  (torchrun.__file__, ["--nproc_per_node=2", f"--master_port={free_port()}", str(ROOT / "train.py"),
-                                                       *args, "--out-dir", str(tmp_path / "two")], {"OMP_NUM_THREADS": "1"})],
+                                  (torchrun.__file__, [*launch, *args, "--out-dir", str(tmp_path / "two")],
+                                   {"OMP_NUM_THREADS": "1"})],
                                  tmp_path, threads=1, timeout=RANKS_TIMEOUT)
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
