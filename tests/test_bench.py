@@ -4,6 +4,8 @@
 import json
 import re
 
+import pytest
+
 import bench
 
 
@@ -65,11 +67,9 @@ def test_a_crashing_llama_cpp_format_is_a_row_not_the_end_of_the_run(tmp_path):
     crash = tmp_path / "llama-bench"
     crash.write_text("#!/bin/sh\nkill -ILL $$\n")
     crash.chmod(0o755)
-    try:
+    with pytest.raises(bench.ToolFailed) as failed:
         bench.run_tool([str(crash)])
-        raise AssertionError("a crashed tool passed")
-    except bench.ToolFailed as e:
-        assert "killed by SIGILL" in str(e) and "docs/performance.md" in str(e)
+    assert "killed by SIGILL" in str(failed.value) and "docs/performance.md" in str(failed.value)
     ours = {"load_s": 1.9, "peak_rss_gb": 4.28, "encode_s": 5.13, "prefill_tok_s": 20.9, "decode_tok_s": 3.83,
             "weight_bytes": 2_660_000_000}
     q4 = {"prefill_tok_s": 29.0, "decode_tok_s": 10.86, "decode_deep_tok_s": 6.91, "file_bytes": 1602468480,
