@@ -1372,7 +1372,7 @@ class ShapesWorld:
     # colour and count-of-a-kind ones that those lessons would otherwise crowd out; which shape is in this box),
     # many about one scene at a time. A yes / no position question is answered from two boxes' edges in the right
     # order, an [identify] question by finding the shape whose box has these numbers; the LM learns either only
-    # from tens of thousands of such questions (README, "Known limits").
+    # from tens of thousands of such questions (docs/stage4.md).
     DRILL_TYPES = {"exists": 1, "position": 2, "colour": 1, "count_kind": 1, "identify": 6}    # type -> weight
 
     def question_drill(self, split: str, n: int, seed: int = 0, per_scene: int = 6) -> list[tuple[int, Sample]]:

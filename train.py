@@ -1699,7 +1699,7 @@ LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum 
 LANGUAGE_REPORT_EVERY = 50  # held-out scores at each quarter of the run, but not more often than this (they cost)
 QUESTIONS_BATCH = 32      # drill conversations (6 questions each) per iteration ...
 QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
-QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (README, "Known limits")
+QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (docs/stage4.md)
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 
 
