@@ -76,7 +76,8 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
-    stage0_phases: str = "vit,qformer,language,questions"   # stage 0's parts to run; the rest come from --init
+    stage0_phases: str = "vit,qformer,language,questions"   # stage 0's parts to run (of vit,qformer,lookup,
+                                    # language,questions; lookup is opt-in); the rest come from --init
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the backbones, default the shipped ones)
@@ -330,7 +331,7 @@ def check_flags(cfg: TrainConfig) -> None:
     if cfg.text and cfg.stage != 0:
         raise cli.UserError("--text belongs to --stage 0 (the tiny LM learns your words there, before stages 1-3)")
     phases = cfg.stage0_phases.split(",")
-    if phases != list(STAGE0_PHASES):
+    if cfg.stage0_phases != STAGE0_DEFAULT:
         if cfg.stage != 0 or cfg.text:
             raise cli.UserError("--stage0-phases belongs to --stage 0 on the built-in world (without --text)")
         unknown = [p for p in phases if p not in STAGE0_PHASES]
@@ -339,9 +340,9 @@ def check_flags(cfg: TrainConfig) -> None:
                                 f"each once, comma-separated")
         if cfg.init:
             inputs.append(("--init", cfg.init))
-    elif cfg.stage == 0 and cfg.init and not cfg.text:
+    if cfg.stage == 0 and cfg.init and not cfg.text and not stage0_reads_init(phases):
         raise cli.UserError("--init at --stage 0 gives the backbones for the parts that --stage0-phases leaves out; "
-                            "with all four parts run, nothing would be read from it")
+                            f"with {cfg.stage0_phases} run, nothing would be read from it")
     if cfg.recipe != "tinygptv" and (cfg.phi or cfg.stage not in SIBLING_STAGES):
         raise cli.UserError(f"--recipe {cfg.recipe} trains the tiny model in two stages, --stage 1 (the connector, on "
                             f"captions) then --stage 4 (the language side, on the six tasks)"
@@ -826,8 +827,8 @@ def train(cfg: TrainConfig) -> dict:
     check_flags(cfg)
     cfg = resolve(cfg)
     if cfg.stage == 0:
-        batch_of = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "language": LANGUAGE_BATCH,
-                    "questions": QUESTIONS_BATCH}
+        batch_of = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "lookup": LOOKUP_BATCH,
+                    "language": LANGUAGE_BATCH, "questions": QUESTIONS_BATCH}
         least = max(batch_of[p] for p in cfg.stage0_phases.split(","))   # a batch draws this many different scenes
         if not cfg.text and cfg.train_scenes < least:
             raise cli.UserError(f"--train-scenes {cfg.train_scenes}: stage 0 draws batches of {least} different "
@@ -1313,6 +1314,12 @@ class VisionPretrainHeads(nn.Module):
         return loss, metrics
 
 
+def stage0_reads_init(phases: list[str]) -> bool:
+    """Whether stage 0 starts from --init's backbones (the shipped ones by default): unless it runs every part that
+    the shipped file was built with (then it builds all three backbones afresh)."""
+    return not set(STAGE0_DEFAULT.split(",")) <= set(phases)
+
+
 def pretrain_backbones(cfg: TrainConfig) -> dict:
     if cfg.phi or cfg.preset != "tiny":
         raise cli.UserError("--stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
@@ -1325,7 +1332,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     t0 = time.time()
     phases = cfg.stage0_phases.split(",")
     report = {}
-    if phases != list(STAGE0_PHASES):         # the parts not run again keep the weights (and read-outs) of --init
+    if stage0_reads_init(phases):             # the parts not run again keep the weights (and read-outs) of --init
         source = Path(cfg.init) if cfg.init else STAGE0
         weights.load_checkpoint(model, source)
         report = {k: json.loads(v) for k, v in weights.read_metadata(source).items() if k in STAGE0_REPORTS}
@@ -1340,11 +1347,16 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
             pretrain_qformer(model, heads, scenes, cfg, rng, device, t0)
         report["vision"] = evaluate_vision(model, heads, world, device, n=2 * cfg.eval_samples)   # 400 scenes
         print("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in report["vision"].items()))
+    if "lookup" in phases:
+        report["lookup"] = grow_lookups(model, world, cfg, rng, device, t0)
+    # an LM that has the lookups keeps them only if it goes on meeting them (docs/stage4.md, section 8)
+    rehearsal = [(4, s) for s in world.typed_questions("colour", "train", cfg.train_scenes)] \
+        if "lookup" in report else []
     writer = None
     if "language" in phases:
-        report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0)
+        report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0, rehearsal)
     if "questions" in phases:
-        report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0)
+        report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal)
     save_backbones(model, cfg, report, t0)
     return report
 
@@ -1498,13 +1510,15 @@ def language_optimizer(phi: tv.Phi, writer: SceneWriter, weight_decay: float,
 
 
 def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
-                      t0: float) -> dict:
+                      t0: float, rehearsal: list = ()) -> tuple[dict, SceneWriter]:
     """The language model on the world's text, a curriculum taken two ways in turn:
     - each scene written out in text, then a caption, a description and the six tasks about it: the world's
       reasoning (find the shape a question means, compare, count, write its box) learnt on words;
     - the same scenes written into the 16 image positions by the SceneWriter: the same reasoning over the form
       the image tokens will take.
-    Returns the held-out accuracy of each task both ways, and the scene writer (the question drill goes on with it)."""
+    `rehearsal`: questions added to every batch with the scene in the slots (LOOKUP_REHEARSAL of them), where the
+    lookup phase ran. Returns the held-out accuracy of each task both ways, and the scene writer (the question drill
+    goes on with it)."""
     tok = data.shapes_tokenizer()
     phi = model.phi
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
@@ -1518,8 +1532,10 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
         phi.train(), writer.train()
         lr = set_lr(opt, it, schedule)
         kind = ("scene as text", "scene as cells")[it % 2]
-        loss = curriculum_batch(model, writer if kind == "scene as cells" else None,
-                                rng.sample(lessons, LANGUAGE_BATCH), tok, device)
+        batch = rng.sample(lessons, LANGUAGE_BATCH)
+        if kind == "scene as cells" and rehearsal:
+            batch += rng.sample(rehearsal, LOOKUP_REHEARSAL)
+        loss = curriculum_batch(model, writer if kind == "scene as cells" else None, batch, tok, device)
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
             print(f"text iter {it:5d} | {kind:<14} loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
@@ -1534,38 +1550,88 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
 
 
 def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, cfg: TrainConfig,
-                    rng: random.Random, device, t0: float) -> dict:
+                    rng: random.Random, device, t0: float, rehearsal: list = ()) -> dict:
     """The language model's second lesson, on the scenes in the image slots (stage 4's form): conversations of
     the questions the curriculum leaves weak (ShapesWorld.question_drill: [vqa] existence, position, colour, count
-    of a kind, and [identify]), beside a few of the curriculum's lessons so that the other tasks are kept. Run after
-    the curriculum, it goes on with its writer; run alone (--stage0-phases questions), with a fresh one (the writer
-    is stage 0's scaffolding: it is not saved). Returns the held-out accuracy per question type and per task."""
+    of a kind, and [identify]), beside a few of the curriculum's lessons so that the other tasks are kept, and the
+    lookup phase's `rehearsal` questions where it ran. Run after the curriculum, it goes on with its writer; run
+    alone (--stage0-phases questions), with a fresh one (the writer is stage 0's scaffolding: it is not saved).
+    Returns the held-out accuracy per question type and per task."""
     tok = data.shapes_tokenizer()
-    phi = model.phi
     writer = writer or scene_writer(model, tok, device)
     drill = world.question_drill("train", cfg.train_scenes)
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
-    opt, params = language_optimizer(phi, writer, cfg.weight_decay, QUESTIONS_LR)
-    iters = max(1, round(cfg.max_iters * QUESTIONS_ITERS))
-    schedule = dataclasses.replace(cfg, max_iters=iters, lr=QUESTIONS_LR, min_lr=min(cfg.min_lr, QUESTIONS_LR))
     print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
           f"{QUESTIONS_BATCH} per iteration beside {QUESTIONS_LESSONS} curriculum lessons")
-    for it in range(iters):
-        phi.train(), writer.train()
-        lr = set_lr(opt, it, schedule)
-        batch = rng.sample(drill, QUESTIONS_BATCH) + rng.sample(lessons, QUESTIONS_LESSONS)
-        loss = curriculum_batch(model, writer, batch, tok, device)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"stopped: the loss became {loss.item()} at iteration {it} of the question drill; "
-                                f"nothing was written")
-        step(opt, loss, params, cfg.grad_clip)
-        if it % cfg.log_interval == 0 or it == iters - 1:
-            print(f"drill iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
-    phi.eval(), writer.eval()
+    draw = lambda: (rng.sample(drill, QUESTIONS_BATCH) + rng.sample(lessons, QUESTIONS_LESSONS)
+                    + (rng.sample(rehearsal, LOOKUP_REHEARSAL) if rehearsal else []))
+    train_in_slots(model, writer, draw, round(cfg.max_iters * QUESTIONS_ITERS), cfg, "drill", device, t0)
     report = {"by question type": question_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
               "tasks": curriculum_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
     for part, row in report.items():
         print(f"held-out, scene as cells | {part}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return report
+
+
+def train_in_slots(model: tv.TinyVLM, writer: SceneWriter, draw, iters: int, cfg: TrainConfig, name: str, device,
+                   t0: float) -> None:
+    """The LM and the writer on `draw()`'s (stage, sample) pairs, the scene in the image slots: QUESTIONS_LR after
+    a warm-up, then cosine. The drill's loop, and the lookup phase's."""
+    tok = data.shapes_tokenizer()
+    opt, params = language_optimizer(model.phi, writer, cfg.weight_decay, QUESTIONS_LR)
+    iters = max(1, iters)
+    schedule = dataclasses.replace(cfg, max_iters=iters, lr=QUESTIONS_LR, min_lr=min(cfg.min_lr, QUESTIONS_LR))
+    for it in range(iters):
+        model.phi.train(), writer.train()
+        lr = set_lr(opt, it, schedule)
+        loss = curriculum_batch(model, writer, draw(), tok, device)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"stopped: the loss became {loss.item()} at iteration {it} of the {name}; "
+                                f"nothing was written")
+        step(opt, loss, params, cfg.grad_clip)
+        if it % cfg.log_interval == 0 or it == iters - 1:
+            print(f"{name} iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f} s")
+    model.phi.eval(), writer.eval()
+
+
+# Stage 0's opt-in first language lesson (--stage0-phases vit,qformer,lookup,language,questions). A question about
+# one shape of a scene needs a lookup: "what color is the circle?" finds the cell by its kind, "what shape is the red
+# one?" by its colour. An LM trained through the curriculum learns the second and never the first: no attention head
+# of it keys a cell on a kind word, and no colour drill afterwards grows one (docs/stage4.md, sections 5-7). A fresh
+# LM taught colour questions alone does grow one, as a late turn out of a plateau, but on some initialisations and
+# not others; taught colour and shape questions together from the start, it turns neither. So the phase teaches
+# colour questions alone, from fresh initialisations until one turns, then both kinds; the curriculum and the drill
+# then keep rehearsing colour questions, without which the curriculum wipes the lookup out again (section 8).
+
+def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
+                 t0: float) -> dict:
+    """The two lookups, in the slots, on a fresh LM: colour questions alone (LOOKUP_ITERS, tried again from another
+    initialisation, up to LOOKUP_TRIES times, while held-out colour stays below LOOKUP_TURNED), then colour and
+    shape questions (LOOKUP_ITERS), each question a conversation of its own (in a conversation, once one shape's
+    colour is said another's can be had by elimination). Returns the tries and the held-out colour and shape."""
+    tok = data.shapes_tokenizer()
+    pool = {q: [(4, s) for s in world.typed_questions(q, "train", cfg.train_scenes * LOOKUP_SCENES)]
+            for q in ("colour", "shape")}
+    print(f"stage 0 | lookup: {len(pool['colour']):,} colour and {len(pool['shape']):,} shape questions, "
+          f"{LOOKUP_BATCH} per iteration")
+    held_out = lambda writer, qtypes: question_accuracy(model, writer, world, tok, device, cfg.eval_samples, qtypes)
+    for tries in range(1, LOOKUP_TRIES + 1):
+        torch.manual_seed(cfg.seed + tries - 1)
+        model.phi.load_state_dict(tv.Phi(model.cfg.phi).state_dict())          # a fresh LM, a fresh writer
+        writer = scene_writer(model, tok, device)
+        train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH), LOOKUP_ITERS, cfg,
+                       "lookup by kind", device, t0)
+        colour = held_out(writer, ("colour",))["colour"]
+        print(f"lookup by kind, initialisation {tries}: held-out colour {colour:.3f}"
+              + (" (turned)" if colour >= LOOKUP_TURNED else " (on the plateau)"))
+        if colour >= LOOKUP_TURNED:
+            break
+    writer = scene_writer(model, tok, device)
+    both = lambda: rng.sample(pool["colour"], LOOKUP_BATCH // 2) + rng.sample(pool["shape"], LOOKUP_BATCH // 2)
+    train_in_slots(model, writer, both, LOOKUP_ITERS, cfg, "lookups by kind and colour", device, t0)
+    report = {"tries": tries, **held_out(writer, ("colour", "shape"))}
+    print("held-out, scene as cells | lookups: " + ", ".join(f"{k} {v:.3f}" if k != "tries" else f"{k} {v}"
+                                                           for k, v in report.items()))
     return report
 
 
@@ -1689,8 +1755,9 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     return report
 
 
-STAGE0_PHASES = ("vit", "qformer", "language", "questions")      # in the order they run
-STAGE0_REPORTS = ("vision", "language", "questions")             # their held-out read-outs, kept in the file's metadata
+STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions")   # in the order they run
+STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all but the lookup
+STAGE0_REPORTS = ("vision", "lookup", "language", "questions")   # their held-out read-outs, kept in the file's metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
 LANGUAGE_LR = 3e-3
@@ -1701,6 +1768,12 @@ QUESTIONS_BATCH = 32      # drill conversations (6 questions each) per iteration
 QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
 QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (docs/stage4.md)
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
+LOOKUP_BATCH = 128        # the lookup phase's questions per iteration, one per conversation
+LOOKUP_ITERS = 600        # iterations of each of its two parts (the turn out of the plateau comes within 600)
+LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (2 of 3 turned in docs/stage4.md) ...
+LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
+LOOKUP_SCENES = 3         # scenes per --train-scenes the lookup questions are drawn from
+LOOKUP_REHEARSAL = 8      # colour questions then added to each curriculum and drill batch with the scene in the slots
 
 
 @torch.no_grad()
@@ -1720,10 +1793,10 @@ def curriculum_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: da
 
 @torch.no_grad()
 def question_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
-                      device, n: int = 200) -> dict[str, float]:
+                      device, n: int = 200, qtypes: tuple = data.ShapesWorld.VQA_TYPES) -> dict[str, float]:
     """Greedy [vqa] accuracy per question type, n held-out questions of each."""
     out = {}
-    for qtype in data.ShapesWorld.VQA_TYPES:
+    for qtype in qtypes:
         samples = world.typed_questions(qtype, "val", n)
         answers = greedy_answers(model, writer, samples, tok, device)
         scores = [evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)]

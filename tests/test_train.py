@@ -395,14 +395,19 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     assert len(result["history"]) == 2
 
 
-def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path):
+def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path, monkeypatch):
     """--stage0-phases questions: the question drill alone, from --init's backbones. The ViT and Q-Former come out
     bit for bit as they went in, the LM changes, and the read-outs of the phases not run are carried over."""
     from safetensors.torch import load_file
     out = tmp_path / "drilled.safetensors"
+    sizes = []
+    batch = train.curriculum_batch
+    monkeypatch.setattr(train, "curriculum_batch", lambda model, writer, items, *a: sizes.append(len(items))
+                        or batch(model, writer, items, *a))
     report = train.train(train.TrainConfig(stage=0, stage0_phases="questions", init=str(train.STAGE0),
                                            backbones=str(out), max_iters=2, train_scenes=32, log_interval=1,
                                            eval_samples=2))
+    assert sizes == [train.QUESTIONS_BATCH + train.QUESTIONS_LESSONS] * 3     # the shipped LM: no lookup rehearsal
     before, after = load_file(train.STAGE0), load_file(out)
     assert before.keys() == after.keys()
     kept = [k for k in before if k.startswith(("vit.", "qformer."))]
@@ -413,6 +418,47 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
     assert json.loads(weights.read_metadata(out)["questions"]) == report["questions"]
     assert set(report["questions"]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]",
                                                  "[detection]"}
+
+
+def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch):
+    """--stage0-phases lookup,language,questions: the LM is built afresh (tried again while held-out colour stays
+    below LOOKUP_TURNED, at most LOOKUP_TRIES times), then the curriculum and the drill add LOOKUP_REHEARSAL colour
+    questions to every batch with the scene in the slots, and to no other."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(train, "LOOKUP_ITERS", 2)
+    monkeypatch.setattr(train, "LOOKUP_TRIES", 2)
+    monkeypatch.setattr(train, "LOOKUP_TURNED", 1.01)              # never turns: both tries run
+    inits, batches = [], []
+    fresh = train.tv.Phi
+    monkeypatch.setattr(train.tv, "Phi", lambda cfg: inits.append(torch.initial_seed()) or fresh(cfg))
+    batch = train.curriculum_batch
+    monkeypatch.setattr(train, "curriculum_batch", lambda model, writer, items, *a: batches.append(
+        (writer is not None, [s.turns[0][0] for _, s in items])) or batch(model, writer, items, *a))
+    out = tmp_path / "lookups.safetensors"
+    report = train.train(train.TrainConfig(stage=0, stage0_phases="lookup,language,questions", init=str(train.STAGE0),
+                                           backbones=str(out), max_iters=2, train_scenes=128, log_interval=1,
+                                           eval_samples=2))
+    tries = train.LOOKUP_TRIES
+    seed = train.TrainConfig.seed                                # each try a fresh LM: seed, seed + 1, ...
+    assert report["lookup"]["tries"] == tries and inits[-tries:] == [seed + i for i in range(tries)]
+    assert set(report["lookup"]) == {"tries", "colour", "shape"}
+    assert json.loads(weights.read_metadata(out)["lookup"]) == report["lookup"]
+    before, after = load_file(train.STAGE0), load_file(out)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vit.", "qformer.")))
+    lookup = [qs for _, qs in batches[:2 * tries + 2]]           # 2 iterations a try, then 2 of both lookups
+    assert all(len(qs) == train.LOOKUP_BATCH for qs in lookup)
+    assert all(q.startswith("what color is the") for qs in lookup[:2 * tries] for q in qs)
+    assert {q.split()[1] for q in lookup[-1]} == {"color", "shape"}
+    rest = batches[2 * tries + 2:]
+    language, drill = rest[:3 * 2], rest[3 * 2:]                 # LANGUAGE_ITERS per --max-iters; then the drill
+    extra = lambda qs, n: sum(q.startswith("what color is the") for q in qs[n:])
+    for in_slots, qs in language:
+        assert len(qs) == train.LANGUAGE_BATCH + (train.LOOKUP_REHEARSAL if in_slots else 0)
+        assert not in_slots or extra(qs, train.LANGUAGE_BATCH) == train.LOOKUP_REHEARSAL
+    assert len(drill) == round(2 * train.QUESTIONS_ITERS)
+    for in_slots, qs in drill:
+        n = train.QUESTIONS_BATCH + train.QUESTIONS_LESSONS
+        assert in_slots and len(qs) == n + train.LOOKUP_REHEARSAL and extra(qs, n) == train.LOOKUP_REHEARSAL
 
 
 KILL_POINTS = ["writing state.pt:2",                              # state.pt's temp file written, not yet renamed
