@@ -76,8 +76,7 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
-    stage0_phases: str = "vit,qformer,language,questions"   # stage 0's parts to run (of vit,qformer,lookup,
-                                    # language,questions; lookup is opt-in); the rest come from --init
+    stage0_phases: str = "vit,qformer,language,questions"   # parts of vit,qformer,lookup,language,questions to run
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the backbones, default the shipped ones)
