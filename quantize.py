@@ -23,9 +23,9 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
                   where torch's bf16 and fp16 matrix-vector products reach 19-20 (four Phi-2 layers, one row),
                   and beats the widened fp32 product at 256 rows too (90 vs 163 ms, 10240 x 2560): on a CPU
                   without bf16 instructions it is the fast half-precision model.
-    bf16          torch.ops.mkldnn._linear_pointwise on the weight packed once in oneDNN's layout (bf16 activations,
-                  fp32 sums), on a CPU with avx512_bf16 or AMX, any number of rows: the fast half-precision model
-                  there (Bf16Linear says by how much). Elsewhere its reference, in fp32.
+    bf16          one row: torch.mv's kernel (fp32 sums), which streams the weight at memory speed on any CPU;
+                  many rows: F.linear in bf16 on a CPU with avx512_bf16 or AMX, else widened to fp32 a block at a
+                  time (Bf16Linear says why and by how much)
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
 Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512 code uses aligned vector loads.
 
@@ -61,8 +61,6 @@ FAST_INT8 = _has("_weight_int8pack_mm")
 FAST_INT4 = _has("_convert_weight_to_int4pack_for_cpu") and _has("_weight_int4pack_mm_for_cpu")
 FAST_INT_MM = hasattr(torch, "_int_mm")
 FAST_FP16 = hasattr(torch.ops.quantized, "linear_prepack_fp16") and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-FAST_BF16 = (weights.NATIVE_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # FBGEMM's int8 product takes its weight as a quantized tensor, which torch has deprecated; once they are gone,
 # the weight-only kernel serves one-row products too
 FAST_INT8_DYNAMIC = (hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "_make_per_channel_quantized_tensor")
@@ -232,8 +230,9 @@ class Int8Linear(nn.Module):
 
 class PackedLinear(nn.Module):
     """What Int4Linear, Fp16Linear and Bf16Linear share: the weight is stored portable, and a CPU kernel's own
-    layout of it is made at first use (forward_fast, on the rows flattened); the readable forward_reference serves
-    elsewhere, when this torch lacks the kernel (FAST), or on request (path = "reference")."""
+    layout of it is made at first use (forward_fast, on the rows flattened; Bf16Linear's kernels take it as it
+    lies); the readable forward_reference serves elsewhere, when this torch lacks the kernel (FAST), or on request
+    (path = "reference")."""
 
     FAST = False
 
@@ -343,19 +342,22 @@ class Fp16Linear(HalfLinear):
 
 
 class Bf16Linear(HalfLinear):
-    """A Linear whose weight is bf16, for oneDNN's bf16 kernel on a CPU with bf16 dot-product instructions
-    (avx512_bf16, AMX). Handed the weight in its plain layout, the kernel reorders it on every call; packed once
-    into oneDNN's blocked layout it streams twice as fast: one row times 10240 x 2560 in 2.0 ms (26 GB/s) against
-    3.9 ms for F.linear, 256 rows in 32 against 34 ms (2-core AVX-512 EPYC)."""
+    """A Linear whose weight is bf16, taken as it lies in the file (memory-mapped). One row (decoding) goes through
+    torch.mv's kernel (weights.bf16_matrix_vector), which streams the weight at memory speed; many rows through
+    F.linear in bf16 on a CPU with bf16 instructions (avx512_bf16, AMX), widened to fp32 a block at a time elsewhere.
+    Its first form packed the weight once into oneDNN's layout: twice F.linear's one-row speed (2-core AVX-512 EPYC,
+    10240 x 2560: 2.0 against 3.9 ms), but a second copy of every weight; torch.mv on the plain weight is faster
+    still on a 2-core Xeon (1.63 against 1.92 ms packed, 2.06 F.linear) and keeps one copy."""
 
-    FAST = FAST_BF16
+    FAST = True
     DTYPE = torch.bfloat16
 
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:         # oneDNN's own layout, made at first use (the batch-size hint: one row)
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(aligned(self.weight), 1)
-            weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
-        return torch.ops.mkldnn._linear_pointwise(aligned(x2.to(torch.bfloat16)), self._packed, None, "none", [], "")
+        if x2.shape[0] == 1:
+            return weights.bf16_matrix_vector(x2.to(torch.bfloat16), self.weight)
+        if weights.NATIVE_BF16:
+            return F.linear(x2.to(torch.bfloat16), self.weight)
+        return weights.WidenedLinear.apply(x2, self.weight, None, torch.float32)
 
 
 class Int4Embedding(nn.Module):
@@ -463,6 +465,7 @@ def save_quantized(model: tv.TinyVLM, path: str | Path, stage: int = 4, image_si
 def load_quantized(path: str | Path) -> tv.TinyVLM:
     """Build the model on the meta device, swap in the quantized layers, then take the file's tensors as they are
     (memory-mapped): the full-precision model is never built, so peak memory stays near the quantized size."""
+    weights.reuse_freed_memory()
     meta = weights.read_metadata(path)
     if meta.get("format") != "tinyvlm-quantized":
         raise weights.CheckpointError(f"{path}: not a quantized tinyvlm checkpoint (write one with quantize.py --out)")
@@ -559,9 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = train.config_of_checkpoint(args.checkpoint, eval_samples=args.eval_samples, device="cpu")
     reference, _ = train.build_model(cfg, torch.device("cpu"))
     reference.eval()
-    if args.mode == "bf16" and not FAST_BF16:
-        print("note: this CPU has no bf16 instructions (avx512_bf16, AMX): a bf16 file computes through its fp32 "
-              "reference here; --mode fp16 is the fast half-precision file on it")
+    if args.mode == "bf16" and not weights.NATIVE_BF16:
+        print("note: this CPU has no bf16 instructions (avx512_bf16, AMX): a bf16 file widens a prompt's weights to "
+              "fp32 here (decoding stays bf16); --mode fp16 prefills faster on it")
     if args.mode == "int4" and any(m.in_features % args.group for m in reference.modules() if isinstance(m, nn.Linear)):
         print(f"note: layers whose input width is not a multiple of --group {args.group} stay int8")
     quantized = quantize_model(copy.deepcopy(reference), args.mode, parts, args.group, args.outlier_threshold).eval()

@@ -18,7 +18,7 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     results = json.loads((tmp_path / "cache" / "results.json").read_text())
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ours") or
             line.startswith("| transformers")}
-    assert set(rows) == {"ours fp32", "ours bf16", "ours bf16-packed", "ours fp16", "ours int8", "ours int8-w8a16",
+    assert set(rows) == {"ours fp32", "ours bf16", "ours bf16-file", "ours fp16", "ours int8", "ours int8-w8a16",
                          "ours int4", "transformers fp32", "transformers bf16"}
     for name, r in results["inference"].items():
         assert r["load_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["encode_s"] > 0, name

@@ -499,6 +499,37 @@ def test_mlp_connector():
         assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, n, model.cfg.phi.hidden)
 
 
+def test_one_bf16_row_is_a_matrix_vector_product_on_cpu(monkeypatch):
+    """Decoding multiplies one row by each frozen bf16 weight: that goes to torch.mv's kernel (it streams the weight
+    at memory speed where F.linear's one-row call does not), equal to F.linear to one bf16 rounding, with the
+    input's leading shape kept. Two rows, a weight being trained, autocast and fp16 weights keep F.linear."""
+    calls, mv = [], weights.bf16_matrix_vector
+    monkeypatch.setattr(weights, "bf16_matrix_vector", lambda *a: calls.append(1) or mv(*a))
+    torch.manual_seed(0)
+    layer = weights.CPUHalfLinear(256, 96).to(torch.bfloat16)
+
+    def product(x):
+        calls.clear()
+        y = layer(x)
+        return bool(calls), y
+
+    for shape in ((1, 256), (1, 1, 256), (256,)):
+        x = torch.randn(shape).bfloat16()
+        with torch.inference_mode():
+            was, y = product(x)
+        assert was and y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=2 ** -7, atol=1e-2)
+    one, two = torch.randn(1, 256).bfloat16(), torch.randn(2, 256).bfloat16()
+    with torch.inference_mode():
+        assert not product(two)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not product(one)[0]
+    assert not product(one)[0]                                   # the weight is being trained
+    with torch.inference_mode():
+        layer.half()
+        assert not product(one.half())[0]
+
+
 def test_half_precision_linear_widens_many_rows_on_cpu(monkeypatch):
     """On a CPU without bf16 instructions a frozen bf16 weight x many rows is computed in fp32 (faster there, and
     more exact), forward and backward, with or without autocast, a block of rows at a time; a few rows, and a weight

@@ -90,20 +90,29 @@ def test_fp16_matches_its_reference(linear):
         q.Fp16Linear.from_linear(too_big)
 
 
-def test_bf16_matches_its_reference(linear):
-    """On a CPU with bf16 instructions, oneDNN's packed kernel: bf16 products summed in fp32, the output rounded to
-    bf16 once; elsewhere (FAST_BF16 False) the reference serves, and the same bounds hold."""
+def test_bf16_matches_its_reference(linear, monkeypatch):
+    """bf16 products summed in fp32, the output rounded to bf16 once: one row through torch.mv's kernel on any CPU,
+    many rows through F.linear in bf16 on a CPU with bf16 instructions, widened to fp32 elsewhere (both kinds of
+    CPU simulated, whichever this one is); each path is counted, as the numbers alone cannot tell them apart."""
     layer = q.Bf16Linear.from_linear(linear)
     x1, x40 = torch.randn(1, 512).bfloat16(), torch.randn(40, 512).bfloat16()
     layer.path = "reference"
     reference1, reference40 = layer(x1.float()), layer(x40.float())       # fp32 sums of the same bf16 operands
     assert rel_err(reference40, linear(x40.float()).detach()) < 1e-2     # bf16 weights: ~3e-3 relative
     layer.path = "auto"
-    for x, reference in ((x1, reference1), (x40, reference40)):
-        y = layer(x)
-        assert y.dtype == torch.bfloat16 and layer(x.float()).dtype == torch.float32
-        torch.testing.assert_close(y.float(), reference, rtol=2 ** -7, atol=1e-3)      # one bf16 rounding
-    print(f"bf16: kernel {q.FAST_BF16}")
+    calls = []
+    mv, apply = weights.bf16_matrix_vector, weights.WidenedLinear.apply
+    monkeypatch.setattr(weights, "bf16_matrix_vector", lambda *a: calls.append("matrix_vector") or mv(*a))
+    monkeypatch.setattr(weights.WidenedLinear, "apply", lambda *a: calls.append("widened") or apply(*a))
+    for native in (True, False):
+        monkeypatch.setattr(weights, "NATIVE_BF16", native)
+        many_rows = [] if native else ["widened"]                         # native: F.linear, not counted
+        for x, reference, path in ((x1, reference1, ["matrix_vector"]), (x40, reference40, many_rows)):
+            calls.clear()
+            y = layer(x)
+            assert calls == path
+            assert y.dtype == torch.bfloat16 and layer(x.float()).dtype == torch.float32
+            torch.testing.assert_close(y.float(), reference, rtol=2 ** -7, atol=1e-3)      # one bf16 rounding
 
 
 @pytest.fixture(scope="module")
