@@ -1106,7 +1106,8 @@ class CPUHalfLinear(nn.Linear):
         slow_half = w.dtype == torch.float16 or (w.dtype == torch.bfloat16 and not NATIVE_BF16)
         if slow_half and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
             return WidenedLinear.apply(x, w, b, out_dtype)
-        if w.dtype == x.dtype == torch.bfloat16 and frozen and not autocast and x.numel() == x.shape[-1]:
+        one_bf16_row = w.dtype == x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
+        if one_bf16_row and frozen and not autocast and (b is None or b.dtype == w.dtype):
             return bf16_matrix_vector(x, w, b)
         if w.dtype == torch.float32 and out_dtype != torch.float32:
             with torch.autocast("cpu", enabled=False):
