@@ -1349,7 +1349,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     if "lookup" in phases:
         report["lookup"] = grow_lookups(model, world, cfg, rng, device, t0)
     # an LM that has the lookups keeps them only if it goes on meeting them (docs/stage4.md, section 8)
-    rehearsal = [(4, s) for s in world.typed_questions("colour", "train", cfg.train_scenes)] \
+    rehearsal = [(4, s) for q in ("colour", "shape") for s in world.typed_questions(q, "train", cfg.train_scenes)] \
         if "lookup" in report else []
     writer = None
     if "language" in phases:
@@ -1600,7 +1600,7 @@ def train_in_slots(model: tv.TinyVLM, writer: SceneWriter, draw, iters: int, cfg
 # LM taught colour questions alone does grow one, as a late turn out of a plateau, but on some initialisations and
 # not others; taught colour and shape questions together from the start, it turns neither. So the phase teaches
 # colour questions alone, from fresh initialisations until one turns, then both kinds; the curriculum and the drill
-# then keep rehearsing colour questions, without which the curriculum wipes the lookup out again (section 8).
+# then keep rehearsing both kinds of question, without which the curriculum wipes the lookup out again (section 8).
 
 def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
                  t0: float) -> dict:
@@ -1772,7 +1772,8 @@ LOOKUP_ITERS = 600        # iterations of each of its two parts (the turn out of
 LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (2 of 3 turned in docs/stage4.md) ...
 LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
 LOOKUP_SCENES = 3         # scenes per --train-scenes the lookup questions are drawn from
-LOOKUP_REHEARSAL = 8      # colour questions then added to each curriculum and drill batch with the scene in the slots
+LOOKUP_REHEARSAL = 16     # colour and shape questions then added to each curriculum and drill batch with the scene
+                          # in the slots (8 colour questions alone kept colour, and lost shape in one run of two)
 
 
 @torch.no_grad()

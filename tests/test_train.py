@@ -423,7 +423,7 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
 def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch):
     """--stage0-phases lookup,language,questions: the LM is built afresh (tried again while held-out colour stays
     below LOOKUP_TURNED, at most LOOKUP_TRIES times), then the curriculum and the drill add LOOKUP_REHEARSAL colour
-    questions to every batch with the scene in the slots, and to no other."""
+    and shape questions to every batch with the scene in the slots, and to no other."""
     from safetensors.torch import load_file
     monkeypatch.setattr(train, "LOOKUP_ITERS", 2)
     monkeypatch.setattr(train, "LOOKUP_TRIES", 2)
@@ -451,7 +451,7 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     assert {q.split()[1] for q in lookup[-1]} == {"color", "shape"}
     rest = batches[2 * tries + 2:]
     language, drill = rest[:3 * 2], rest[3 * 2:]                 # LANGUAGE_ITERS per --max-iters; then the drill
-    extra = lambda qs, n: sum(q.startswith("what color is the") for q in qs[n:])
+    extra = lambda qs, n: sum(q.startswith(("what color is the", "what shape is the")) for q in qs[n:])
     for in_slots, qs in language:
         assert len(qs) == train.LANGUAGE_BATCH + (train.LOOKUP_REHEARSAL if in_slots else 0)
         assert not in_slots or extra(qs, train.LANGUAGE_BATCH) == train.LOOKUP_REHEARSAL
