@@ -1493,10 +1493,15 @@ def curriculum_batch(model: tv.TinyVLM, writer: SceneWriter | None, items: list,
                            ignore_index=tv.IGNORE_INDEX)
 
 
-def scene_writer(model: tv.TinyVLM, tok: data.Tokenizer, device) -> SceneWriter:
+def scene_writer(model: tv.TinyVLM, tok: data.Tokenizer, device, boxes: str = "random") -> SceneWriter:
     """A fresh SceneWriter over the LM's own embedding table, one cell per image token, blurred in training as the
-    Q-Former's queries will be."""
-    return SceneWriter(model.phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+    Q-Former's queries will be. `boxes`: its box map "random" (a fresh Linear: its output is ~12x the words' on a
+    fresh LM), "zero" (starts at zero and is learnt: a cell is its words at first) or "off" (zero, not learnt)."""
+    writer = SceneWriter(model.phi.embed_tokens, tok, math.isqrt(model.cfg.num_image_tokens), noise=0.3).to(device)
+    if boxes in ("zero", "off"):
+        nn.init.zeros_(writer.box.weight), nn.init.zeros_(writer.box.bias)
+        writer.box.requires_grad_(boxes == "zero")
+    return writer
 
 
 def language_optimizer(phi: tv.Phi, writer: SceneWriter, weight_decay: float,
@@ -1521,7 +1526,7 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
     tok = data.shapes_tokenizer()
     phi = model.phi
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
-    writer = scene_writer(model, tok, device)
+    writer = scene_writer(model, tok, device, "zero" if rehearsal else "random")
     opt, params = language_optimizer(phi, writer, cfg.weight_decay, cfg.lr)
     print(f"stage 0 | language: {sum(p.numel() for p in phi.parameters()):,} parameters, {len(lessons):,} lessons")
     iters = cfg.max_iters * LANGUAGE_ITERS
@@ -1557,7 +1562,7 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
     alone (--stage0-phases questions), with a fresh one (the writer is stage 0's scaffolding: it is not saved).
     Returns the held-out accuracy per question type and per task."""
     tok = data.shapes_tokenizer()
-    writer = writer or scene_writer(model, tok, device)
+    writer = writer or scene_writer(model, tok, device, "zero" if rehearsal else "random")
     drill = world.question_drill("train", cfg.train_scenes)
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
     print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
@@ -1597,17 +1602,20 @@ def train_in_slots(model: tv.TinyVLM, writer: SceneWriter, draw, iters: int, cfg
 # one shape of a scene needs a lookup: "what color is the circle?" finds the cell by its kind, "what shape is the red
 # one?" by its colour. An LM trained through the curriculum learns the second and never the first: no attention head
 # of it keys a cell on a kind word, and no colour drill afterwards grows one (docs/stage4.md, sections 5-7). A fresh
-# LM taught colour questions alone does grow one, as a late turn out of a plateau, but on some initialisations and
-# not others; taught colour and shape questions together from the start, it turns neither. So the phase teaches
-# colour questions alone, from fresh initialisations until one turns, then both kinds; the curriculum and the drill
-# then keep rehearsing both kinds of question, without which the curriculum wipes the lookup out again (section 8).
+# LM taught colour questions alone does grow one, at once if the cells hold only their words; with a fresh box map
+# added (a vector some 12x the words' size, which drowns them) only as a late turn out of a plateau, and on some
+# initialisations only (section 9). So the phase teaches colour questions alone, on cells without boxes (tried
+# again from a fresh initialisation should one not turn), then both kinds; the curriculum and the drill start their
+# box map at zero, so that boxes come in as they are learnt rather than as noise over the words, and keep
+# rehearsing both kinds of question, without which the curriculum wipes the lookup out again (section 8).
 
 def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
                  t0: float) -> dict:
-    """The two lookups, in the slots, on a fresh LM: colour questions alone (LOOKUP_ITERS, tried again from another
-    initialisation, up to LOOKUP_TRIES times, while held-out colour stays below LOOKUP_TURNED), then colour and
-    shape questions (LOOKUP_ITERS), each question a conversation of its own (in a conversation, once one shape's
-    colour is said another's can be had by elimination). Returns the tries and the held-out colour and shape."""
+    """The two lookups, in the slots (cells without boxes), on a fresh LM: colour questions alone (LOOKUP_ITERS,
+    tried again from another initialisation, up to LOOKUP_TRIES times, while held-out colour stays below
+    LOOKUP_TURNED), then colour and shape questions (LOOKUP_ITERS), each question a conversation of its own (in a
+    conversation, once one shape's colour is said another's can be had by elimination). Returns the tries and the
+    held-out colour and shape."""
     tok = data.shapes_tokenizer()
     pool = {q: [(4, s) for s in world.typed_questions(q, "train", cfg.train_scenes * LOOKUP_SCENES)]
             for q in ("colour", "shape")}
@@ -1617,7 +1625,7 @@ def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, r
     for tries in range(1, LOOKUP_TRIES + 1):
         torch.manual_seed(cfg.seed + tries - 1)
         model.phi.load_state_dict(tv.Phi(model.cfg.phi).state_dict())          # a fresh LM, a fresh writer
-        writer = scene_writer(model, tok, device)
+        writer = scene_writer(model, tok, device, "off")
         train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH), LOOKUP_ITERS, cfg,
                        "lookup by kind", device, t0)
         colour = held_out(writer, ("colour",))["colour"]
@@ -1625,7 +1633,7 @@ def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, r
               + (" (turned)" if colour >= LOOKUP_TURNED else " (on the plateau)"))
         if colour >= LOOKUP_TURNED:
             break
-    writer = scene_writer(model, tok, device)
+    writer = scene_writer(model, tok, device, "off")
     both = lambda: rng.sample(pool["colour"], LOOKUP_BATCH // 2) + rng.sample(pool["shape"], LOOKUP_BATCH // 2)
     train_in_slots(model, writer, both, LOOKUP_ITERS, cfg, "lookups by kind and colour", device, t0)
     report = {"tries": tries, **held_out(writer, ("colour", "shape"))}
@@ -1768,8 +1776,8 @@ QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
 QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (docs/stage4.md)
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 LOOKUP_BATCH = 128        # the lookup phase's questions per iteration, one per conversation
-LOOKUP_ITERS = 600        # iterations of each of its two parts (the turn out of the plateau comes within 600)
-LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (2 of 3 turned in docs/stage4.md) ...
+LOOKUP_ITERS = 600        # iterations of each of its two parts (with boxes in the cells the turn came within 600)
+LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (without boxes the first has turned) ...
 LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
 LOOKUP_SCENES = 3         # scenes per --train-scenes the lookup questions are drawn from
 LOOKUP_REHEARSAL = 16     # colour and shape questions then added to each curriculum and drill batch with the scene

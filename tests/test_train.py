@@ -420,17 +420,37 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
                                                  "[detection]"}
 
 
+def test_scene_writer_box_map_random_zero_or_off():
+    """A fresh box map is ~12x a fresh LM's word embeddings (it drowns which shape a cell holds); "zero" starts it
+    at zero and learns it, "off" keeps it at zero: a cell is then the sum of its words' embeddings."""
+    model = train.tv.TinyVLM(train.model_config(train.resolve(train.TrainConfig(stage=0))))
+    tok, scene = data.shapes_tokenizer(), data.ShapesWorld(seed=0).scenes("train", 1)
+    rms = lambda t: t.pow(2).mean().sqrt().item()
+    random_, zero, off = (train.scene_writer(model, tok, "cpu", b) for b in ("random", "zero", "off"))
+    assert rms(random_.box(train.box_features(torch.rand(64, 4)))) > 5 * rms(model.phi.embed_tokens.weight)
+    for w, learnt in ((zero, True), (off, False)):
+        w.eval()
+        assert not w.box.weight.any() and not w.box.bias.any() and w.box.weight.requires_grad == learnt
+        cells = [s for s in scene[0].cells(w.grid, w.rng) if s is not None]
+        ids = torch.tensor([[w.word_id[s.size], w.word_id[s.colour], w.word_id[s.kind]] for s in cells])
+        x = w(scene)[0]
+        assert all(any(torch.equal(x[j], e) for j in range(x.shape[0])) for e in model.phi.embed_tokens(ids).sum(1))
+
+
 def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch):
     """--stage0-phases lookup,language,questions: the LM is built afresh (tried again while held-out colour stays
-    below LOOKUP_TURNED, at most LOOKUP_TRIES times), then the curriculum and the drill add LOOKUP_REHEARSAL colour
-    and shape questions to every batch with the scene in the slots, and to no other."""
+    below LOOKUP_TURNED, at most LOOKUP_TRIES times) and learns the lookups on cells without boxes, then the
+    curriculum and the drill (their box map starting at zero) add LOOKUP_REHEARSAL colour and shape questions to
+    every batch with the scene in the slots, and to no other."""
     from safetensors.torch import load_file
     monkeypatch.setattr(train, "LOOKUP_ITERS", 2)
     monkeypatch.setattr(train, "LOOKUP_TRIES", 2)
     monkeypatch.setattr(train, "LOOKUP_TURNED", 1.01)              # never turns: both tries run
-    inits, batches = [], []
+    inits, batches, writers = [], [], []
     fresh = train.tv.Phi
     monkeypatch.setattr(train.tv, "Phi", lambda cfg: inits.append(torch.initial_seed()) or fresh(cfg))
+    writer = train.scene_writer
+    monkeypatch.setattr(train, "scene_writer", lambda *a: writers.append(writer(*a)) or writers[-1])
     batch = train.curriculum_batch
     monkeypatch.setattr(train, "curriculum_batch", lambda model, writer, items, *a: batches.append(
         (writer is not None, [s.turns[0][0] for _, s in items])) or batch(model, writer, items, *a))
@@ -443,6 +463,10 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     assert report["lookup"]["tries"] == tries and inits[-tries:] == [seed + i for i in range(tries)]
     assert set(report["lookup"]) == {"tries", "colour", "shape"}
     assert json.loads(weights.read_metadata(out)["lookup"]) == report["lookup"]
+    # the lookups are learnt on cells without boxes; the curriculum's box map starts at zero and is learnt
+    assert len(writers) == tries + 2
+    assert all(not w.box.weight.any() and not w.box.weight.requires_grad for w in writers[:tries + 1])
+    assert writers[-1].box.weight.requires_grad and writers[-1].box.weight.any()
     before, after = load_file(train.STAGE0), load_file(out)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vit.", "qformer.")))
     lookup = [qs for _, qs in batches[:2 * tries + 2]]           # 2 iterations a try, then 2 of both lookups
