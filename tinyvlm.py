@@ -625,9 +625,12 @@ class TinyVLM(nn.Module):
 
     def connect(self, features: torch.Tensor) -> torch.Tensor:
         """The trained half: visual features -> (B, num_image_tokens, phi.hidden), what the LLM reads as 'the image'."""
+        first = self.mlp_proj[0] if self.cfg.connector == "mlp" else self.llama_proj
+        if first.weight.is_floating_point():    # a half-precision layer takes its own dtype; a quantized one holds
+            features = features.to(first.weight.dtype)   # integer codes in .weight and widens its input itself
         if self.cfg.connector == "mlp":
-            return self.mlp_proj(features.to(self.mlp_proj[0].weight.dtype))
-        x = self.llama_proj(features.to(self.llama_proj.weight.dtype))  # (B, 32, 4096)
+            return self.mlp_proj(features)
+        x = self.llama_proj(features)                                  # (B, 32, 4096)
         return self.llama_proj2(x)                                     # (B, 32, 2560)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
