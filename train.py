@@ -76,7 +76,7 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
-    stage0_phases: str = "vit,qformer,language,questions"   # parts of vit,qformer,lookup,language,questions to run
+    stage0_phases: str = "vit,qformer,lookup,language,questions"   # stage 0: which of these parts to run (in this order)
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the backbones, default the shipped ones)
@@ -1314,9 +1314,9 @@ class VisionPretrainHeads(nn.Module):
 
 
 def stage0_reads_init(phases: list[str]) -> bool:
-    """Whether stage 0 starts from --init's backbones (the shipped ones by default): unless it runs every part that
-    the shipped file was built with (then it builds all three backbones afresh)."""
-    return not set(STAGE0_DEFAULT.split(",")) <= set(phases)
+    """Whether stage 0 starts from --init's backbones (the shipped ones by default): unless it builds all three
+    afresh (the ViT, the Q-Former and the language model's curriculum, with or without the lookup phase before it)."""
+    return not {"vit", "qformer", "language"} <= set(phases)
 
 
 def pretrain_backbones(cfg: TrainConfig) -> dict:
@@ -1598,7 +1598,7 @@ def train_in_slots(model: tv.TinyVLM, writer: SceneWriter, draw, iters: int, cfg
     model.phi.eval(), writer.eval()
 
 
-# Stage 0's opt-in first language lesson (--stage0-phases vit,qformer,lookup,language,questions). A question about
+# Stage 0's first language lesson (the "lookup" part of --stage0-phases). A question about
 # one shape of a scene needs a lookup: "what color is the circle?" finds the cell by its kind, "what shape is the red
 # one?" by its colour. An LM trained through the curriculum learns the second and never the first: no attention head
 # of it keys a cell on a kind word, and no colour drill afterwards grows one (docs/stage4.md, sections 5-7). A fresh
@@ -1621,12 +1621,13 @@ def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, r
             for q in ("colour", "shape")}
     print(f"stage 0 | lookup: {len(pool['colour']):,} colour and {len(pool['shape']):,} shape questions, "
           f"{LOOKUP_BATCH} per iteration")
+    iters = round(cfg.max_iters * LOOKUP_ITERS)
     held_out = lambda writer, qtypes: question_accuracy(model, writer, world, tok, device, cfg.eval_samples, qtypes)
     for tries in range(1, LOOKUP_TRIES + 1):
         torch.manual_seed(cfg.seed + tries - 1)
         model.phi.load_state_dict(tv.Phi(model.cfg.phi).state_dict())          # a fresh LM, a fresh writer
         writer = scene_writer(model, tok, device, "off")
-        train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH), LOOKUP_ITERS, cfg,
+        train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH), iters, cfg,
                        "lookup by kind", device, t0)
         colour = held_out(writer, ("colour",))["colour"]
         print(f"lookup by kind, initialisation {tries}: held-out colour {colour:.3f}"
@@ -1635,7 +1636,7 @@ def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, r
             break
     writer = scene_writer(model, tok, device, "off")
     both = lambda: rng.sample(pool["colour"], LOOKUP_BATCH // 2) + rng.sample(pool["shape"], LOOKUP_BATCH // 2)
-    train_in_slots(model, writer, both, LOOKUP_ITERS, cfg, "lookups by kind and colour", device, t0)
+    train_in_slots(model, writer, both, iters, cfg, "lookups by kind and colour", device, t0)
     report = {"tries": tries, **held_out(writer, ("colour", "shape"))}
     print("held-out, scene as cells | lookups: " + ", ".join(f"{k} {v:.3f}" if k != "tries" else f"{k} {v}"
                                                            for k, v in report.items()))
@@ -1763,7 +1764,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
 
 
 STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions")   # in the order they run
-STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all but the lookup
+STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all of them
 STAGE0_REPORTS = ("vision", "lookup", "language", "questions")   # their held-out read-outs, kept in the file's metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
@@ -1776,7 +1777,8 @@ QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
 QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (docs/stage4.md)
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 LOOKUP_BATCH = 128        # the lookup phase's questions per iteration, one per conversation
-LOOKUP_ITERS = 600        # iterations of each of its two parts (with boxes in the cells the turn came within 600)
+LOOKUP_ITERS = 0.75       # iterations of each of its two parts per --max-iters (600: with boxes in the cells the
+                          # turn came within 600)
 LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (without boxes the first has turned) ...
 LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
 LOOKUP_SCENES = 3         # scenes per --train-scenes the lookup questions are drawn from
