@@ -1074,6 +1074,7 @@ KINDS = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20)}
 SIZES = {"small": 0.2, "large": 0.34}          # side of the shape's box, as a fraction of the image
+RELATIONS = ("left of", "right of", "above", "below")   # a position question's, judged by the boxes' centres
 NUMBERS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (232, 232, 232)
 
@@ -1297,10 +1298,14 @@ class ShapesWorld:
             s = rng.choice([s for s in shapes if colours.count(s.colour) == 1])
             return f"what shape is the {s.colour} one?", s.kind, q
         a, b = rng.sample(list(shapes), 2)
-        relation = rng.choice(["left of", "right of", "above", "below"])
+        return *ShapesWorld.position_question(a, b, rng.choice(RELATIONS)), q
+
+    @staticmethod
+    def position_question(a: Shape, b: Shape, relation: str) -> tuple[str, str]:
+        """Is a left of / right of / above / below b? Judged by the boxes' centres."""
         (ax, ay), (bx, by) = a.centre, b.centre
         truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
-        return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no", q
+        return f"is the {a.name} {relation} the {b.name}?", "yes" if truth else "no"
 
     def task_sample(self, scene: Scene, task: str, rng: random.Random, shape: Shape | None = None) -> Sample:
         """A stage-4 sample for one of the six task identifiers, about `shape` where the task names one (default:
@@ -1396,6 +1401,50 @@ class ShapesWorld:
                     turns.append((f"[vqa] {q}", a))
             out.append((4, Sample(scene, turns)))           # each turn names its task, as the curriculum's
         return out
+
+    # Stage 0's optional last lesson (its same_kind part): the LM finds a shape by its kind (the lookup phase taught it
+    # so), and when two shapes share a kind it hardly uses the colour word to choose between them: [refer] found such
+    # a shape 0.30 of the time where it found one alone of its kind 0.92 (docs/stage4.md, section 10). So the drill
+    # again, half its questions in such scenes about a shape of the shared kind: where it is, or where it lies
+    # against another shape.
+
+    @staticmethod
+    def shared_kind(scene: Scene) -> list[Shape]:
+        """The shapes of a scene that share their kind with another: only their colour tells them apart."""
+        kinds = [s.kind for s in scene.shapes]
+        return [s for s in scene.shapes if kinds.count(s.kind) > 1]
+
+    def same_kind_sample(self, scene: Scene, rng: random.Random) -> Sample:
+        """A [refer] or a position question (even odds) about a shape that shares its kind with another."""
+        t = rng.choice(self.shared_kind(scene))
+        if rng.random() < 0.5:
+            return self.task_sample(scene, "[refer]", rng, shape=t)
+        other = rng.choice([s for s in scene.shapes if s is not t])
+        a, b = (t, other) if rng.random() < 0.5 else (other, t)
+        q, answer = self.position_question(a, b, rng.choice(RELATIONS))
+        return Sample(scene, [(q, answer)], "[vqa]", {"answers": [answer], "qtype": "position"})
+
+    def same_kind_drill(self, split: str, n: int, seed: int = 0, asked: int = 3) -> list[tuple[int, Sample]]:
+        """question_drill's conversations, `asked` of the questions of each (at random turns) replaced, in a scene
+        with two shapes of one kind, by same_kind_sample's."""
+        rng = random.Random(f"{self.seed}-same-kind-{split}-{seed}")
+        out = []
+        for stage, sample in self.question_drill(split, n, seed):
+            turns = list(sample.turns)
+            if self.shared_kind(sample.image):
+                for i in rng.sample(range(len(turns)), asked):
+                    t = self.same_kind_sample(sample.image, rng)
+                    turns[i] = (f"{t.task} {t.turns[0][0]}", t.turns[0][1])
+            out.append((stage, Sample(sample.image, turns)))
+        return out
+
+    def same_kind_questions(self, split: str, n: int, seed: int = 0) -> list[Sample]:
+        """n same_kind_sample's, one for each of the first scenes of the split with two shapes of one kind."""
+        rng = random.Random(f"{self.seed}-same-kind-questions-{split}-{seed}")
+        scenes = [s for s in self.scenes(split, 8 * n) if self.shared_kind(s)][:n]
+        if len(scenes) < n:
+            raise ValueError(f"fewer than {n} scenes of split {split!r} have two shapes of one kind")
+        return [self.same_kind_sample(scene, rng) for scene in scenes]
 
     def typed_questions(self, qtype: str, split: str, n: int, seed: int = 0) -> list[Sample]:
         """n [vqa] samples of one question type, about the first scenes of the split that can be asked it."""

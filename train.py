@@ -76,7 +76,7 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
-    stage0_phases: str = "vit,qformer,lookup,language,questions"   # stage 0: which of these parts to run (in this order)
+    stage0_phases: str = "vit,qformer,lookup,language,questions"  # stage 0's parts, in order (+ same_kind, optional)
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the backbones, default the shipped ones)
@@ -827,7 +827,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = resolve(cfg)
     if cfg.stage == 0:
         batch_of = {"vit": cfg.batch_size, "qformer": cfg.batch_size, "lookup": LOOKUP_BATCH,
-                    "language": LANGUAGE_BATCH, "questions": QUESTIONS_BATCH}
+                    "language": LANGUAGE_BATCH, "questions": QUESTIONS_BATCH, "same_kind": QUESTIONS_BATCH}
         least = max(batch_of[p] for p in cfg.stage0_phases.split(","))   # a batch draws this many different scenes
         if not cfg.text and cfg.train_scenes < least:
             raise cli.UserError(f"--train-scenes {cfg.train_scenes}: stage 0 draws batches of {least} different "
@@ -1356,6 +1356,8 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0, rehearsal)
     if "questions" in phases:
         report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal)
+    if "same_kind" in phases:   # with a fresh writer, as the drill alone has: so it was measured (docs/stage4.md)
+        report["same_kind"] = drill_questions(model, None, world, cfg, rng, device, t0, rehearsal, same_kind=True)
     save_backbones(model, cfg, report, t0)
     return report
 
@@ -1554,16 +1556,17 @@ def pretrain_language(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConf
 
 
 def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, cfg: TrainConfig,
-                    rng: random.Random, device, t0: float, rehearsal: list = ()) -> dict:
+                    rng: random.Random, device, t0: float, rehearsal: list = (), same_kind: bool = False) -> dict:
     """The language model's second lesson, on the scenes in the image slots (stage 4's form): conversations of
     the questions the curriculum leaves weak (ShapesWorld.question_drill: [vqa] existence, position, colour, count
     of a kind, and [identify]), beside a few of the curriculum's lessons so that the other tasks are kept, and the
     lookup phase's `rehearsal` questions where it ran. Run after the curriculum, it goes on with its writer; run
     alone (--stage0-phases questions), with a fresh one (the writer is stage 0's scaffolding: it is not saved).
-    Returns the held-out accuracy per question type and per task."""
+    `same_kind`: the drill of stage 0's same_kind part (ShapesWorld.same_kind_drill). Returns the held-out accuracy
+    per question type, per task, and on questions about a shape that shares its kind."""
     tok = data.shapes_tokenizer()
     writer = writer or scene_writer(model, tok, device, "zero" if rehearsal else "random")
-    drill = world.question_drill("train", cfg.train_scenes)
+    drill = (world.same_kind_drill if same_kind else world.question_drill)("train", cfg.train_scenes)
     lessons = world.curriculum("train", cfg.train_scenes * LANGUAGE_SCENES)
     print(f"stage 0 | question drill: {len(drill):,} conversations of {len(drill[0][1].turns)} questions, "
           f"{QUESTIONS_BATCH} per iteration beside {QUESTIONS_LESSONS} curriculum lessons")
@@ -1571,7 +1574,8 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
                     + (rng.sample(rehearsal, LOOKUP_REHEARSAL) if rehearsal else []))
     train_in_slots(model, writer, draw, round(cfg.max_iters * QUESTIONS_ITERS), cfg, "drill", device, t0)
     report = {"by question type": question_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
-              "tasks": curriculum_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
+              "tasks": curriculum_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
+              "same kind": same_kind_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
     for part, row in report.items():
         print(f"held-out, scene as cells | {part}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return report
@@ -1763,9 +1767,9 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     return report
 
 
-STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions")   # in the order they run
+STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions", "same_kind")   # in the order they run
 STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all of them
-STAGE0_REPORTS = ("vision", "lookup", "language", "questions")   # their held-out read-outs, kept in the file's metadata
+STAGE0_REPORTS = ("vision", "lookup", "language", "questions", "same_kind")   # their held-out read-outs, in its metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
 LANGUAGE_LR = 3e-3
@@ -1812,6 +1816,18 @@ def question_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data
         scores = [evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)]
         out[qtype] = sum(scores) / len(scores)
     return out
+
+
+def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.ShapesWorld, tok: data.Tokenizer,
+                       device, n: int = 200) -> dict[str, float]:
+    """[refer] (IoU >= 0.5) and position accuracy on n held-out questions about a shape that shares its kind with
+    another of its scene (ShapesWorld.same_kind_questions: about half of each)."""
+    samples = world.same_kind_questions("val", n)
+    scores = {"[refer]": [], "position": []}
+    for s, a in zip(samples, greedy_answers(model, writer, samples, tok, device)):
+        scores[s.task if s.task == "[refer]" else "position"].append(evaluation.score(s, a)[
+            "iou>=0.5" if s.task == "[refer]" else "accuracy"])
+    return {k: sum(v) / len(v) for k, v in scores.items() if v}
 
 
 @torch.no_grad()

@@ -659,6 +659,38 @@ def test_question_drill_asks_the_weak_types_and_answers_them_true():
     assert 0.45 < answers.count("yes") / (answers.count("yes") + answers.count("no")) < 0.55
 
 
+def test_same_kind_drill_asks_about_shapes_told_apart_by_colour():
+    """Stage 0's same_kind part: the question drill's conversations, where a scene has two shapes of one kind three
+    of the six turns replaced by a [refer] or a position question about one of them (each answer the truth), and
+    the other conversations the drill's own; its held-out questions likewise, one per such scene."""
+    world = data.ShapesWorld()
+    pattern = r"\[vqa\] is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?"
+    tasks = []
+    for (_, plain), (_, s) in zip(world.question_drill("train", 300), world.same_kind_drill("train", 300)):
+        shared = {t.name: t for t in data.ShapesWorld.shared_kind(s.image)}
+        changed = [(q, a) for (q, a), old in zip(s.turns, plain.turns) if (q, a) != old]
+        assert len(s.turns) == len(plain.turns) and len(changed) <= 3 and (shared or not changed)
+        for q, a in changed:
+            if q.startswith("[refer] "):
+                name = q.removeprefix("[refer] give me the location of the ")
+                assert name in shared and a == data.format_box(shared[name].box)
+                tasks.append("[refer]")
+            else:
+                a_name, relation, b_name = re.fullmatch(pattern, q).groups()
+                assert a_name in shared or b_name in shared
+                q2, a2 = data.ShapesWorld.position_question(*(next(t for t in s.image.shapes if t.name == n)
+                                                             for n in (a_name, b_name)), relation)
+                assert a == a2
+                tasks.append("position")
+    assert 0.4 < tasks.count("[refer]") / len(tasks) < 0.6 and len(tasks) > 150
+    held_out = world.same_kind_questions("val", 40)
+    assert len(held_out) == 40 and len({id(s.image) for s in held_out}) == 40
+    for s in held_out:
+        names = {t.name for t in data.ShapesWorld.shared_kind(s.image)}
+        assert any(n in s.turns[0][0] for n in names)
+        assert s.task == "[refer]" and "box" in s.meta or s.meta["qtype"] == "position"
+
+
 def test_typed_questions_give_one_type_each_and_refuse_impossible_ones():
     world = data.ShapesWorld()
     for qtype in data.ShapesWorld.VQA_TYPES:

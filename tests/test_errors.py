@@ -91,7 +91,7 @@ CASES = [
     ("train.py", ["--stage", "0", "--text", "txt:{d}/broken.jpg"], "broken.jpg: not UTF-8 text"),
     ("train.py", ["--stage", "0", "--text", "captions:{d}/emptylist.json"], "emptylist.json: holds no records"),
     ("train.py", ["--stage", "0", "--stage0-phases", "language,drill"],
-     "give some of vit,qformer,lookup,language,questions"),
+     "give some of vit,qformer,lookup,language,questions,same_kind"),
     ("train.py", ["--stage", "1", "--stage0-phases", "questions"], "--stage0-phases belongs to --stage 0"),
     ("train.py", ["--stage", "0", "--stage0-phases", "vit,qformer", "--train-scenes", "16"],
      "stage 0 draws batches of 48 different scenes"),

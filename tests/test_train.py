@@ -396,16 +396,23 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     assert len(result["history"]) == 2
 
 
-def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path, monkeypatch):
-    """--stage0-phases questions: the question drill alone, from --init's backbones. The ViT and Q-Former come out
-    bit for bit as they went in, the LM changes, and the read-outs of the phases not run are carried over."""
+@pytest.mark.parametrize("phase", ["questions", "same_kind"])
+def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path, monkeypatch, phase):
+    """--stage0-phases questions (or same_kind): the question drill alone, from --init's backbones. The ViT and
+    Q-Former come out bit for bit as they went in, the LM changes, and the read-outs of the phases not run are
+    carried over; same_kind's drill is ShapesWorld.same_kind_drill."""
     from safetensors.torch import load_file
     out = tmp_path / "drilled.safetensors"
     sizes = []
     batch = train.curriculum_batch
     monkeypatch.setattr(train, "curriculum_batch", lambda model, writer, items, *a: sizes.append(len(items))
                         or batch(model, writer, items, *a))
-    report = train.train(train.TrainConfig(stage=0, stage0_phases="questions", init=str(train.STAGE0),
+    drills = []
+    for name in ("question_drill", "same_kind_drill"):
+        made = getattr(data.ShapesWorld, name)
+        monkeypatch.setattr(data.ShapesWorld, name, lambda self, *a, made=made, name=name, **k: drills.append(name)
+                            or made(self, *a, **k))
+    report = train.train(train.TrainConfig(stage=0, stage0_phases=phase, init=str(train.STAGE0),
                                            backbones=str(out), max_iters=2, train_scenes=32, log_interval=1,
                                            eval_samples=2))
     # the shipped LM grew the lookups: the drill rehearses them
@@ -419,9 +426,10 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
                if k in ("vision", "lookup", "language")}
     assert shipped.keys() == {"vision", "lookup", "language"}
     assert {k: report[k] for k in shipped} == shipped
-    assert json.loads(weights.read_metadata(out)["questions"]) == report["questions"]
-    assert set(report["questions"]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]",
-                                                 "[detection]"}
+    assert drills[0] == {"questions": "question_drill", "same_kind": "same_kind_drill"}[phase]
+    assert json.loads(weights.read_metadata(out)[phase]) == report[phase]
+    assert set(report[phase]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]", "[detection]"}
+    assert report[phase]["same kind"] and set(report[phase]["same kind"]) <= {"[refer]", "position"}   # 2 questions
 
 
 def test_scene_writer_box_map_random_zero_or_off():
