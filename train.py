@@ -1768,7 +1768,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
 
 
 STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions", "same_kind")   # in the order they run
-STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all of them
+STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all but same_kind
 STAGE0_REPORTS = ("vision", "lookup", "language", "questions", "same_kind")   # their held-out read-outs, in its metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
@@ -1825,8 +1825,8 @@ def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.Shape
     samples = world.same_kind_questions("val", n)
     scores = {"[refer]": [], "position": []}
     for s, a in zip(samples, greedy_answers(model, writer, samples, tok, device)):
-        scores[s.task if s.task == "[refer]" else "position"].append(evaluation.score(s, a)[
-            "iou>=0.5" if s.task == "[refer]" else "accuracy"])
+        kind, metric = ("[refer]", "iou>=0.5") if s.task == "[refer]" else ("position", "accuracy")
+        scores[kind].append(evaluation.score(s, a)[metric])
     return {k: sum(v) / len(v) for k, v in scores.items() if v}
 
 
