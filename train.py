@@ -1790,14 +1790,16 @@ LOOKUP_REHEARSAL = 16     # colour and shape questions then added to each curric
                           # in the slots (8 colour questions alone kept colour, and lost shape in one run of two)
 
 
+HEADLINE_METRIC = {"[vqa]": "accuracy", "[identify]": "accuracy", "[refer]": "iou>=0.5", "[caption]": "shape recall",
+                   "[grounding]": "box recall", "[detection]": "box recall"}   # each task's figure in stage 0's read-outs
+
+
 @torch.no_grad()
 def curriculum_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
                         device, n: int = 200) -> dict[str, float]:
     """Greedy answers on held-out scenes, scored as stage 4's evaluation scores them: the headline metric per task."""
-    headline = {"[vqa]": "accuracy", "[identify]": "accuracy", "[refer]": "iou>=0.5", "[caption]": "shape recall",
-                "[grounding]": "box recall", "[detection]": "box recall"}
     out = {}
-    for task, metric in headline.items():
+    for task, metric in HEADLINE_METRIC.items():
         samples = world.task_samples(task, "val", n)
         answers = greedy_answers(model, writer, samples, tok, device)
         scores = [evaluation.score(s, a)[metric] for s, a in zip(samples, answers)]
@@ -1825,8 +1827,8 @@ def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.Shape
     samples = world.same_kind_questions("val", n)
     scores = {"[refer]": [], "position": []}
     for s, a in zip(samples, greedy_answers(model, writer, samples, tok, device)):
-        kind, metric = ("[refer]", "iou>=0.5") if s.task == "[refer]" else ("position", "accuracy")
-        scores[kind].append(evaluation.score(s, a)[metric])
+        asked = s.task if s.task == "[refer]" else "position"          # its [vqa] questions are position ones
+        scores[asked].append(evaluation.score(s, a)[HEADLINE_METRIC[s.task]])
     return {k: sum(v) / len(v) for k, v in scores.items() if v}
 
 
