@@ -160,7 +160,7 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
                             f"\"what shape is the red one?\"")
     if stage == 3 and question:
         note("stage 3 was trained on one kind of instruction, to describe the picture; its answer to another "
-             "question is a guess (stage 4 is trained on questions)")
+             "question rests on what its language model knew before (stage 4 is trained on questions)")
     if cfg.task and stage != 4:
         note(f"--task {cfg.task} needs a stage-4 model; a stage-{stage} one has no task identifiers: ignored")
     if cfg.draw and stage != 4:

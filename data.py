@@ -1402,7 +1402,7 @@ class ShapesWorld:
             out.append((4, Sample(scene, turns)))           # each turn names its task, as the curriculum's
         return out
 
-    # Stage 0's optional last lesson (its same_kind part): the LM finds a shape by its kind (the lookup phase taught it
+    # Stage 0's last lesson (its same_kind part): the LM finds a shape by its kind (the lookup phase taught it
     # so), and when two shapes share a kind it hardly uses the colour word to choose between them: [refer] found such
     # a shape 0.30 of the time where it found one alone of its kind 0.92 (docs/stage4.md, section 10). So the drill
     # again, half its questions in such scenes about a shape of the shared kind: where it is, or where it lies

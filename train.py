@@ -4,7 +4,7 @@ train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tin
     python train.py --stage 1            # the built-in shapes world and the tiny preset, on a laptop CPU
     python train.py --stage 2            # ... each stage starts from the previous stage's output
     python train.py --stage 0            # rebuild the shipped pretrained tiny backbones (assets/stage0.safetensors)
-    python train.py --stage 0 --stage0-phases questions    # only its last part: the LM's question drill
+    python train.py --stage 0 --stage0-phases same_kind    # only its last part: the LM's same-kind drill
     python train.py --stage 1 --phi phi-2/ --blip2 blip2-flan-t5-xxl/ --data captions.jsonl --image-root images/
     torchrun --nproc_per_node=2 train.py --stage 1      # DistributedDataParallel, one data shard per rank
     python train.py --recipe tinyllava --stage 1        # the sibling designs (tinyllava, imp): stages 1, then 4
@@ -76,7 +76,7 @@ class TrainConfig:
     preset: str = "tiny"            # model sizes when no public weights are given (tinygptv: the real ones)
     backbones: str = ""             # the tiny ViT, Q-Former and LM (default: OUT_DIR/stage0's, else the shipped)
     text: str = ""                  # stage 0: teach the tiny LM your words (txt:FILE or --data entries, comma-separated)
-    stage0_phases: str = "vit,qformer,lookup,language,questions"  # stage 0's parts, in order (+ same_kind, optional)
+    stage0_phases: str = "vit,qformer,lookup,language,questions,same_kind"  # stage 0's parts, in order
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the backbones, default the shipped ones)
@@ -1768,7 +1768,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
 
 
 STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions", "same_kind")   # in the order they run
-STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all but same_kind
+STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all of them
 STAGE0_REPORTS = ("vision", "lookup", "language", "questions", "same_kind")   # their held-out read-outs, in its metadata
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
