@@ -1334,8 +1334,13 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     if stage0_reads_init(phases):             # the parts not run again keep the weights (and read-outs) of --init
         source = Path(cfg.init) if cfg.init else STAGE0
         weights.load_checkpoint(model, source)
-        report = {k: json.loads(v) for k, v in weights.read_metadata(source).items() if k in STAGE0_REPORTS}
-        print(f"stage 0 | {', '.join(p for p in STAGE0_PHASES if p not in phases)}: from {source}")
+        # a language part's read-out describes the LM as that part left it: a part before it run now changes that LM
+        lm_from = min([STAGE0_PHASES.index(p) for p in phases if p in STAGE0_LM_PHASES], default=len(STAGE0_PHASES))
+        kept = [p for i, p in enumerate(STAGE0_PHASES)
+                if p not in phases and (p not in STAGE0_LM_PHASES or i < lm_from)]
+        report = {k: json.loads(v) for k, v in weights.read_metadata(source).items()
+                  if k in STAGE0_REPORTS and (k == "vision" or k in kept)}
+        print(f"stage 0 | {', '.join(kept) or 'nothing'} kept from {source}")
     if "vit" in phases or "qformer" in phases:
         heads = VisionPretrainHeads(model.cfg.qformer.num_queries, model.cfg.qformer.hidden,
                                     model.cfg.vit.width).to(device)
@@ -1770,6 +1775,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
 STAGE0_PHASES = ("vit", "qformer", "lookup", "language", "questions", "same_kind")   # in the order they run
 STAGE0_DEFAULT = TrainConfig.stage0_phases                       # what built the shipped file: all of them
 STAGE0_REPORTS = ("vision", "lookup", "language", "questions", "same_kind")   # their held-out read-outs, in its metadata
+STAGE0_LM_PHASES = STAGE0_PHASES[2:]                                   # the parts that train the language model
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
 LANGUAGE_LR = 3e-3

@@ -401,8 +401,9 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
 @pytest.mark.parametrize("phase", ["questions", "same_kind"])
 def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path, monkeypatch, phase):
     """--stage0-phases questions (or same_kind): the question drill alone, from --init's backbones. The ViT and
-    Q-Former come out bit for bit as they went in, the LM changes, and the read-outs of the phases not run are
-    carried over; same_kind's drill is ShapesWorld.same_kind_drill."""
+    Q-Former come out bit for bit as they went in, the LM changes, and the read-outs of the parts before it are
+    carried over (not those after it: they described the LM before this drill); same_kind's drill is
+    ShapesWorld.same_kind_drill."""
     from safetensors.torch import load_file
     out = tmp_path / "drilled.safetensors"
     sizes = []
@@ -428,6 +429,9 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
                if k in ("vision", "lookup", "language")}
     assert shipped.keys() == {"vision", "lookup", "language"}
     assert {k: report[k] for k in shipped} == shipped
+    # a read-out of a part after the one run now described the shipped LM, not this one: it is not carried
+    carried = {"questions": None, "same_kind": json.loads(weights.read_metadata(train.STAGE0)["questions"])}
+    assert report.get({"questions": "same_kind", "same_kind": "questions"}[phase]) == carried[phase]
     assert drills[0] == {"questions": "question_drill", "same_kind": "same_kind_drill"}[phase]
     assert json.loads(weights.read_metadata(out)[phase]) == report[phase]
     assert set(report[phase]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]", "[detection]"}
@@ -477,6 +481,7 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     assert report["lookup"]["tries"] == tries and inits[-tries:] == [seed + i for i in range(tries)]
     assert set(report["lookup"]) == {"tries", "colour", "shape"}
     assert json.loads(weights.read_metadata(out)["lookup"]) == report["lookup"]
+    assert "same_kind" not in report and "same_kind" not in weights.read_metadata(out)   # the shipped LM's read-out
     # the lookups are learnt on cells without boxes; the curriculum's box map starts at zero and is learnt
     assert len(writers) == tries + 2
     assert all(not w.box.weight.any() and not w.box.weight.requires_grad for w in writers[:tries + 1])
