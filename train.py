@@ -1486,18 +1486,25 @@ def box_features(v: torch.Tensor) -> torch.Tensor:
 
 def curriculum_batch(model: tv.TinyVLM, writer: SceneWriter | None, items: list, tok: data.Tokenizer,
                      device) -> torch.Tensor:
-    """The answer-only loss on (stage, sample) pairs, the scene given as words (writer None: written out in text)
-    or as the writer's cells in the image slots."""
+    """The answer-only loss (the mean over the answer tokens) on (stage, sample) pairs, the scene given as words
+    (writer None: written out in text) or as the writer's cells in the image slots. The batch runs as LENGTH_GROUPS
+    batches of similar length, each padded to its own longest: the loss is the same, a step's work a third less."""
     grid = math.isqrt(model.cfg.num_image_tokens)
     encoded = [data.encode(s, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
                            image_text=None if writer else s.image.text(grid)) for stage, s in items]
-    batch = data.collate([{"input_ids": ids, "labels": labels, "index": i} for i, (ids, labels) in enumerate(encoded)],
-                         tok.eos_id)
-    ids = batch["input_ids"].to(device)
-    x = model.embed(ids, writer([s.image for _, s in items]) if writer else None)
-    logits = model.phi(inputs_embeds=x, attention_mask=batch["attention_mask"].to(device))
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten().to(device),
-                           ignore_index=tv.IGNORE_INDEX)
+    cells = writer([s.image for _, s in items]) if writer else None           # (B, Q, C), in the items' order
+    n_answer = sum(label != tv.IGNORE_INDEX for _, labels in encoded for label in labels[1:])
+    by_length = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
+    size = -(-len(items) // LENGTH_GROUPS)
+    loss_sum = 0.0
+    for group in (by_length[g:g + size] for g in range(0, len(items), size)):
+        batch = data.collate([{"input_ids": encoded[i][0], "labels": encoded[i][1], "index": i} for i in group],
+                             tok.eos_id)
+        x = model.embed(batch["input_ids"].to(device), cells[group] if writer else None)
+        logits = model.phi(inputs_embeds=x, attention_mask=batch["attention_mask"].to(device))
+        loss_sum = loss_sum + F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten().to(device),
+                                              ignore_index=tv.IGNORE_INDEX, reduction="sum")
+    return loss_sum / n_answer
 
 
 def scene_writer(model: tv.TinyVLM, tok: data.Tokenizer, device, boxes: str = "random") -> SceneWriter:
@@ -1620,24 +1627,23 @@ def train_in_slots(model: tv.TinyVLM, writer: SceneWriter, draw, iters: int, cfg
 
 def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, rng: random.Random, device,
                  t0: float) -> dict:
-    """The two lookups, in the slots (cells without boxes), on a fresh LM: colour questions alone (LOOKUP_ITERS,
-    tried again from another initialisation, up to LOOKUP_TRIES times, while held-out colour stays below
-    LOOKUP_TURNED), then colour and shape questions (LOOKUP_ITERS), each question a conversation of its own (in a
-    conversation, once one shape's colour is said another's can be had by elimination). Returns the tries and the
-    held-out colour and shape."""
+    """The two lookups, in the slots (cells without boxes), on a fresh LM: colour questions alone
+    (LOOKUP_COLOUR_ITERS, tried again from another initialisation, up to LOOKUP_TRIES times, while held-out colour
+    stays below LOOKUP_TURNED), then colour and shape questions (LOOKUP_ITERS), each question a conversation of its
+    own (in a conversation, once one shape's colour is said another's can be had by elimination). Returns the tries
+    and the held-out colour and shape."""
     tok = data.shapes_tokenizer()
     pool = {q: [(4, s) for s in world.typed_questions(q, "train", cfg.train_scenes * LOOKUP_SCENES)]
             for q in ("colour", "shape")}
     print(f"stage 0 | lookup: {len(pool['colour']):,} colour and {len(pool['shape']):,} shape questions, "
           f"{LOOKUP_BATCH} per iteration")
-    iters = round(cfg.max_iters * LOOKUP_ITERS)
     held_out = lambda writer, qtypes: question_accuracy(model, writer, world, tok, device, cfg.eval_samples, qtypes)
     for tries in range(1, LOOKUP_TRIES + 1):
         torch.manual_seed(cfg.seed + tries - 1)
         model.phi.load_state_dict(tv.Phi(model.cfg.phi).state_dict())          # a fresh LM, a fresh writer
         writer = scene_writer(model, tok, device, "off")
-        train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH), iters, cfg,
-                       "lookup by kind", device, t0)
+        train_in_slots(model, writer, lambda: rng.sample(pool["colour"], LOOKUP_BATCH),
+                       round(cfg.max_iters * LOOKUP_COLOUR_ITERS), cfg, "lookup by kind", device, t0)
         colour = held_out(writer, ("colour",))["colour"]
         print(f"lookup by kind, initialisation {tries}: held-out colour {colour:.3f}"
               + (" (turned)" if colour >= LOOKUP_TURNED else " (on the plateau)"))
@@ -1645,7 +1651,8 @@ def grow_lookups(model: tv.TinyVLM, world: data.ShapesWorld, cfg: TrainConfig, r
             break
     writer = scene_writer(model, tok, device, "off")
     both = lambda: rng.sample(pool["colour"], LOOKUP_BATCH // 2) + rng.sample(pool["shape"], LOOKUP_BATCH // 2)
-    train_in_slots(model, writer, both, iters, cfg, "lookups by kind and colour", device, t0)
+    train_in_slots(model, writer, both, round(cfg.max_iters * LOOKUP_ITERS), cfg, "lookups by kind and colour",
+                   device, t0)
     report = {"tries": tries, **held_out(writer, ("colour", "shape"))}
     print("held-out, scene as cells | lookups: " + ", ".join(f"{k} {v:.3f}" if k != "tries" else f"{k} {v}"
                                                            for k, v in report.items()))
@@ -1778,6 +1785,8 @@ STAGE0_REPORTS = ("vision", "lookup", "language", "questions", "same_kind")   # 
 STAGE0_LM_PHASES = STAGE0_PHASES[2:]                                   # the parts that train the language model
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
+LENGTH_GROUPS = 3         # a stage-0 batch runs as this many of similar length (padding a drill batch of 6-question
+                          # conversations and 1-question rehearsals to its longest wasted 40% of its tokens)
 LANGUAGE_LR = 3e-3
 LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
 LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
@@ -1787,8 +1796,9 @@ QUESTIONS_LESSONS = 8     # ... beside this many curriculum lessons
 QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of its questions (docs/stage4.md)
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 LOOKUP_BATCH = 128        # the lookup phase's questions per iteration, one per conversation
-LOOKUP_ITERS = 0.75       # iterations of each of its two parts per --max-iters (600: with boxes in the cells the
-                          # turn came within 600)
+LOOKUP_COLOUR_ITERS = 0.25  # iterations of its colour questions alone per --max-iters (200: the turn came within
+                            # 100, its loss 0.001 by then and held-out colour 1.000 after 600)
+LOOKUP_ITERS = 0.75       # iterations of its colour and shape questions per --max-iters
 LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (without boxes the first has turned) ...
 LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
 LOOKUP_SCENES = 3         # scenes per --train-scenes the lookup questions are drawn from

@@ -461,7 +461,8 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     curriculum and the drill (their box map starting at zero) add LOOKUP_REHEARSAL colour and shape questions to
     every batch with the scene in the slots, and to no other."""
     from safetensors.torch import load_file
-    monkeypatch.setattr(train, "LOOKUP_ITERS", 1)                  # per --max-iters: 2 iterations a part
+    monkeypatch.setattr(train, "LOOKUP_COLOUR_ITERS", 1)           # per --max-iters: 2 iterations a part
+    monkeypatch.setattr(train, "LOOKUP_ITERS", 1)
     monkeypatch.setattr(train, "LOOKUP_TRIES", 2)
     monkeypatch.setattr(train, "LOOKUP_TURNED", 1.01)              # never turns: both tries run
     inits, batches, writers = [], [], []
