@@ -1361,8 +1361,9 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0, rehearsal)
     if "questions" in phases:
         report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal)
-    if "same_kind" in phases:   # with a fresh writer, as the drill alone has: so it was measured (docs/stage4.md)
-        report["same_kind"] = drill_questions(model, None, world, cfg, rng, device, t0, rehearsal, same_kind=True)
+    if "same_kind" in phases:   # after the question drill with a fresh writer, as it was measured (docs/stage4.md);
+        writer = writer if "questions" not in phases else None     # straight after the curriculum with its writer
+        report["same_kind"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal, same_kind=True)
     save_backbones(model, cfg, report, t0)
     return report
 
@@ -1573,7 +1574,7 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
     the questions the curriculum leaves weak (ShapesWorld.question_drill: [vqa] existence, position, colour, count
     of a kind, and [identify]), beside a few of the curriculum's lessons so that the other tasks are kept, and the
     lookup phase's `rehearsal` questions where it ran. Run after the curriculum, it goes on with its writer; run
-    alone (--stage0-phases questions), with a fresh one (the writer is stage 0's scaffolding: it is not saved).
+    alone or after another drill, with a fresh one (the writer is stage 0's scaffolding: it is not saved).
     `same_kind`: the drill of stage 0's same_kind part (ShapesWorld.same_kind_drill). Returns the held-out accuracy
     per question type, per task, and on questions about a shape that shares its kind."""
     tok = data.shapes_tokenizer()

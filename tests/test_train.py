@@ -455,11 +455,12 @@ def test_scene_writer_box_map_random_zero_or_off():
         assert all(any(torch.equal(x[j], e) for j in range(x.shape[0])) for e in model.phi.embed_tokens(ids).sum(1))
 
 
-def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch):
-    """--stage0-phases lookup,language,questions: the LM is built afresh (tried again while held-out colour stays
+@pytest.mark.parametrize("drill", ["questions", "same_kind"])
+def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch, drill):
+    """--stage0-phases lookup,language,DRILL: the LM is built afresh (tried again while held-out colour stays
     below LOOKUP_TURNED, at most LOOKUP_TRIES times) and learns the lookups on cells without boxes, then the
-    curriculum and the drill (their box map starting at zero) add LOOKUP_REHEARSAL colour and shape questions to
-    every batch with the scene in the slots, and to no other."""
+    curriculum and the drill (their box map starting at zero; the drill goes on with the curriculum's writer) add
+    LOOKUP_REHEARSAL colour and shape questions to every batch with the scene in the slots, and to no other."""
     from safetensors.torch import load_file
     monkeypatch.setattr(train, "LOOKUP_COLOUR_ITERS", 1)           # per --max-iters: 2 iterations a part
     monkeypatch.setattr(train, "LOOKUP_ITERS", 1)
@@ -474,7 +475,7 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     monkeypatch.setattr(train, "curriculum_batch", lambda model, writer, items, *a: batches.append(
         (writer is not None, [s.turns[0][0] for _, s in items])) or batch(model, writer, items, *a))
     out = tmp_path / "lookups.safetensors"
-    report = train.train(train.TrainConfig(stage=0, stage0_phases="lookup,language,questions", init=str(train.STAGE0),
+    report = train.train(train.TrainConfig(stage=0, stage0_phases=f"lookup,language,{drill}", init=str(train.STAGE0),
                                            backbones=str(out), max_iters=2, train_scenes=128, log_interval=1,
                                            eval_samples=2))
     tries = train.LOOKUP_TRIES
@@ -482,8 +483,10 @@ def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehea
     assert report["lookup"]["tries"] == tries and inits[-tries:] == [seed + i for i in range(tries)]
     assert set(report["lookup"]) == {"tries", "colour", "shape"}
     assert json.loads(weights.read_metadata(out)["lookup"]) == report["lookup"]
-    assert "same_kind" not in report and "same_kind" not in weights.read_metadata(out)   # the shipped LM's read-out
-    # the lookups are learnt on cells without boxes; the curriculum's box map starts at zero and is learnt
+    other = {"questions": "same_kind", "same_kind": "questions"}[drill]      # a read-out of the shipped LM, if any
+    assert other not in report and other not in weights.read_metadata(out)
+    # the lookups are learnt on cells without boxes; the curriculum's box map starts at zero and is learnt, and the
+    # drill goes on with it
     assert len(writers) == tries + 2
     assert all(not w.box.weight.any() and not w.box.weight.requires_grad for w in writers[:tries + 1])
     assert writers[-1].box.weight.requires_grad and writers[-1].box.weight.any()
