@@ -1361,8 +1361,8 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         report["language"], writer = pretrain_language(model, world, cfg, rng, device, t0, rehearsal)
     if "questions" in phases:
         report["questions"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal)
-    if "same_kind" in phases:   # after the question drill with a fresh writer, as it was measured (docs/stage4.md);
-        writer = writer if "questions" not in phases else None     # straight after the curriculum with its writer
+    if "same_kind" in phases:   # a fresh writer after the question drill (so it was measured, docs/stage4.md),
+        writer = writer if "questions" not in phases else None     # else the curriculum's, as the question drill has
         report["same_kind"] = drill_questions(model, writer, world, cfg, rng, device, t0, rehearsal, same_kind=True)
     save_backbones(model, cfg, report, t0)
     return report
@@ -1787,7 +1787,7 @@ STAGE0_LM_PHASES = STAGE0_PHASES[2:]                                   # the par
 QFORMER_SCENES = 3        # the Q-Former's scenes, per --train-scenes (the ViT's)
 LANGUAGE_BATCH = 32       # lessons per iteration
 LENGTH_GROUPS = 3         # a stage-0 batch runs as this many of similar length (padding a drill batch of 6-question
-                          # conversations and 1-question rehearsals to its longest wasted 40% of its tokens)
+                          # conversations and 1-question rehearsals to its longest wasted up to 40% of its tokens)
 LANGUAGE_LR = 3e-3
 LANGUAGE_SCENES = 1       # scenes for the curriculum, per --train-scenes
 LANGUAGE_ITERS = 3        # language iterations per --max-iters: the curriculum is what takes time
@@ -1798,7 +1798,7 @@ QUESTIONS_LR = 2e-3       # [identify] rises late, after tens of thousands of it
 QUESTIONS_ITERS = 1.5     # drill iterations per --max-iters
 LOOKUP_BATCH = 128        # the lookup phase's questions per iteration, one per conversation
 LOOKUP_COLOUR_ITERS = 0.25  # iterations of its colour questions alone per --max-iters (200: the turn came within
-                            # 100, its loss 0.001 by then and held-out colour 1.000 after 600)
+                            # 100, its loss 0.001 by then; held-out colour 1.000 after 200)
 LOOKUP_ITERS = 0.75       # iterations of its colour and shape questions per --max-iters
 LOOKUP_TRIES = 3          # initialisations tried for the lookup by kind (without boxes the first has turned) ...
 LOOKUP_TURNED = 0.9       # ... until held-out colour reaches this (the plateau sits at 0.6-0.7)
