@@ -349,6 +349,10 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
             first, _ = runner.prefill(ids, max_len)
             torch.save({"logits": first.float(), "features": runner.features(pixels).float(), "tokens": tokens},
                        Path(paths["phi"]).parent / f"parity-{job['impl']}.pt")
+    if job["impl"] == "ours" and job["dtype"] in ("bf16", "bf16-file") and weights.BF16_ROW_SECONDS:
+        candidates = ("mv", "linear") if job["dtype"] == "bf16" else tuple(weights.BF16_ROW_SECONDS)
+        result["bf16_row_kernel"] = weights.bf16_row_kernel(candidates)     # what its decode took, timed in-process
+        result["bf16_row_ms"] = {k: round(1e3 * t, 2) for k, t in weights.BF16_ROW_SECONDS.items()}
     result["peak_rss_gb"] = peak_rss_gb()
     return result
 
@@ -655,6 +659,17 @@ def cpu_description() -> str:
             f"torch kernels: {torch.backends.cpu.get_cpu_capability()}")
 
 
+def bf16_kernels(inf: dict) -> str:
+    """Which one-row kernel each bf16 row decoded with: the fastest on this CPU, timed in its own process."""
+    said = [f"{name.split()[1]} {r['bf16_row_kernel']}" for name, r in inf.items() if "bf16_row_kernel" in r]
+    timed = next((r["bf16_row_ms"] for r in inf.values() if "bf16_row_ms" in r), None)
+    if not said:
+        return ""
+    times = ", ".join(f"{k} {ms} ms" for k, ms in timed.items())
+    return (f" (one row: the kernel this CPU streams fastest, timed in each process: {', '.join(said)}; the bf16 "
+            f"row may take mv or linear, the file any of them; its timing over 84 MB of weights: {times})")
+
+
 def table(results: dict, bc: BenchConfig) -> str:
     import transformers
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
@@ -680,8 +695,8 @@ def table(results: dict, bc: BenchConfig) -> str:
                   "for times and memory lower is better, for tokens/s higher. int8 decodes one token with FBGEMM's "
                   "int8 product (the activations quantized per token, W8A8); int8-w8a16 is the same file on the "
                   "weight-only kernel (bf16 activations). bf16 is the public weights loaded in bf16; bf16-file "
-                  "is quantize.py's bf16 file, memory-mapped as it lies (both decode one row through torch.mv's "
-                  "bf16 kernel). Each transformers row is the mean of a run before ours and one after "
+                  "is quantize.py's bf16 file, memory-mapped as it lies"
+                  + bf16_kernels(inf) + ". Each transformers row is the mean of a run before ours and one after "
                   "(the machine's speed drifts).", "",
                   "| model | load s | peak RSS GB | image encode s | prefill tok/s | decode tok/s | decode GB/s (of limit) |",
                   "|---|---|---|---|---|---|---|"]

@@ -23,9 +23,10 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
                   where torch's bf16 and fp16 matrix-vector products reach 19-20 (four Phi-2 layers, one row),
                   and beats the widened fp32 product at 256 rows too (90 vs 163 ms, 10240 x 2560): on a CPU
                   without bf16 instructions it is the fast half-precision model.
-    bf16          one row: torch.mv's kernel (fp32 sums), which streams the weight at memory speed on any CPU;
-                  many rows: F.linear in bf16 on a CPU with avx512_bf16 or AMX, else widened to fp32 a block at a
-                  time (Bf16Linear says why and by how much)
+    bf16          one row: whichever of torch.mv, F.linear and oneDNN's packed kernel streams the weight fastest
+                  on this CPU, timed once per process (weights.bf16_row_kernel); many rows: F.linear in bf16 on a
+                  CPU with avx512_bf16 or AMX (or the packed kernel, once packed), else widened to fp32 a block at
+                  a time (Bf16Linear says why and by how much)
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
 Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512 code uses aligned vector loads.
 
@@ -343,19 +344,27 @@ class Fp16Linear(HalfLinear):
 
 class Bf16Linear(HalfLinear):
     """A Linear whose weight is bf16, taken as it lies in the file (memory-mapped). One row (decoding) goes through
-    torch.mv's kernel (weights.bf16_matrix_vector), which streams the weight at memory speed; many rows through
-    F.linear in bf16 on a CPU with bf16 instructions (avx512_bf16, AMX), widened to fp32 a block at a time elsewhere.
-    Its first form packed the weight once into oneDNN's layout: twice F.linear's one-row speed (2-core AVX-512 EPYC,
-    10240 x 2560: 2.0 against 3.9 ms), but a second copy of every weight; torch.mv on the plain weight is faster
-    still on a 2-core Xeon (1.63 against 1.92 ms packed, 2.06 F.linear) and keeps one copy."""
+    the kernel that streams a bf16 weight fastest on this CPU (weights.bf16_row_kernel, timed once per process):
+    torch.mv on the plain weight on a 2-core Intel Xeon (32 GB/s), oneDNN on the weight packed once into its
+    blocked layout on a 2-core AMD EPYC (Zen 4: 21-25 GB/s, where torch.mv streams 8-18); packed, the weight serves
+    every row count (its file pages handed back: one copy still). Many rows otherwise: F.linear in bf16 on a CPU
+    with bf16 instructions (avx512_bf16, AMX), widened to fp32 a block at a time elsewhere."""
 
     FAST = True
     DTYPE = torch.bfloat16
 
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] == 1:
+        one_row = x2.shape[0] == 1
+        kernels = ("mv", "linear", "packed") if weights.PACKED_BF16 else ("mv", "linear")
+        kernel = weights.bf16_row_kernel(kernels) if one_row else None      # timed at the first one-row product
+        if self._packed is None and one_row and kernel == "packed":
+            self._packed = weights.pack_bf16(aligned(self.weight))
+            weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
+        if self._packed is not None:
+            return weights.packed_bf16_product(aligned(x2.to(torch.bfloat16)), self._packed)
+        if one_row and kernel == "mv":
             return weights.bf16_matrix_vector(x2.to(torch.bfloat16), self.weight)
-        if weights.NATIVE_BF16:
+        if one_row or weights.NATIVE_BF16:
             return F.linear(x2.to(torch.bfloat16), self.weight)
         return weights.WidenedLinear.apply(x2, self.weight, None, torch.float32)
 

@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1077,22 +1078,79 @@ class WidenedLinear(torch.autograd.Function):
 
 
 def bf16_matrix_vector(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """One row x (..., in) times a bf16 weight w (out, in) on a CPU, plus b, through torch.mv: its kernel sums in
-    fp32 and streams the weight at memory speed, where F.linear's one-row call does not (2-core Xeon, one 10240 x
-    2560 matrix: 1.63-1.69 ms, 31-32 GB/s, against 2.06-2.10 ms; 2560 x 10240: 1.56-1.64 against 2.76-3.00 ms). Its
-    result is F.linear's to within one bf16 rounding, with the same error against fp64. Decoding is this product."""
+    """One row x (..., in) times a bf16 weight w (out, in) on a CPU, plus b, through torch.mv's kernel (fp32 sums).
+    Its result is F.linear's to within one bf16 rounding, with the same error against fp64."""
     v = x.reshape(-1)
     y = torch.mv(w, v) if b is None else torch.addmv(b, w, v)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+# One bf16 row times a weight is every product of a decode step, and it has three kernels on a CPU. Which of them
+# streams the weight fastest depends on the machine, and not on anything a rule could read off its flags (2 threads,
+# one row, Phi-2's weight shapes out of cache, GB/s of weights):
+#
+#                                                  2-core Intel Xeon (AMX)    2-core AMD EPYC Zen 4
+#   "mv":     torch.mv, plain layout                     29-32                      7.6-18
+#   "linear": F.linear (oneDNN), plain layout             19-25                      13-21
+#   "packed": oneDNN, the weight packed once              27                         21-25
+#
+# (both have avx512_bf16; docs/performance.md has the tables). So the first one-row product of a process times the
+# kernels once, on weights of Phi-2's two shapes out of the cache, and every layer takes the fastest it can: a
+# loaded model "mv" or "linear" (packing would hold a second copy of its weights), quantize.py's bf16 file any of
+# the three (it packs in place of its memory-mapped pages). Set BF16_ROW_SECONDS to skip the timing (tests do).
+BF16_ROW_SECONDS: dict[str, float] | None = None
+PACKED_BF16 = (NATIVE_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))      # oneDNN's packed bf16 kernel is usable
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """w (out, in) in oneDNN's blocked layout, for one row at a time (the batch-size hint)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def packed_bf16_product(x2: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x2 (N, in) bf16 times a weight made by pack_bf16: (N, out) bf16, fp32 sums."""
+    return torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+
+
+def time_bf16_row_kernels(rounds: int = 3) -> dict[str, float]:
+    """Seconds each one-row bf16 kernel takes over four weights (2 x 4096 x 2560, 2 x 2560 x 4096, 84 MB: more
+    than the caches), the least of `rounds` passes, the kernels taking turns so that a drift in the machine's
+    speed hits them alike. About half a second, once per process."""
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.rand(shape, generator=g).to(torch.bfloat16) for shape in [(4096, 2560), (2560, 4096)] * 2]
+    rows = [torch.rand(1, m.shape[1], generator=g).to(torch.bfloat16) for m in mats]
+    kernels = {"mv": lambda i: bf16_matrix_vector(rows[i], mats[i]), "linear": lambda i: F.linear(rows[i], mats[i])}
+    if PACKED_BF16:
+        packed = [pack_bf16(m) for m in mats]
+        kernels["packed"] = lambda i: packed_bf16_product(rows[i], packed[i])
+    best = dict.fromkeys(kernels, math.inf)
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                for i in range(len(mats)):
+                    kernel(i)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bf16_row_kernel(candidates: tuple[str, ...] = ("mv", "linear", "packed")) -> str:
+    """The fastest of candidates for one bf16 row on this CPU (timed once per process: BF16_ROW_SECONDS)."""
+    global BF16_ROW_SECONDS
+    if BF16_ROW_SECONDS is None:
+        BF16_ROW_SECONDS = time_bf16_row_kernels()
+    return min((c for c in candidates if c in BF16_ROW_SECONDS), key=BF16_ROW_SECONDS.__getitem__)
 
 
 class CPUHalfLinear(nn.Linear):
     """nn.Linear, with the CPU policy: a half-precision weight that takes no gradient (inference, or frozen in
     training) times many rows (prefill, image encoding, training) is widened to fp32 a block at a time, unless it
     is bf16 and the CPU multiplies bf16 natively (NATIVE_BF16); a few rows (decoding) stay in half precision, where
-    the weight's bytes and not the arithmetic are the cost (one bf16 row: bf16_matrix_vector, on any CPU); an fp32
-    weight under CPU autocast (a trained projection) is not cast down. The output has the dtype the plain layer
-    would give (autocast's, else the input's): the policy changes speed and rounding, not the activations' dtype."""
+    the weight's bytes and not the arithmetic are the cost (one bf16 row: torch.mv or F.linear, whichever is faster
+    on this CPU: bf16_row_kernel); an fp32 weight under CPU autocast (a trained projection) is not cast down. The
+    output has the dtype the plain layer would give (autocast's, else the input's): the policy changes speed and
+    rounding, not the activations' dtype."""
 
     MIN_ROWS = 16        # the crossover: 16 rows x (10240 x 2560) take 18 ms widened against 42 ms in bf16
 
@@ -1107,7 +1165,8 @@ class CPUHalfLinear(nn.Linear):
         if slow_half and frozen and x.numel() >= self.MIN_ROWS * x.shape[-1]:
             return WidenedLinear.apply(x, w, b, out_dtype)
         one_bf16_row = w.dtype == x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
-        if one_bf16_row and frozen and not autocast and (b is None or b.dtype == w.dtype):
+        if (one_bf16_row and frozen and not autocast and (b is None or b.dtype == w.dtype)
+                and bf16_row_kernel(("mv", "linear")) == "mv"):
             return bf16_matrix_vector(x, w, b)
         if w.dtype == torch.float32 and out_dtype != torch.float32:
             with torch.autocast("cpu", enabled=False):

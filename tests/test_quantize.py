@@ -90,29 +90,54 @@ def test_fp16_matches_its_reference(linear):
         q.Fp16Linear.from_linear(too_big)
 
 
-def test_bf16_matches_its_reference(linear, monkeypatch):
-    """bf16 products summed in fp32, the output rounded to bf16 once: one row through torch.mv's kernel on any CPU,
-    many rows through F.linear in bf16 on a CPU with bf16 instructions, widened to fp32 elsewhere (both kinds of
-    CPU simulated, whichever this one is); each path is counted, as the numbers alone cannot tell them apart."""
-    layer = q.Bf16Linear.from_linear(linear)
+@pytest.mark.parametrize("fastest", ["mv", "linear", "packed"])
+def test_bf16_matches_its_reference(linear, monkeypatch, fastest):
+    """bf16 products summed in fp32, the output rounded to bf16 once. One row through the kernel this CPU streams
+    fastest (each simulated: torch.mv, F.linear, oneDNN's packed layout, which then serves every row count); many
+    rows otherwise through F.linear in bf16 on a CPU with bf16 instructions, widened to fp32 elsewhere (both kinds
+    of CPU simulated too); each path is counted, as the numbers alone cannot tell them apart."""
+    if fastest == "packed" and not weights.PACKED_BF16:
+        pytest.skip("oneDNN's packed bf16 kernel needs bf16 instructions (avx512_bf16, AMX) and torch's mkldnn ops")
+    monkeypatch.setattr(weights, "BF16_ROW_SECONDS", {name: 1.0 + (name != fastest) for name in ("mv", "linear",
+                                                                                                   "packed")})
     x1, x40 = torch.randn(1, 512).bfloat16(), torch.randn(40, 512).bfloat16()
-    layer.path = "reference"
-    reference1, reference40 = layer(x1.float()), layer(x40.float())       # fp32 sums of the same bf16 operands
+    reference = q.Bf16Linear.from_linear(linear)
+    reference.path = "reference"
+    reference1, reference40 = reference(x1.float()), reference(x40.float())   # fp32 sums of the same bf16 operands
     assert rel_err(reference40, linear(x40.float()).detach()) < 1e-2     # bf16 weights: ~3e-3 relative
-    layer.path = "auto"
     calls = []
-    mv, apply = weights.bf16_matrix_vector, weights.WidenedLinear.apply
-    monkeypatch.setattr(weights, "bf16_matrix_vector", lambda *a: calls.append("matrix_vector") or mv(*a))
-    monkeypatch.setattr(weights.WidenedLinear, "apply", lambda *a: calls.append("widened") or apply(*a))
-    for native in (True, False):
+    count = lambda name, fn: lambda *a: calls.append(name) or fn(*a)
+    monkeypatch.setattr(weights, "bf16_matrix_vector", count("matrix_vector", weights.bf16_matrix_vector))
+    monkeypatch.setattr(weights, "packed_bf16_product", count("packed", weights.packed_bf16_product))
+    monkeypatch.setattr(weights.WidenedLinear, "apply", count("widened", weights.WidenedLinear.apply))
+    for native in (True, False) if fastest != "packed" else (True,):
         monkeypatch.setattr(weights, "NATIVE_BF16", native)
-        many_rows = [] if native else ["widened"]                         # native: F.linear, not counted
-        for x, reference, path in ((x1, reference1, ["matrix_vector"]), (x40, reference40, many_rows)):
+        layer = q.Bf16Linear.from_linear(linear)
+        one_row = {"mv": ["matrix_vector"], "linear": [], "packed": ["packed"]}[fastest]   # F.linear: not counted
+        many_rows = ["packed"] if fastest == "packed" else [] if native else ["widened"]
+        for x, reference, path in ((x1, reference1, one_row), (x40, reference40, many_rows)):
             calls.clear()
             y = layer(x)
             assert calls == path
             assert y.dtype == torch.bfloat16 and layer(x.float()).dtype == torch.float32
             torch.testing.assert_close(y.float(), reference, rtol=2 ** -7, atol=1e-3)      # one bf16 rounding
+
+
+def test_bf16_row_kernels_are_timed_once_and_the_fastest_taken(monkeypatch):
+    """The one-row kernels are timed on this CPU (every one usable here gets a time) and the fastest among the
+    candidates a layer can take is chosen; the timing runs once per process."""
+    monkeypatch.setattr(weights, "BF16_ROW_SECONDS", None)
+    timings = []
+    time_them = weights.time_bf16_row_kernels
+    monkeypatch.setattr(weights, "time_bf16_row_kernels", lambda: timings.append(1) or time_them(rounds=1))
+    kernel = weights.bf16_row_kernel()
+    seconds = weights.BF16_ROW_SECONDS
+    assert set(seconds) == {"mv", "linear"} | ({"packed"} if weights.PACKED_BF16 else set())
+    assert all(0 < t < 10 for t in seconds.values())
+    assert kernel == min(seconds, key=seconds.get)
+    assert weights.bf16_row_kernel(("mv", "linear")) == min(("mv", "linear"), key=seconds.get)
+    assert timings == [1]
+    print(f"bf16 one-row kernels on this CPU (ms): { {k: round(1e3 * t, 2) for k, t in seconds.items()} }")
 
 
 @pytest.fixture(scope="module")
