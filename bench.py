@@ -350,7 +350,7 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
             torch.save({"logits": first.float(), "features": runner.features(pixels).float(), "tokens": tokens},
                        Path(paths["phi"]).parent / f"parity-{job['impl']}.pt")
     if job["impl"] == "ours" and job["dtype"] in ("bf16", "bf16-file") and weights.BF16_ROW_SECONDS:
-        candidates = ("mv", "linear") if job["dtype"] == "bf16" else tuple(weights.BF16_ROW_SECONDS)
+        candidates = weights.PLAIN_BF16_ROW_KERNELS if job["dtype"] == "bf16" else weights.BF16_ROW_KERNELS
         result["bf16_row_kernel"] = weights.bf16_row_kernel(candidates)     # what its decode took, timed in-process
         result["bf16_row_ms"] = {k: round(1e3 * t, 2) for k, t in weights.BF16_ROW_SECONDS.items()}
     result["peak_rss_gb"] = peak_rss_gb()

@@ -355,8 +355,7 @@ class Bf16Linear(HalfLinear):
 
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         one_row = x2.shape[0] == 1
-        kernels = ("mv", "linear", "packed") if weights.PACKED_BF16 else ("mv", "linear")
-        kernel = weights.bf16_row_kernel(kernels) if one_row else None      # timed at the first one-row product
+        kernel = weights.bf16_row_kernel() if one_row else None      # timed at the first one-row product
         if self._packed is None and one_row and kernel == "packed":
             self._packed = weights.pack_bf16(aligned(self.weight))
             weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident

@@ -1103,6 +1103,8 @@ def bf16_matrix_vector(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None 
 BF16_ROW_SECONDS: dict[str, float] | None = None
 PACKED_BF16 = (NATIVE_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))      # oneDNN's packed bf16 kernel is usable
+PLAIN_BF16_ROW_KERNELS = ("mv", "linear")            # on the weight as it lies: a loaded model's choice
+BF16_ROW_KERNELS = PLAIN_BF16_ROW_KERNELS + (("packed",) if PACKED_BF16 else ())   # quantize.py's bf16 file's
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:
@@ -1137,7 +1139,7 @@ def time_bf16_row_kernels(rounds: int = 3) -> dict[str, float]:
     return best
 
 
-def bf16_row_kernel(candidates: tuple[str, ...] = ("mv", "linear", "packed")) -> str:
+def bf16_row_kernel(candidates: tuple[str, ...] = BF16_ROW_KERNELS) -> str:
     """The fastest of candidates for one bf16 row on this CPU (timed once per process: BF16_ROW_SECONDS)."""
     global BF16_ROW_SECONDS
     if BF16_ROW_SECONDS is None:
@@ -1168,7 +1170,7 @@ class CPUHalfLinear(nn.Linear):
             return WidenedLinear.apply(x, w, b, out_dtype)
         one_bf16_row = w.dtype == x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
         if (one_bf16_row and frozen and not autocast and (b is None or b.dtype == w.dtype)
-                and bf16_row_kernel(("mv", "linear")) == "mv"):
+                and bf16_row_kernel(PLAIN_BF16_ROW_KERNELS) == "mv"):
             return bf16_matrix_vector(x, w, b)
         if w.dtype == torch.float32 and out_dtype != torch.float32:
             with torch.autocast("cpu", enabled=False):
