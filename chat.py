@@ -150,8 +150,6 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
     """The task to prompt with, after saying (on stderr) what this stage cannot honour; a question that no stage
     could use is an error."""
     note = lambda text: print(f"note: {text}", file=sys.stderr)
-    if question:
-        data.check_text(question)
     if stage in (1, 2) and question:
         note(f"a stage-{stage} model ignores the question: it was trained on captions with no prompt at all "
              f"(stage 4 answers questions)")
@@ -165,7 +163,16 @@ def check_request(cfg: ChatConfig, question: str, stage: int) -> str | None:
         note(f"--task {cfg.task} needs a stage-4 model; a stage-{stage} one has no task identifiers: ignored")
     if cfg.draw and stage != 4:
         note("--draw: only a stage-4 model writes boxes ([refer], [grounding], [detection]); the picture will have none")
-    return (cfg.task or "[vqa]") if stage == 4 else None
+    task = (cfg.task or "[vqa]") if stage == 4 else None
+    if question:
+        check_question(question, task)
+    return task
+
+
+def check_question(question: str, task: str | None) -> str:
+    """A question refused before any work if its prompt cannot be built, or if its box cannot be read."""
+    data.check_text(question)
+    return question if task is None else data.check_question_boxes(question, task)
 
 
 def looks_like_the_shapes_world(image) -> bool:
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         if path:
             cli.writable_file(path, flag)
     device = cli.device(cfg.device)
-    data.check_text(args.question)
+    check_question(args.question, cfg.task or None)      # a typo costs no waiting for the model (again at its stage)
     notices: list[str] = []
     image = data.open_image(cfg.image, notices)            # before the model: a wrong path costs no waiting
     for notice in notices:
@@ -255,7 +262,11 @@ def main(argv: list[str] | None = None) -> None:
                 break
             if not question:
                 break
-            data.check_text(question)
+            try:
+                check_question(question, task)
+            except data.PromptError as e:                  # a typo costs the question, not the conversation
+                print(f"error: {e}", file=sys.stderr)
+                continue
             print("tinyvlm> ", end="", flush=True)
         turns.append((question, ask(loaded, features, turns, question, task, cfg, device, generator)))
         if not cfg.chat:

@@ -397,6 +397,24 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
             if all(0 <= v <= 100 for v in b) and b[0] <= b[2] and b[1] <= b[3]]
 
 
+_BOX_LIKE = re.compile(r"\{\s*<[^{}]*\}")      # whatever a user wrote as a box: "{<" up to the next "}"
+
+
+def check_question_boxes(question: str, task: str) -> str:
+    """A stage-4 question, refused where a box in it is not one the model can read ({<x1><y1><x2><y2>}: integers
+    0..100, x1 <= x2, y1 <= y2; it was never shown another), or where an [identify] question, which names what is
+    in a box, has not exactly one. A malformed box would otherwise be answered as if it were some other box."""
+    written = _BOX_LIKE.findall(question)
+    for text in written:
+        if not (_BOX.fullmatch(text) and parse_boxes(text)):
+            raise PromptError(f"the box {text!r} is not {{<x1><y1><x2><y2>}}: four integers 0..100 (of the image's "
+                              f"width and height), x1 <= x2 and y1 <= y2, e.g. {{<13><16><47><50>}}")
+    if task == "[identify]" and len(written) != 1:
+        raise PromptError(f"[identify] names what is in one box; the question has {len(written)}: e.g. "
+                          f"\"what object is in this location {{<13><16><47><50>}}\"")
+    return question
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

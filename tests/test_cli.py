@@ -1,7 +1,8 @@
 """`python tinyvlm.py --image ...`: on a real photo, with boxes drawn, the attention picture and int8, and the
-clear errors for a corrupt image and an unknown task identifier."""
+clear errors for a corrupt image, an unknown task identifier and a box the model cannot read."""
 
 import copy
+import io
 import sys
 from pathlib import Path
 
@@ -51,6 +52,31 @@ def test_corrupt_image_and_unknown_task_are_clear_errors(checkpoint, tmp_path, c
         cli.run(chat.main, ["--image", str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--task", "[vqaa]", "q"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'[vqaa]'" in err and "[detection]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_box_the_model_cannot_read_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """A box with three numbers, or one past 100, or an [identify] question without its box, would be answered as
+    if it were some other box: it is refused, naming it, before the model loads; in --chat it costs that question,
+    not the conversation."""
+    import data
+    stage4 = str(train.ASSETS / "stage4.safetensors")
+    data.write_scene(tmp_path / "scene.png", seed=3)
+    common = ["--image", str(tmp_path / "scene.png"), "--checkpoint", stage4, "--max-new-tokens", "8"]
+    for task, question, named in [("[identify]", "what object is in this location {<13><16><47>}", "{<13><16><47>}"),
+                                  ("[identify]", "what is at {<13><16><47><150>}", "{<13><16><47><150>}"),
+                                  ("[identify]", "what is at {<50><16><47><60>}", "{<50><16><47><60>}"),   # x1 > x2
+                                  ("[identify]", "what object is in this location", "in one box"),
+                                  ("[vqa]", "is there a circle in {<1><2><3>}?", "{<1><2><3>}")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(chat.main, [*common, "--task", task, question])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and named in err and "model:" not in err and len(err.strip().splitlines()) == 1
+    assert data.check_question_boxes("what is at {<13><16><47><50>}?", "[identify]")
+    monkeypatch.setattr("sys.stdin", io.StringIO("is there a circle in {<1><2>}?\nhow many shapes are there?\n"))
+    chat.main([*common, "--chat"])
+    out = capsys.readouterr()
+    answers = out.out.split("tinyvlm> ")[1:]
+    assert "the box '{<1><2>}' is not" in out.err and len(answers) == 1 and answers[0].splitlines()[0] == "4"
 
 
 @pytest.fixture(scope="module")
