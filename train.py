@@ -1021,6 +1021,9 @@ def next_steps(cfg: TrainConfig, stage_dir: Path) -> str:
         more = f" --out-dir {cfg.out_dir}" if cfg.out_dir != f"out-{cfg.recipe}" else ""
         return f"next: python train.py --recipe {cfg.recipe} --stage 4{more}   (or {also})"
     more = f" --out-dir {cfg.out_dir}" if cfg.out_dir != "out" else ""
+    # the settings the next stage must share to load this one (weights.check_own_checkpoint refuses others)
+    more += "".join(f" --no-{flag.replace('_', '-')}" for flag in ("qk_norm", "post_attn_norm") if not getattr(cfg, flag))
+    more += f" --lora-rank {cfg.lora_rank}" if cfg.lora and cfg.lora_rank else ""
     return f"next: python train.py --stage {cfg.stage + 1}{more}   (or {also})"
 
 

@@ -789,6 +789,14 @@ def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple
                                       f"{'off' if on == 'on' else 'on'}: pass --{'' if on == 'on' else 'no-'}"
                                       f"{flag.replace('_', '-')} (the ablation flags carry through the stages)")
     listed = json.loads(meta.get("tensors", "[]"))
+    if cfg is not None and saved.lora is not None and any(".lora_" in k for k in listed):   # adapters it trained
+        if cfg.lora is None:
+            raise CheckpointError(f"{path}: holds the LoRA adapters it was trained with (rank {saved.lora.rank}), "
+                                  f"which this model leaves out: drop --no-lora (the adapters carry through the stages)")
+        if cfg.lora.rank != saved.lora.rank:
+            raise CheckpointError(f"{path}: trained with LoRA rank {saved.lora.rank}, but this model has rank "
+                                  f"{cfg.lora.rank}: pass --lora-rank {saved.lora.rank} (the adapters carry through "
+                                  f"the stages)")
     present = read_safetensors_header(path)[0]
     missing = [k for k in listed if k not in present]
     if missing:

@@ -30,6 +30,7 @@ def place(tmp_path_factory):
     stage1 = d / "out" / "stage1" / "model.safetensors"
     train.train(train.TrainConfig(stage=3, out_dir=str(d / "s3"), init=str(stage1), **short))
     train.train(train.TrainConfig(stage=1, out_dir=str(d / "noqk"), qk_norm=False, **short))
+    train.train(train.TrainConfig(stage=2, out_dir=str(d / "r8"), init=str(stage1), lora_rank=8, **short))
     data.write_scene(d / "scene.png")
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (d / "zero.safetensors").write_bytes(b"")
@@ -83,6 +84,9 @@ CASES = [
     ("train.py", ["--stage", "2", "--init", "{d}/nan.safetensors"], "'llama_proj.bias' holds NaN or infinite values"),
     ("train.py", ["--stage", "2", "--init", "{d}/nometa.safetensors"], "not a tinyvlm checkpoint"),
     ("train.py", ["--stage", "2", "--init", "{d}/noqk/stage1/model.safetensors"], "pass --no-qk-norm"),
+    ("train.py", ["--stage", "3", "--init", "{d}/r8/stage2/model.safetensors"], "rank 8, but this model has rank 32: "
+     "pass --lora-rank 8"),
+    ("train.py", ["--stage", "3", "--no-lora", "--init", "{d}/r8/stage2/model.safetensors"], "drop --no-lora"),
     ("train.py", ["--eval-only", "--init", "{d}/nothing.safetensors"], "nothing.safetensors not found"),
     ("train.py", ["--stage", "2", "--checkpoint", "{d}/ok.json"], "--checkpoint belongs to a run on the public weights"),
     ("train.py", ["--stage", "0", "--phi", "{d}"], "--stage 0 pretrains the tiny backbones"),

@@ -85,6 +85,14 @@ def tiny_cfg(tmp_path, **kw) -> train.TrainConfig:
     return train.TrainConfig(**(base | kw))
 
 
+def test_the_next_stage_is_told_the_settings_it_must_share():
+    """After an ablation run, the printed next command carries the flags without which the next stage refuses to
+    load this one (weights.check_own_checkpoint)."""
+    line = train.next_steps(train.TrainConfig(stage=1, qk_norm=False, lora_rank=8, out_dir="abl"), Path("abl/stage1"))
+    assert line.startswith("next: python train.py --stage 2 --out-dir abl --no-qk-norm --lora-rank 8   (or ask it")
+    assert "--no-" not in train.next_steps(train.TrainConfig(stage=2), Path("out/stage2")).split("(or")[0]
+
+
 def test_short_stage_run_loss_drops_and_chains(tmp_path, capsys):
     r1 = train.train(tiny_cfg(tmp_path, stage=1, max_iters=40, lr=3e-3))
     losses = [h["loss"] for h in r1["history"]]
