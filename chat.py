@@ -181,22 +181,40 @@ def looks_like_the_shapes_world(image) -> bool:
     return (np.abs(small - np.array(data.BACKGROUND)).max(-1) < 12).mean() > 0.4
 
 
+def prompt_ids(loaded: train.Loaded, turns: list[tuple[str, str]], question: str, task: str | None) -> list[int]:
+    """The prompt's tokens: the earlier turns and the question, in the model's template, up to where the answer
+    starts."""
+    model, tok, stage = loaded.model, loaded.tok, loaded.stage
+    if loaded.family:                                        # a sibling model: its own template, one question
+        return data.family_prompt(loaded.family.family, question, tok, model.cfg.num_image_tokens)
+    sample = data.Sample(None, turns + [(question, "")], task)
+    ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
+                         layout=model.cfg.prompt_layout)
+    return ids[:-len(tok.encode(data.END[stage]))]
+
+
+def turns_that_fit(loaded: train.Loaded, turns: list[tuple[str, str]], question: str, task: str | None,
+                   cfg: ChatConfig) -> list[tuple[str, str]]:
+    """The most recent of the earlier turns that fit in the model's positions beside the question and its answer
+    (--max-new-tokens): a long --chat forgets its oldest turns (the picture stays: the template puts it in the first
+    turn kept). A question that does not fit alone is an error."""
+    room = loaded.model.cfg.phi.max_positions - cfg.max_new_tokens
+    for first in range(len(turns) + 1):
+        n = len(prompt_ids(loaded, turns[first:], question, task))
+        if n <= room:
+            return turns[first:]
+    raise cli.UserError(f"the question ({n} tokens with the picture and the template) and --max-new-tokens "
+                        f"{cfg.max_new_tokens} do not fit in the model's {room + cfg.max_new_tokens} positions: ask a "
+                        f"shorter question")
+
+
 def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
         cfg: ChatConfig, device, generator: torch.Generator) -> str:
-    """One answer to `question` after the earlier turns, printed as it is generated; returns its text."""
+    """One answer to `question` after the earlier turns (turns_that_fit), printed as it is generated; returns its
+    text."""
     model, tok, stage = loaded.model, loaded.tok, loaded.stage
-    stops = (data.END[stage],)
-    if loaded.family:                                        # a sibling model: its own template, one question
-        ids = data.family_prompt(loaded.family.family, question, tok, model.cfg.num_image_tokens)
-        stops = data.FAMILY_STOPS.get(loaded.family.family, ())
-    else:
-        sample = data.Sample(None, turns + [(question, "")], task)
-        ids, _ = data.encode(sample, tok, stage, model.cfg.num_image_tokens, max_len=10 ** 9,
-                             layout=model.cfg.prompt_layout)
-        ids = ids[:-len(tok.encode(data.END[stage]))]         # everything up to where the answer starts
-    if len(ids) + cfg.max_new_tokens > model.cfg.phi.max_positions:
-        raise cli.UserError(f"the conversation ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} do not fit "
-                            f"in the model's {model.cfg.phi.max_positions} positions: ask a shorter question")
+    stops = data.FAMILY_STOPS.get(loaded.family.family, ()) if loaded.family else (data.END[stage],)
+    ids = prompt_ids(loaded, turns, question, task)
     answer_ids, shown = [], ""
     stream = model.generate_stream(None, torch.tensor([ids], device=device), features=features,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
+    if not cfg.chat:
+        turns_that_fit(loaded, [], args.question, task, cfg)   # a question too long for the model: before any work
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []
@@ -264,9 +284,14 @@ def main(argv: list[str] | None = None) -> None:
                 break
             try:
                 check_question(question, task)
-            except data.PromptError as e:                  # a typo costs the question, not the conversation
+                kept = turns_that_fit(loaded, turns, question, task, cfg)
+            except cli.UserError as e:                      # a mistake costs the question, not the conversation
                 print(f"error: {e}", file=sys.stderr)
                 continue
+            if len(kept) < len(turns):
+                print(f"note: the conversation outgrew the model's {loaded.model.cfg.phi.max_positions} positions: "
+                      f"it forgets its first {len(turns) - len(kept)} turn(s)", file=sys.stderr)
+                turns = kept
             print("tinyvlm> ", end="", flush=True)
         turns.append((question, ask(loaded, features, turns, question, task, cfg, device, generator)))
         if not cfg.chat:

@@ -79,6 +79,20 @@ def test_a_box_the_model_cannot_read_is_a_clear_error(tmp_path, capsys, monkeypa
     assert "the box '{<1><2>}' is not" in out.err and len(answers) == 1 and answers[0].splitlines()[0] == "4"
 
 
+def test_a_long_chat_forgets_its_oldest_turns(tmp_path, capsys, monkeypatch):
+    """--chat past the model's 512 positions goes on, forgetting its oldest turns and saying so; a question too
+    long even alone is refused, and the conversation goes on after it."""
+    import data
+    data.write_scene(tmp_path / "scene.png", seed=3)
+    questions = ["what color is the circle? " * 120] + ["how many shapes are there in this picture?"] * 40
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(questions) + "\n"))
+    chat.main(["--image", str(tmp_path / "scene.png"), "--checkpoint", str(train.ASSETS / "stage4.safetensors"),
+               "--chat", "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    assert "do not fit in the model's 512 positions" in out.err and "forgets its first 1 turn(s)" in out.err
+    assert len(out.out.split("tinyvlm> ")[1:]) == 40
+
+
 @pytest.fixture(scope="module")
 def quantized_answers(checkpoint, tmp_path_factory, command_lines):
     """{mode: the run of `python tinyvlm.py --quantized FILE --device cpu --image red.png`} on a file saved by
