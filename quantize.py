@@ -540,9 +540,12 @@ def logit_agreement(reference: tv.TinyVLM, quantized: tv.TinyVLM, batches) -> di
     return {"max |logit error|": max_err, "mean |logit error|": sum_err / n, "top-1 agreement": agree / n}
 
 
+TRAINED_STAGE4 = Path("out/stage4/model.safetensors")
+
+
 @dataclass
 class QuantizeConfig:
-    checkpoint: str = "out/stage4/model.safetensors"   # a model.safetensors written by train.py
+    checkpoint: str = ""            # a model.safetensors written by train.py (default: out/stage4's, else the shipped)
     mode: str = "int8"              # int8 (per-channel), int4 (grouped), fp16 (FBGEMM) or bf16 (oneDNN; avx512_bf16 CPUs)
     parts: str = "phi"              # which parts, comma-separated: phi, vit, qformer, projections, embeddings (int4); all
     group: int = 128                # int4: inputs per group (the tiny model's 192-wide layers need 64)
@@ -565,8 +568,13 @@ def main(argv: list[str] | None = None) -> None:
         raise cli.UserError(f"--parts embeddings: the token embeddings are quantized to int4 only, not {args.mode}")
     if args.out:
         cli.writable_file(args.out, "--out")
+    if not args.checkpoint:
+        args.checkpoint = str(TRAINED_STAGE4)
+        if not TRAINED_STAGE4.exists():        # before stage 4 has run here: the shipped one, as tinyvlm.py asks it
+            print(f"note: no {TRAINED_STAGE4}: quantizing the shipped stage-4 model ({train.SHIPPED_STAGE4})")
+            args.checkpoint = str(train.SHIPPED_STAGE4)
     if not Path(args.checkpoint).exists():
-        raise cli.UserError(f"--checkpoint {args.checkpoint}: not found; train it first (python train.py --stage 4)")
+        raise cli.UserError(f"--checkpoint {args.checkpoint}: not found")
     cfg = train.config_of_checkpoint(args.checkpoint, eval_samples=args.eval_samples, device="cpu")
     reference, _ = train.build_model(cfg, torch.device("cpu"))
     reference.eval()

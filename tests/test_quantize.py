@@ -227,6 +227,16 @@ def test_imp_style_int4_of_the_whole_model(stage0_model, base_answer_loss, tmp_p
         q.quantize_model(copy.deepcopy(stage0_model), "int8", ("embeddings",))
 
 
+def test_before_stage_4_has_run_quantize_takes_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """A fresh clone (no out/stage4): `python quantize.py --mode int8 --out F` quantizes the shipped stage-4 model,
+    as tinyvlm.py asks it, and says so."""
+    monkeypatch.chdir(tmp_path)
+    q.main(["--mode", "int8", "--eval-samples", "2", "--out", "int8.safetensors"])
+    out = capsys.readouterr().out
+    assert "quantizing the shipped stage-4 model" in out and "(stage 4)" in out
+    assert q.load_quantized(tmp_path / "int8.safetensors").phi.layers[0].mlp.fc1.weight.dtype == torch.int8
+
+
 def test_load_quantized_rejects_other_files(tmp_path):
     model = tv.TinyVLM.from_preset("tiny")
     path = weights.save_checkpoint(model, tmp_path / "plain.safetensors")
