@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
     if not cfg.chat:
-        turns_that_fit(loaded, [], args.question, task, cfg)   # a question too long for the model: before any work
+        turns_that_fit(loaded, [], args.question, task, cfg)   # a question too long for the model: an error now
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []
