@@ -255,6 +255,7 @@ class Ours:
             cfg = inference_config(tv.PRESETS[bc.preset](), blip2_config)
             self.dtype = DTYPES[dtype]
             self.model = weights.load_tinyvlm(paths["phi"], paths["blip2"], cfg=cfg, dtype=self.dtype)
+            quantize.pack_bf16_layers(self.model)            # as chat.py loads it (bf16 only, where it is faster)
         self.model.eval()
         self.phi = self.model.phi
 
@@ -276,10 +277,13 @@ class Ours:
         return tv.decode_one_token(self.phi, token, mask, cache), (cache, mask)
 
     def weight_bytes(self) -> int:
-        """Bytes one decode step reads: every tensor of Phi-2 but the embedding table (one row of it is read)."""
+        """Bytes one decode step reads: every tensor of Phi-2 but the embedding table (one row of it is read), and
+        the weights held packed alone (quantize.pack_bf16_layers), which no tensor of the module shows."""
         tensors = list(self.phi.parameters()) + list(self.phi.buffers())
         embed = self.phi.embed_tokens.weight
-        return sum(t.numel() * t.element_size() for t in tensors if t is not embed)
+        packed = [m for m in self.phi.modules() if isinstance(m, quantize.Bf16Linear) and m.weight is None]
+        return (sum(t.numel() * t.element_size() for t in tensors if t is not embed)
+                + sum(2 * m.in_features * m.out_features for m in packed))
 
 
 class Reference:
@@ -350,8 +354,7 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
             torch.save({"logits": first.float(), "features": runner.features(pixels).float(), "tokens": tokens},
                        Path(paths["phi"]).parent / f"parity-{job['impl']}.pt")
     if job["impl"] == "ours" and job["dtype"] in ("bf16", "bf16-file") and weights.BF16_ROW_SECONDS:
-        candidates = weights.PLAIN_BF16_ROW_KERNELS if job["dtype"] == "bf16" else weights.BF16_ROW_KERNELS
-        result["bf16_row_kernel"] = weights.bf16_row_kernel(candidates)     # what its decode took, timed in-process
+        result["bf16_row_kernel"] = weights.bf16_row_kernel()     # what its decode took, timed in-process
         result["bf16_row_ms"] = {k: round(1e3 * t, 2) for k, t in weights.BF16_ROW_SECONDS.items()}
     result["peak_rss_gb"] = peak_rss_gb()
     return result
@@ -666,8 +669,8 @@ def bf16_kernels(inf: dict) -> str:
     if not said:
         return ""
     times = ", ".join(f"{k} {ms} ms" for k, ms in timed.items())
-    return (f" (one row: the kernel this CPU streams fastest, timed in each process: {', '.join(said)}; the bf16 "
-            f"row may take mv or linear, the file any of them; its timing over 84 MB of weights: {times})")
+    return (f" (one row: the kernel this CPU streams fastest, timed in each process: {', '.join(said)}; its timing "
+            f"over 84 MB of weights: {times})")
 
 
 def table(results: dict, bc: BenchConfig) -> str:
@@ -694,8 +697,9 @@ def table(results: dict, bc: BenchConfig) -> str:
                   "In brackets: ours / transformers at the same precision (fp16, int8 and int4: / transformers bf16); "
                   "for times and memory lower is better, for tokens/s higher. int8 decodes one token with FBGEMM's "
                   "int8 product (the activations quantized per token, W8A8); int8-w8a16 is the same file on the "
-                  "weight-only kernel (bf16 activations). bf16 is the public weights loaded in bf16; bf16-file "
-                  "is quantize.py's bf16 file, memory-mapped as it lies"
+                  "weight-only kernel (bf16 activations). bf16 is the public weights loaded in bf16 as chat.py loads "
+                  "them (packed for oneDNN where that is this CPU's fastest kernel); bf16-file is quantize.py's bf16 "
+                  "file, memory-mapped as it lies"
                   + bf16_kernels(inf) + ". Each transformers row is the mean of a run before ours and one after "
                   "(the machine's speed drifts).", "",
                   "| model | load s | peak RSS GB | image encode s | prefill tok/s | decode tok/s | decode GB/s (of limit) |",

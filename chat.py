@@ -97,7 +97,8 @@ class ChatConfig:
 
 def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
     """A quantize.py file, or a trained model (train.load_trained: ours, built as it was trained, or a TinyGPT-V
-    stage .pth), quantized as it loads if --quantize says so."""
+    stage .pth), quantized as it loads if --quantize says so; on a CPU, public weights in bf16 are packed where
+    this CPU streams them faster so (quantize.pack_bf16_layers)."""
     if cfg.model:
         return load_family(cfg, device)
     if cfg.quantized:
@@ -115,6 +116,8 @@ def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
                                 tokenizer=cfg.tokenizer, stage=cfg.stage)
     if cfg.quantize:
         loaded.model = quantize_language_model(loaded.model, cfg.quantize).eval()
+    if device.type == "cpu":
+        quantize.pack_bf16_layers(loaded.model)
     return loaded
 
 
@@ -125,7 +128,7 @@ def quantize_language_model(model: tv.TinyVLM, mode: str) -> tv.TinyVLM:
 
 def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
     """A sibling model's folder (weights.load_llava_family), its tokenizer from the folder, quantized as it loads
-    if --quantize says so (the language model, as for our own)."""
+    if --quantize says so (the language model, as for our own), its bf16 layers packed as load_model's are."""
     if cfg.checkpoint or cfg.quantized:
         raise cli.UserError("--model is a whole model: give it without --checkpoint or --quantized")
     if cfg.chat:
@@ -137,7 +140,10 @@ def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
         tok = data.Tokenizer.from_file(cfg.tokenizer or cfg.model)
     except FileNotFoundError as e:
         raise cli.UserError(f"{e}: give --tokenizer") from None
-    return train.Loaded(model.to(device).eval(), tok, 4, facts.image_size, cfg.model, family=facts)
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        quantize.pack_bf16_layers(model)
+    return train.Loaded(model, tok, 4, facts.image_size, cfg.model, family=facts)
 
 
 STAGE_CAN = {1: "captions only (no prompt): it describes the picture",

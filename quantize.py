@@ -26,7 +26,8 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
     bf16          one row: whichever of torch.mv, F.linear and oneDNN's packed kernel streams the weight fastest
                   on this CPU, timed once per process (weights.bf16_row_kernel); many rows: F.linear in bf16 on a
                   CPU with avx512_bf16 or AMX (or the packed kernel, once packed), else widened to fp32 a block at
-                  a time (Bf16Linear says why and by how much)
+                  a time (Bf16Linear says why and by how much). A model loaded in bf16 for chat.py is packed the
+                  same way where that is faster, its plain weights let go (pack_bf16_layers)
 Private ops change between torch versions: each is detected once, and the reference path serves when one is missing.
 Every operand handed to one of them goes through aligned(): their AVX2 / AVX-512 code uses aligned vector loads.
 
@@ -319,6 +320,10 @@ class HalfLinear(PackedLinear):
         return layer
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError("this layer holds its weight only in oneDNN's packed layout (pack_bf16_layers), "
+                               "which serves the CPU's fast path alone: load the model again for another device "
+                               "or path")
         return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
 
 
@@ -343,12 +348,13 @@ class Fp16Linear(HalfLinear):
 
 
 class Bf16Linear(HalfLinear):
-    """A Linear whose weight is bf16, taken as it lies in the file (memory-mapped). One row (decoding) goes through
-    the kernel that streams a bf16 weight fastest on this CPU (weights.bf16_row_kernel, timed once per process):
-    torch.mv on the plain weight on a 2-core Intel Xeon (32 GB/s), oneDNN on the weight packed once into its
-    blocked layout on a 2-core AMD EPYC (Zen 4: 21-25 GB/s, where torch.mv streams 8-18); packed, the weight serves
-    every row count (its file pages handed back: one copy still). Many rows otherwise: F.linear in bf16 on a CPU
-    with bf16 instructions (avx512_bf16, AMX), widened to fp32 a block at a time elsewhere."""
+    """A Linear whose weight is bf16, taken as it lies in the file (memory-mapped), or packed alone from a loaded
+    layer (packed_from). One row (decoding) goes through the kernel that streams a bf16 weight fastest on this CPU
+    (weights.bf16_row_kernel, timed once per process): torch.mv on the plain weight on a 2-core Intel Xeon (32
+    GB/s), oneDNN on the weight packed once into its blocked layout on a 2-core AMD EPYC (Zen 4: 21-25 GB/s, where
+    torch.mv streams 8-18); packed, the weight serves every row count (its file pages handed back: one copy still).
+    Many rows otherwise: F.linear in bf16 on a CPU with bf16 instructions (avx512_bf16, AMX), widened to fp32 a
+    block at a time elsewhere."""
 
     FAST = True
     DTYPE = torch.bfloat16
@@ -366,6 +372,17 @@ class Bf16Linear(HalfLinear):
         if one_row or weights.NATIVE_BF16:
             return F.linear(x2.to(torch.bfloat16), self.weight)
         return weights.WidenedLinear.apply(x2, self.weight, None, torch.float32)
+
+    @classmethod
+    def packed_from(cls, linear: nn.Linear) -> "Bf16Linear":
+        """linear (a bf16 weight) as a Bf16Linear that holds its weight packed and nothing else: the plain weight
+        is not kept (pack_bf16_layers)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer._packed = weights.pack_bf16(aligned(linear.weight.detach()))
+        layer.weight = None
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        return layer
 
 
 class Int4Embedding(nn.Module):
@@ -448,6 +465,27 @@ def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...]
         model.phi.embed_tokens = Int4Embedding.from_embedding(model.phi.embed_tokens, group)
     model.quantization = recipe
     return model
+
+
+def pack_bf16_layers(model: tv.TinyVLM) -> int:
+    """A loaded model that will only answer (chat.py), the bf16 Linear layers of its frozen towers (the public
+    weights loaded in bf16: the language model, the ViT, the Q-Former; not the connector, not a LoRA layer) made
+    Bf16Linears that hold their weights in oneDNN's packed layout alone, where that layout streams one bf16 row
+    fastest on this CPU (weights.bf16_row_kernel: on a Zen 4 EPYC, not on a Xeon, where torch.mv on the plain
+    weight is faster). Each plain weight is let go as soon as its packed copy is made, so one copy is held
+    throughout, as in the bf16 file. A packed layer serves any number of rows, on the CPU only: the model can no
+    longer be trained, saved or moved. Returns how many layers were packed: 0 where another kernel is faster (the
+    model unchanged)."""
+    names = [name for name, m in model.named_modules()
+             if name.split(".")[0] in ("phi", "vit", "qformer") and type(m) in (nn.Linear, weights.CPUHalfLinear)
+             and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    if not (names and weights.PACKED_BF16 and weights.bf16_row_kernel() == "packed"):
+        return 0
+    for name in names:        # by name, one at a time: a list of the layers would keep every plain weight alive
+        parent, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent)
+        setattr(parent, child, Bf16Linear.packed_from(getattr(parent, child)))
+    return len(names)
 
 
 def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:

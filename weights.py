@@ -1104,15 +1104,16 @@ def bf16_matrix_vector(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None 
 #
 # (both have avx512_bf16; docs/performance.md has the tables). So the first one-row product of a process times the
 # kernels once, on weights of Phi-2's two shapes out of the cache, and every layer takes the fastest it can: a
-# loaded model "mv" or "linear" (packing would hold a second copy of its weights), quantize.py's bf16 file any of
-# the three (it packs in place of its memory-mapped pages). The kernels agree to within one bf16 rounding, so
+# loaded model's layers "mv" or "linear" (packing a weight makes a second copy of it), unless chat.py packs them as
+# it loads the model (quantize.pack_bf16_layers, letting each plain weight go); quantize.py's bf16 file any of the
+# three (it packs in place of its memory-mapped pages). The kernels agree to within one bf16 rounding, so
 # where two of them time alike, two processes may choose and round differently: set BF16_ROW_SECONDS (kernel ->
 # seconds) to fix the choice and skip the timing (the tests do).
 BF16_ROW_SECONDS: dict[str, float] | None = None
 PACKED_BF16 = (NATIVE_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))      # oneDNN's packed bf16 kernel is usable
-PLAIN_BF16_ROW_KERNELS = ("mv", "linear")            # on the weight as it lies: a loaded model's choice
-BF16_ROW_KERNELS = PLAIN_BF16_ROW_KERNELS + (("packed",) if PACKED_BF16 else ())   # quantize.py's bf16 file's
+PLAIN_BF16_ROW_KERNELS = ("mv", "linear")            # on the weight as it lies: a plain layer's choice
+BF16_ROW_KERNELS = PLAIN_BF16_ROW_KERNELS + (("packed",) if PACKED_BF16 else ())   # all: Bf16Linear's choice
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,63 @@ def test_bf16_matches_its_reference(linear, monkeypatch, fastest):
             torch.testing.assert_close(y.float(), reference, rtol=2 ** -7, atol=1e-3)      # one bf16 rounding
 
 
+@pytest.mark.parametrize("fastest", ["packed", "linear"])
+def test_a_loaded_bf16_model_is_packed_where_that_is_faster(monkeypatch, fastest):
+    """pack_bf16_layers, as chat.py loads public weights in bf16: where oneDNN's packed layout is this CPU's fastest
+    one-row kernel (each case simulated), every bf16 Linear of the towers holds its weight packed alone (the plain
+    weight let go: no copy is left), the trained fp32 connector and the LoRA layers stay as they were, and the model
+    encodes an image, prefills and decodes as close to fp32 sums of the same bf16 weights as before; elsewhere
+    nothing changes."""
+    import copy
+    import gc
+    import weakref
+    if fastest == "packed" and not weights.PACKED_BF16:
+        pytest.skip("oneDNN's packed bf16 kernel needs bf16 instructions (avx512_bf16, AMX) and torch's mkldnn ops")
+    monkeypatch.setattr(weights, "BF16_ROW_SECONDS", {name: 1.0 + (name != fastest) for name in ("mv", "linear",
+                                                                                                   "packed")})
+    torch.manual_seed(0)
+    model = tv.TinyVLM(tv.PRESETS["tiny"]())             # as weights.load_tinyvlm(dtype=bf16) leaves a model:
+    for tower in (model.vit, model.qformer, model.phi):  # the towers bf16, LoRA's adapters and the connector fp32
+        tower.bfloat16()
+    for layer in tv.lora_layers(model):
+        layer.lora_A.data, layer.lora_B.data = layer.lora_A.float(), torch.randn_like(layer.lora_B.float()) * 0.02
+    fp32 = copy.deepcopy(model).float().eval()           # the same bf16-rounded weights, every sum in fp32
+    weights.multiply_in_fp32_on_cpu(model).eval()
+    plain = [m for name, m in model.named_modules() if type(m) is weights.CPUHalfLinear and name.split(".")[0]
+             in ("vit", "qformer", "phi")]
+    assert len(plain) > 40 and len(tv.lora_layers(model)) == 8             # LoRA on Phi's 4 qkv and dense
+    pixels, ids = torch.randn(1, 3, 64, 64), torch.randint(0, 600, (1, 12))
+
+    def answer(model, dtype):                            # image features, then the logits of a prefill and a decode
+        with torch.inference_mode():
+            image = model.encode_image(pixels.to(dtype))
+            cache = tv.KVCache(model.phi.cfg, 1, 29, "cpu", dtype)          # 16 image tokens, 12 ids, 1 more
+            x = torch.cat((image.to(dtype), model.embed(ids, None)), 1)
+            first = tv.prefill(model.phi, x, torch.ones(1, 28, dtype=torch.long), cache)
+            second = tv.decode_one_token(model.phi, first.argmax(-1), torch.ones(1, 29, dtype=torch.long), cache)
+        return image.float(), first.float(), second.float()
+
+    exact, before = answer(fp32, torch.float32), answer(model, torch.bfloat16)
+    let_go = [weakref.ref(m.weight) for m in plain]
+    del plain
+    packed = q.pack_bf16_layers(model)
+    gc.collect()
+    layers = [m for m in model.modules() if isinstance(m, q.Bf16Linear)]
+    if fastest != "packed":
+        assert packed == 0 and not layers and all(w() is not None for w in let_go)
+        return
+    assert packed == len(let_go) == len(layers) and all(w() is None for w in let_go)
+    assert all(m.weight is None and m._packed is not None for m in layers)
+    assert all(type(m) is weights.CPUHalfLoRALinear for m in tv.lora_layers(model))
+    assert type(model.llama_proj) is weights.CPUHalfLinear and model.llama_proj.weight.dtype == torch.float32
+    for after, plain_bf16, fp32_sums in zip(answer(model, torch.bfloat16), before, exact):
+        print(f"relative error against fp32 sums: packed {rel_err(after, fp32_sums):.2e}, "
+              f"plain {rel_err(plain_bf16, fp32_sums):.2e}")
+        assert rel_err(after, fp32_sums) < 1.5 * rel_err(plain_bf16, fp32_sums) < 3e-2   # bf16 roundings alike
+    with pytest.raises(RuntimeError, match="packed layout"):
+        layers[0].forward_reference(torch.randn(1, layers[0].in_features))
+
+
 def test_bf16_row_kernels_are_timed_once_and_the_fastest_taken(monkeypatch):
     """The one-row kernels are timed on this CPU (every one usable here gets a time) and the fastest among the
     candidates a layer can take is chosen; the timing runs once per process."""
