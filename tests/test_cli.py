@@ -15,6 +15,7 @@ import cli
 import quantize
 import tinyvlm as tv
 import train
+import weights
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +122,11 @@ def test_saved_quantized_model_answers_in_a_process_of_its_own(quantized_answers
     assert proc.stdout.strip()
 
 
-def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, command_lines):
+def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, command_lines, monkeypatch):
     """TinyGPT-V_for_Stage4.pth as the original runner saves it (trained tensors under "model", plus the Q-Former's
     position-id buffer, the optimizer, config, scaler and epoch), on a Phi folder of .bin pickles (Phi-2's first
-    revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, asked in a process of its
-    own."""
+    revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, its bf16 layers packed
+    where oneDNN's layout is the fastest (simulated here), asked in a process of its own."""
     import shutil
     from transformers import PhiConfig, PhiForCausalLM
     from conftest import randomize_
@@ -143,8 +144,12 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, 
     blip2 = str(hf_blip2_dir[1])
     cfg = chat.ChatConfig(checkpoint=str(release), phi=str(tmp_path / "phi"), blip2=blip2,
                           tokenizer=str(data.SHAPES_TOKENIZER))
+    monkeypatch.setattr(weights, "BF16_ROW_SECONDS", {"mv": 2.0, "linear": 2.0, "packed": 1.0})
     loaded = chat.load_model(cfg, torch.device("cpu"))
     assert (loaded.stage, loaded.image_size, loaded.model.cfg.lora.rank, loaded.model.cfg.proj_dim) == (4, 112, 4, 24)
+    layer = loaded.model.phi.layers[0]
+    assert isinstance(layer.mlp.fc1, quantize.Bf16Linear) == weights.PACKED_BF16      # bf16 instructions: packed
+    assert isinstance(layer.self_attn.qkv, tv.LoRALinear)                             # LoRA layers as they were
     assert loaded.model.cfg.prompt_layout == "tinygptv"          # asked in the tokens it was trained on
     assert torch.equal(loaded.model.llama_proj2.weight, sd["llama_proj2.weight"])
 
