@@ -122,7 +122,7 @@ def test_saved_quantized_model_answers_in_a_process_of_its_own(quantized_answers
     assert proc.stdout.strip()
 
 
-def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, command_lines, monkeypatch):
+def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, command_lines, monkeypatch, capsys):
     """TinyGPT-V_for_Stage4.pth as the original runner saves it (trained tensors under "model", plus the Q-Former's
     position-id buffer, the optimizer, config, scaler and epoch), on a Phi folder of .bin pickles (Phi-2's first
     revisions) and a BLIP-2 folder: loaded with its sizes read off the file, every key used, its bf16 layers packed
@@ -154,6 +154,9 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, 
     assert torch.equal(loaded.model.llama_proj2.weight, sd["llama_proj2.weight"])
 
     Image.new("RGB", (80, 60), (200, 40, 40)).save(tmp_path / "red.png")
+    chat.main(["--image", str(tmp_path / "red.png"), "--checkpoint", str(release), "--phi", str(tmp_path / "phi"),
+               "--blip2", blip2, "--tokenizer", str(data.SHAPES_TOKENIZER), "--max-new-tokens", "4", "what is it?"])
+    assert capsys.readouterr().out.strip()                # answered, packed (as simulated above) where it can be
     unnamed = tmp_path / "finetuned.pth"                  # the same file under a name that says no stage
     shutil.copy(release, unnamed)
     common = ["--image", str(tmp_path / "red.png"), "--phi", str(tmp_path / "phi"), "--tokenizer",
