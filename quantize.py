@@ -469,22 +469,27 @@ def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...]
 
 def pack_bf16_layers(model: tv.TinyVLM) -> int:
     """A loaded model that will only answer (chat.py), the bf16 Linear layers of its frozen towers (the public
-    weights loaded in bf16: the language model, the ViT, the Q-Former; not the connector, not a LoRA layer) made
-    Bf16Linears that hold their weights in oneDNN's packed layout alone, where that layout streams one bf16 row
-    fastest on this CPU (weights.bf16_row_kernel: on a Zen 4 EPYC, not on a Xeon, where torch.mv on the plain
-    weight is faster). Each plain weight is let go as soon as its packed copy is made, so one copy is held
-    throughout, as in the bf16 file. A packed layer serves any number of rows, on the CPU only: the model can no
-    longer be trained, saved or moved. Returns how many layers were packed: 0 where another kernel is faster (the
-    model unchanged)."""
+    weights loaded in bf16: the language model, the ViT, the Q-Former; not the trained connector) made Bf16Linears
+    that hold their weights in oneDNN's packed layout alone, where that layout streams one bf16 row fastest on this
+    CPU (weights.bf16_row_kernel: on a Zen 4 EPYC, not on a Xeon, where torch.mv on the plain weight is faster).
+    LoRA is merged into its layer first, as quantize_model does. Each plain weight is let go as soon as its packed
+    copy is made, so one copy is held throughout, as in the bf16 file. A packed layer serves any number of rows, on
+    the CPU only: the model can no longer be trained, saved or moved. Returns how many layers were packed: 0 where
+    another kernel is faster (the model unchanged)."""
     names = [name for name, m in model.named_modules()
-             if name.split(".")[0] in ("phi", "vit", "qformer") and type(m) in (nn.Linear, weights.CPUHalfLinear)
+             if name.split(".")[0] in ("phi", "vit", "qformer") and type(m) in (nn.Linear, weights.CPUHalfLinear,
+                                                                                tv.LoRALinear, weights.CPUHalfLoRALinear)
              and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
     if not (names and weights.PACKED_BF16 and weights.bf16_row_kernel() == "packed"):
         return 0
     for name in names:        # by name, one at a time: a list of the layers would keep every plain weight alive
         parent, _, child = name.rpartition(".")
         parent = model.get_submodule(parent)
-        setattr(parent, child, Bf16Linear.packed_from(getattr(parent, child)))
+        layer = getattr(parent, child)
+        if isinstance(layer, tv.LoRALinear):
+            layer.merge()
+        setattr(parent, child, Bf16Linear.packed_from(layer))
+        del layer
     return len(names)
 
 

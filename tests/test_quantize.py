@@ -126,10 +126,10 @@ def test_bf16_matches_its_reference(linear, monkeypatch, fastest):
 @pytest.mark.parametrize("fastest", ["packed", "linear"])
 def test_a_loaded_bf16_model_is_packed_where_that_is_faster(monkeypatch, fastest):
     """pack_bf16_layers, as chat.py loads public weights in bf16: where oneDNN's packed layout is this CPU's fastest
-    one-row kernel (each case simulated), every bf16 Linear of the towers holds its weight packed alone (the plain
-    weight let go: no copy is left), the trained fp32 connector and the LoRA layers stay as they were, and the model
-    encodes an image, prefills and decodes as close to fp32 sums of the same bf16 weights as before; elsewhere
-    nothing changes."""
+    one-row kernel (each case simulated), every bf16 Linear of the towers, LoRA merged into it, holds its weight
+    packed alone (the plain weight let go: no copy is left), the trained fp32 connector stays as it was, and the
+    model encodes an image, prefills and decodes as close to fp32 sums of the same bf16 weights (LoRA unmerged) as
+    before; elsewhere nothing changes."""
     import copy
     import gc
     import weakref
@@ -141,11 +141,12 @@ def test_a_loaded_bf16_model_is_packed_where_that_is_faster(monkeypatch, fastest
     model = tv.TinyVLM(tv.PRESETS["tiny"]())             # as weights.load_tinyvlm(dtype=bf16) leaves a model:
     for tower in (model.vit, model.qformer, model.phi):  # the towers bf16, LoRA's adapters and the connector fp32
         tower.bfloat16()
-    for layer in tv.lora_layers(model):
-        layer.lora_A.data, layer.lora_B.data = layer.lora_A.float(), torch.randn_like(layer.lora_B.float()) * 0.02
+    for lora in tv.lora_layers(model):
+        lora.lora_A.data, lora.lora_B.data = lora.lora_A.float(), torch.randn_like(lora.lora_B.float()) * 0.02
+    del lora                                             # (no name here may hold a layer: its weight must go)
     fp32 = copy.deepcopy(model).float().eval()           # the same bf16-rounded weights, every sum in fp32
     weights.multiply_in_fp32_on_cpu(model).eval()
-    plain = [m for name, m in model.named_modules() if type(m) is weights.CPUHalfLinear and name.split(".")[0]
+    plain = [m for name, m in model.named_modules() if isinstance(m, weights.CPUHalfLinear) and name.split(".")[0]
              in ("vit", "qformer", "phi")]
     assert len(plain) > 40 and len(tv.lora_layers(model)) == 8             # LoRA on Phi's 4 qkv and dense
     pixels, ids = torch.randn(1, 3, 64, 64), torch.randint(0, 600, (1, 12))
@@ -169,8 +170,7 @@ def test_a_loaded_bf16_model_is_packed_where_that_is_faster(monkeypatch, fastest
         assert packed == 0 and not layers and all(w() is not None for w in let_go)
         return
     assert packed == len(let_go) == len(layers) and all(w() is None for w in let_go)
-    assert all(m.weight is None and m._packed is not None for m in layers)
-    assert all(type(m) is weights.CPUHalfLoRALinear for m in tv.lora_layers(model))
+    assert all(m.weight is None and m._packed is not None for m in layers) and not tv.lora_layers(model)
     assert type(model.llama_proj) is weights.CPUHalfLinear and model.llama_proj.weight.dtype == torch.float32
     for after, plain_bf16, fp32_sums in zip(answer(model, torch.bfloat16), before, exact):
         print(f"relative error against fp32 sums: packed {rel_err(after, fp32_sums):.2e}, "
