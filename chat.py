@@ -116,8 +116,7 @@ def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
                                 tokenizer=cfg.tokenizer, stage=cfg.stage)
     if cfg.quantize:
         loaded.model = quantize_language_model(loaded.model, cfg.quantize).eval()
-    if device.type == "cpu":
-        quantize.pack_bf16_layers(loaded.model)
+    quantize.pack_bf16_layers(loaded.model)
     return loaded
 
 
@@ -141,8 +140,7 @@ def load_family(cfg: ChatConfig, device: torch.device) -> train.Loaded:
     except FileNotFoundError as e:
         raise cli.UserError(f"{e}: give --tokenizer") from None
     model = model.to(device).eval()
-    if device.type == "cpu":
-        quantize.pack_bf16_layers(model)
+    quantize.pack_bf16_layers(model)
     return train.Loaded(model, tok, 4, facts.image_size, cfg.model, family=facts)
 
 

@@ -425,13 +425,14 @@ def _replace_linears(model: tv.TinyVLM, parts, make) -> None:
             raise ValueError(f"unknown part {part!r}; choose from {ALL_PARTS}")
         if part == "embeddings" or (part == "qformer" and not hasattr(model, "qformer")):
             continue                                     # not Linear layers (quantize_embeddings); no Q-Former
-        names = [n for n in PROJECTIONS if hasattr(model, n)] if part == "projections" else [part]
-        for root_name in names:
-            for name, linear in list(model.get_submodule(root_name).named_modules()):
-                if isinstance(linear, nn.Linear):
-                    full = f"{root_name}.{name}" if name else root_name
-                    parent, _, child = full.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, make(linear))
+        roots = [n for n in PROJECTIONS if hasattr(model, n)] if part == "projections" else [part]
+        for root in roots:
+            # by name, one layer at a time: a list of the layers would keep every replaced weight alive to the end
+            names = [name for name, m in model.get_submodule(root).named_modules() if isinstance(m, nn.Linear)]
+            for name in names:
+                parent, _, child = (f"{root}.{name}" if name else root).rpartition(".")
+                parent = model.get_submodule(parent) if parent else model
+                setattr(parent, child, make(getattr(parent, child)))
 
 
 MODES = ("int8", "int4", "fp16", "bf16")
@@ -468,29 +469,24 @@ def quantize_model(model: tv.TinyVLM, mode: str = "int8", parts: tuple[str, ...]
 
 
 def pack_bf16_layers(model: tv.TinyVLM) -> int:
-    """A loaded model that will only answer (chat.py), the bf16 Linear layers of its frozen towers (the public
-    weights loaded in bf16: the language model, the ViT, the Q-Former; not the trained connector) made Bf16Linears
-    that hold their weights in oneDNN's packed layout alone, where that layout streams one bf16 row fastest on this
-    CPU (weights.bf16_row_kernel: on a Zen 4 EPYC, not on a Xeon, where torch.mv on the plain weight is faster).
-    LoRA is merged into its layer first, as quantize_model does. Each plain weight is let go as soon as its packed
-    copy is made, so one copy is held throughout, as in the bf16 file. A packed layer serves any number of rows, on
-    the CPU only: the model can no longer be trained, saved or moved. Returns how many layers were packed: 0 where
-    another kernel is faster (the model unchanged)."""
-    names = [name for name, m in model.named_modules()
-             if name.split(".")[0] in ("phi", "vit", "qformer") and type(m) in (nn.Linear, weights.CPUHalfLinear,
-                                                                                tv.LoRALinear, weights.CPUHalfLoRALinear)
-             and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
-    if not (names and weights.PACKED_BF16 and weights.bf16_row_kernel() == "packed"):
+    """A loaded model that will only answer (chat.py), the bf16 Linear layers of its frozen towers on the CPU (the
+    public weights loaded in bf16: the language model, the ViT, the Q-Former; not the trained connector) made
+    Bf16Linears that hold their weights in oneDNN's packed layout alone, where that layout streams one bf16 row
+    fastest on this CPU (weights.bf16_row_kernel: on a Zen 4 EPYC, not on a Xeon, where torch.mv on the plain
+    weight is faster). LoRA is merged into its layer first, as quantize_model does. Each plain weight is let go as
+    soon as its packed copy is made, so one copy is held throughout, as in the bf16 file. A packed layer serves any
+    number of rows, on the CPU only: the model can no longer be trained, saved or moved. Returns how many layers
+    were packed: 0 where another kernel is faster, or where there is none to pack (the model unchanged)."""
+    towers = ("phi", "vit", "qformer")
+    packable = lambda m: m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+    count = sum(isinstance(m, nn.Linear) and packable(m)
+                for part in towers if hasattr(model, part) for m in model.get_submodule(part).modules())
+    if not (count and weights.PACKED_BF16 and weights.bf16_row_kernel() == "packed"):
         return 0
-    for name in names:        # by name, one at a time: a list of the layers would keep every plain weight alive
-        parent, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent)
-        layer = getattr(parent, child)
-        if isinstance(layer, tv.LoRALinear):
-            layer.merge()
-        setattr(parent, child, Bf16Linear.packed_from(layer))
-        del layer
-    return len(names)
+    for layer in tv.lora_layers(model):
+        layer.merge()
+    _replace_linears(model, towers, lambda linear: Bf16Linear.packed_from(linear) if packable(linear) else linear)
+    return count
 
 
 def _strip_lora(cfg: tv.TinyVLMConfig) -> tv.TinyVLMConfig:
