@@ -24,6 +24,8 @@ What it does, section by section (--only picks some):
              --new-tokens greedy steps); medians. Ours runs Phi-2 as published (QK-norm and the post-attention
              norm off) so the two compute the same thing: the fp32 logits and image features are compared.
              transformers runs before ours and again after: each of its figures is the mean of the two.
+             Then each of ours decodes --paired-steps more, taking turns with reads like the bandwidth section's:
+             its decoding held to the memory's speed as it was meanwhile (a VM's moves from minute to minute).
   llama.cpp  (with --llama-cpp PATH) the tool a CPU user would pick instead: the same phi-2 folder converted by
              its convert_hf_to_gguf.py to F16, then llama-quantize to BF16, Q8_0 and Q4_0; llama-bench with our
              thread count, prefill --prompt-tokens, decode --new-tokens from an empty cache (its tg) and after
