@@ -674,9 +674,13 @@ def decode_gbs(r: dict, key: str = "decode_tok_s") -> float:
     return r["weight_bytes"] * r[key] / 1e9
 
 
+def paired_fraction(r: dict) -> float:
+    """The paired decode steps' GB/s as a fraction of the reads between them (paired_decode_and_reads)."""
+    return decode_gbs(r, "paired_decode_tok_s") / r["paired_bandwidth"]
+
+
 def paired_share(r: dict) -> str:
-    """The paired decode steps' GB/s as a share of the reads between them (paired_decode_and_reads)."""
-    return f"{decode_gbs(r, 'paired_decode_tok_s') / r['paired_bandwidth']:.0%} of {r['paired_bandwidth']:.1f}"
+    return f"{paired_fraction(r):.0%} of {r['paired_bandwidth']:.1f}"
 
 
 def ratio(ours: float | None, ref: float | None) -> str:
@@ -829,8 +833,7 @@ def targets(inf: dict, bw: float | None, llama: dict, prompt_tokens: int) -> lis
             frac = decode_gbs(r) / bw
             checks.append((f"{name} decode >= 60% of the bandwidth limit", frac >= 0.6, f"{frac:.0%}"))
         if r and "paired_bandwidth" in r:
-            frac = decode_gbs(r, "paired_decode_tok_s") / r["paired_bandwidth"]
-            checks.append((f"{name} decode >= 60% of the bandwidth read between its steps", frac >= 0.6,
+            checks.append((f"{name} decode >= 60% of the bandwidth read between its steps", paired_fraction(r) >= 0.6,
                            paired_share(r) + " GB/s"))
     for name, limit in (("ours int8", 4.5), ("ours bf16", 8.0), ("ours bf16-file", 8.0)):
         if name in inf:
