@@ -366,10 +366,11 @@ def worker_inference(job: dict, bc: BenchConfig, paths: dict) -> dict:
 
 
 def paired_decode_and_reads(runner, ids: torch.Tensor, bc: BenchConfig) -> tuple[float, float]:
-    """Decode steps taking turns with streaming reads of 1 GiB (streaming_read_gbs' read): the tokens/s and the GB/s
-    of their medians, taken over the same seconds. The section's bandwidth reads lie minutes from most rows, and this
-    VM's memory speed moves by up to 2x from one minute to the next (best-of-10 reads just after the rows of one run:
-    34.8 to 70.2 GB/s), so a decoding's share of the limit is also read against the memory as it was meanwhile."""
+    """Decode steps taking turns with streaming reads of 1 GiB (read_seconds, the limit's read): the tokens/s and the
+    GB/s of their medians, taken over the same seconds. The section's bandwidth reads lie minutes from most rows,
+    and this VM's memory speed moves by up to 2x from one minute to the next (best-of-10 reads just after the rows of
+    one run: 34.8 to 70.2 GB/s), so a decoding's share of the limit is also read against the memory as it was
+    meanwhile."""
     x = torch.ones((1 << 30) // 4)
     with torch.inference_mode():
         logits, state = runner.prefill(ids, bc.prompt_tokens + bc.paired_steps + 1)
@@ -378,9 +379,7 @@ def paired_decode_and_reads(runner, ids: torch.Tensor, bc: BenchConfig) -> tuple
             t = time.perf_counter()
             logits, state = runner.decode(logits.argmax(-1), state)
             steps.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            x.sum()
-            reads.append(time.perf_counter() - t)
+            reads.append(read_seconds(x))
     return 1 / statistics.median(steps), x.numel() * x.element_size() / statistics.median(reads) / 1e9
 
 
@@ -657,12 +656,14 @@ def streaming_read_gbs(n_bytes: int = 1 << 30, runs: int = 10) -> float:
     """GB/s of summing a tensor far larger than the caches: each byte is read once from memory, as a decode step
     reads each weight once. The best of the runs: the limit, against which decoding is compared."""
     x = torch.ones(n_bytes // 4)
-    best = 0.0
-    for _ in range(runs):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, n_bytes / (time.perf_counter() - t) / 1e9)
-    return best
+    return n_bytes / min(read_seconds(x) for _ in range(runs)) / 1e9
+
+
+def read_seconds(x: torch.Tensor) -> float:
+    """Seconds to read every byte of x once (a sum): the bandwidth section's read, and the paired decode's."""
+    t = time.perf_counter()
+    x.sum()
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -681,6 +682,12 @@ def paired_fraction(r: dict) -> float:
 
 def paired_share(r: dict) -> str:
     return f"{paired_fraction(r):.0%} of {r['paired_bandwidth']:.1f}"
+
+
+def gbs_cell(rate: float, bw: float | None, *more: str) -> str:
+    """A GB/s figure for the report, with its share of the limit `bw` (when measured) and `more` in brackets."""
+    shares = ([f"{rate / bw:.0%}"] if bw else []) + list(more)
+    return f"{rate:.1f}" + (f" ({'; '.join(shares)})" if shares else "")
 
 
 def ratio(ours: float | None, ref: float | None) -> str:
@@ -753,9 +760,7 @@ def table(results: dict, bc: BenchConfig) -> str:
             ref = ref or {}
             gbs = ""
             if "weight_bytes" in r:
-                rate = decode_gbs(r)
-                shares = ([f"{rate / bw:.0%}"] if bw else []) + ([paired_share(r)] if "paired_bandwidth" in r else [])
-                gbs = f"{rate:.1f}" + (f" ({'; '.join(shares)})" if shares else "")
+                gbs = gbs_cell(decode_gbs(r), bw, *([paired_share(r)] if "paired_bandwidth" in r else []))
             lines.append(f"| {name} | {r['load_s']:.1f}{ratio(r['load_s'], ref.get('load_s'))} "
                          f"| {r['peak_rss_gb']:.2f}{ratio(r['peak_rss_gb'], ref.get('peak_rss_gb'))} "
                          f"| {r['encode_s']:.3f}{ratio(r['encode_s'], ref.get('encode_s'))} "
@@ -777,7 +782,7 @@ def table(results: dict, bc: BenchConfig) -> str:
                       "in brackets, of the measured limit.", "",
                   "| ours | decode tok/s | GB/s | llama.cpp | decode tok/s | GB/s | ours / llama.cpp decode "
                   "| prefill tok/s ours / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
-        share = lambda r, key: f"{decode_gbs(r, key):.1f}" + (f" ({decode_gbs(r, key) / bw:.0%})" if bw else "")
+        share = lambda r, key: gbs_cell(decode_gbs(r, key), bw)
         for kind, theirs in llama.items():
             for dtype in LLAMA_CPP_TYPES[kind]:
                 r = inf.get(f"ours {dtype}")        # without the inference section: llama.cpp's columns alone
