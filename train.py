@@ -918,8 +918,14 @@ def train(cfg: TrainConfig) -> dict:
             save_training_state(model, optimizer, mixture.state_dict(streams), it + 1, history, cfg, stage_dir)
             last_saved = f"{stage_dir / 'model.safetensors'} (iteration {it + 1})"
     result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
-    if world > 1:                 # the ranks leave together: one that tears down its group while rank 0 still
-        import torch.distributed as dist      # evaluates can abort in gloo's threads ("terminate called ...")
+    if world > 1:
+        # The ranks leave together: one that tears down its group while rank 0 still evaluates can abort in gloo's
+        # threads ("terminate called ..."). And the DDP wrapper goes first, while the group is still registered:
+        # its reducer holds the group too, and were it the last holder, the group would be torn down under the GIL,
+        # waiting for gloo's worker thread, which may itself be waiting for the GIL to free the barrier's tensors
+        # (a hang at exit, some 1 run in 70 of two ranks on a 2-core CPU).
+        import torch.distributed as dist
+        del ddp_model
         dist.barrier()
         dist.destroy_process_group()
     del lock                                          # held to here: the stage's files are complete
