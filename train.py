@@ -917,17 +917,19 @@ def train(cfg: TrainConfig) -> dict:
                 replace_earlier_run(stage_dir)
             save_training_state(model, optimizer, mixture.state_dict(streams), it + 1, history, cfg, stage_dir)
             last_saved = f"{stage_dir / 'model.safetensors'} (iteration {it + 1})"
-    result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
     if world > 1:
-        # The ranks leave together: one that tears down its group while rank 0 still evaluates can abort in gloo's
-        # threads ("terminate called ..."). And the DDP wrapper goes first, while the group is still registered:
-        # its reducer holds the group too, and were it the last holder, the group would be torn down under the GIL,
-        # waiting for gloo's worker thread, which may itself be waiting for the GIL to free the barrier's tensors
-        # (a hang at exit, some 1 run in 70 of two ranks on a 2-core CPU).
+        # The ranks leave the group together as soon as training is done; rank 0 alone then evaluates and writes the
+        # stage's files. Left after that, the others would wait for rank 0 at a collective, which gives up after the
+        # group's timeout (gloo's 30 minutes, NCCL's 10) and ends the run; and a rank that tears the group down while
+        # another still uses it can abort in gloo's threads ("terminate called ..."). The DDP wrapper goes first, while
+        # the group is still registered: its reducer holds the group too, and were it the last holder, the group would
+        # be torn down under the GIL, waiting for gloo's worker thread, which may itself be waiting for the GIL to free
+        # the barrier's tensors (a hang at exit, some 1 run in 70 of two ranks on a 2-core CPU).
         import torch.distributed as dist
         del ddp_model
         dist.barrier()
         dist.destroy_process_group()
+    result = finish_stage(model, tok, train_sets, val_sets, history, cfg, device, stage_dir, progress, t0, rank, log)
     del lock                                          # held to here: the stage's files are complete
     return result
 

@@ -364,6 +364,32 @@ def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+def test_ranks_do_not_wait_for_rank_0s_evaluation(tmp_path, command_lines):
+    """After training, rank 0 alone evaluates and writes the stage's files. The other ranks must not wait for it at
+    a collective, which gives up after the group's timeout (gloo's 30 minutes, NCCL's 10) and would end the run:
+    here the timeout is cut to 5 s and rank 0's evaluation made 8 s longer, and both ranks must still succeed."""
+    slow = tmp_path / "slow_rank_0.py"
+    slow.write_text("import datetime, os, sys, time\n"
+                    "import torch.distributed.distributed_c10d as c10d\n"
+                    "import train\n"
+                    "c10d.default_pg_timeout = datetime.timedelta(seconds=5)   # what init_process_group takes\n"
+                    "finish_stage = train.finish_stage\n"
+                    "def slow_finish(*args, **kwargs):\n"
+                    "    if os.environ['RANK'] == '0':\n"
+                    "        time.sleep(8)\n"
+                    "    return finish_stage(*args, **kwargs)\n"
+                    "train.finish_stage = slow_finish\n"
+                    "train.main(sys.argv[1:])\n")
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    args = ["--stage", "1", "--max-iters", "2", "--train-scenes", "16", "--batch-size", "4", "--eval-samples", "2",
+            "--out-dir", str(tmp_path / "out")]
+    two = command_lines.run_all([(str(slow), args, {**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)],
+                                tmp_path, threads=1, timeout=RANKS_TIMEOUT)
+    assert all(rank.returncode == 0 for rank in two), [rank.stderr[-2000:] for rank in two]
+    assert (tmp_path / "out" / "stage1" / "report.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
 def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     """torchrun --nproc_per_node=2 on the CPU (gloo): each rank takes half of every global batch; the losses are
     those of one process with the same global batch."""
