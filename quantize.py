@@ -168,27 +168,29 @@ class Int8Linear(nn.Module):
         first, reads 10.4 (10240 x 2560, eight matrices in turn so that none is cached: 1.5 vs 2.5 ms). What it
         costs in accuracy, on the tiny stage-4 model (Phi in int8, 100 held-out per task, teacher-forced): top-1
         agreement with fp32 0.996 (weights alone in int8: 0.998), the same task scores but [caption] 0.866 -> 0.863
-        and [detection] 0.693 -> 0.703. The packed copy is made at the first call; the file's pages of the plain
-        weight are then handed back after every use, so the two copies are not both resident."""
+        and [detection] 0.693 -> 0.703. The packed copy is made at the first call, with the bias, which FBGEMM adds
+        as it writes the output (one op fewer a layer); the file's pages of the plain weight are then handed back
+        after every use, so the two copies are not both resident."""
         if self._w8a8 is None:
             zero = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():              # quantized tensors are deprecated (FAST_INT8_DYNAMIC)
                 warnings.simplefilter("ignore", UserWarning)
                 weight = torch._make_per_channel_quantized_tensor(aligned(self.weight), self.scales.double(), zero, 0)
-            self._w8a8 = torch.ops.quantized.linear_prepack(weight, None)
+            self._w8a8 = torch.ops.quantized.linear_prepack(weight, None if self.bias is None else self.bias.float())
             weights.release_pages(self.weight)
         return torch.ops.quantized.linear_dynamic(aligned(x2.float()), self._w8a8, True)
 
     def forward_w8a8_reference(self, x2: torch.Tensor) -> torch.Tensor:
         """What forward_w8a8 computes, in plain PyTorch: each row is quantized to 7 bits (0..127), asymmetric, over
         its own range widened to hold 0 (FBGEMM's reduce_range: on AVX2 a pair of 8-bit products summed in 16 bits
-        could overflow), multiplied in integers with the int8 weight, and scaled back."""
+        could overflow), multiplied in integers with the int8 weight, scaled back, and the bias added."""
         x = x2.float()
         lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
         step = ((hi - lo) / 127).clamp(min=1e-8)                                    # (M, 1)
         zero_point = torch.round(-lo / step).clamp(0, 127)
         xq = (torch.round(x / step) + zero_point).clamp(0, 127)
-        return ((xq - zero_point) @ self.weight.float().T) * step * self.scales   # integer sums, in fp32
+        y = ((xq - zero_point) @ self.weight.float().T) * step * self.scales      # integer sums, in fp32
+        return y if self.bias is None else y + self.bias.float()
 
     def forward_prefill(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows on a GPU (int8 tensor cores): int8 x int8 -> int32 with per-token activation scales. LLM.int8's
@@ -210,8 +212,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         rows, device = x2.shape[0], x2.device.type
         if device == "cpu" and rows == 1 and self.DECODE_ACTIVATIONS == "int8" and FAST_INT8_DYNAMIC:
-            y = self.forward_w8a8(x2)
-        elif device == "cpu" and rows < self.CPU_KERNEL_ROWS and FAST_INT8:
+            return self.forward_w8a8(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)   # with its bias
+        if device == "cpu" and rows < self.CPU_KERNEL_ROWS and FAST_INT8:
             y = self.forward_decode(x2)
             if self._w8a8 is not None:       # decoding reads the packed copy: the plain one need not stay resident
                 weights.release_pages(self.weight)

@@ -361,6 +361,23 @@ def test_kv_cache_generation_equals_no_cache(small_phi):
         torch.testing.assert_close(small_phi(ids, last_only=True), small_phi(ids)[:, -1:], rtol=1e-6, atol=1e-6)
 
 
+def test_attention_bias_masks_only_what_needs_masking():
+    """No mask where nothing is padded and the queries need none (causal from position 0 is SDPA's is_causal; one
+    query after the cache sees every key); one after a cache or with padding; a padding mask of the wrong length is
+    refused."""
+    ones = torch.ones(2, 5, dtype=torch.long)
+    assert tv.attention_bias(ones, 0, 5, "cpu") is None and tv.attention_bias(ones, 4, 1, "cpu") is None
+    assert tv.attention_bias(None, 0, 5, "cpu") is None and tv.attention_bias(None, 4, 1, "cpu") is None
+    after_cache = tv.attention_bias(None, 3, 2, "cpu")                      # two queries after three cached keys
+    assert after_cache.tolist() == [[[[True, True, True, True, False], [True] * 5]]]
+    padded = ones.clone()
+    padded[0, 0] = 0                                                        # row 0's first key is padding
+    mask = tv.attention_bias(padded, 4, 1, "cpu")
+    assert mask.shape == (2, 1, 1, 5) and mask[0, 0, 0].tolist() == [False, True, True, True, True] and mask[1].all()
+    with pytest.raises(ValueError, match="covers 5 positions, expected 6"):
+        tv.attention_bias(ones, 5, 1, "cpu")
+
+
 def test_a_prompt_attends_in_the_model_dtype_and_is_cached_in_fp32(small_phi):
     """On a CPU the cache is fp32 (one query's attention is far faster so); the prompt, with nothing cached before
     it, attends over its own keys and values in the model's dtype: a bf16 prefill through the cache computes
