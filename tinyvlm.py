@@ -229,8 +229,7 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tupl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of every head of x (..., B, nh, T, hs); Phi-2 leaves the other 48 of 80
-    alone."""
+    """Rotate the first rotary_dim dims of each head in x (..., B, nh, T, hs); Phi-2 leaves the other 48 of 80."""
     d = cos.shape[-1]
     x_rot, x_pass = x[..., :d].float(), x[..., d:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
