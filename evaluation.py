@@ -262,7 +262,7 @@ def evaluate(model, tok, datasets: dict[str, torch.utils.data.Dataset], stage: i
             scores = score(s, p)
             for k, v in scores.items():
                 row.setdefault(k, []).append(v)
-            if "qtype" in s.meta:                 # the built-in world's VQA: one more row per kind of question
+            if "qtype" in s.meta:      # the built-in world: one more row per kind of [vqa] question or [identify] case
                 for k, v in scores.items():
                     table.setdefault(f"{s.task} {s.meta['qtype']}", {}).setdefault(k, []).append(v)
             if isinstance(s.image, data.Scene) and stage in (1, 2, 3):

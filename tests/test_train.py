@@ -584,6 +584,24 @@ def test_world_vqa_is_reported_per_question_type():
     assert sum(result["metrics"][f"[vqa] {t}"]["n"] for t in types) == result["metrics"]["[vqa]"]["n"] == 40
 
 
+def test_world_identify_is_reported_by_whether_the_colour_is_shared():
+    """[identify] about a shape that shares its colour with another is where models go wrong (docs/stage4.md,
+    section 20): the report splits the task by it, each question in the row its scene puts it in."""
+    model = tv.TinyVLM(train.model_config(train.TrainConfig()))
+    weights.load_checkpoint(model, train.STAGE0)
+    tok = data.shapes_tokenizer()
+    samples = data.ShapesWorld().task_samples("[identify]", "val", 60)
+    for s in samples:
+        asked = next(t for t in s.image.shapes if t.name == s.turns[0][1])
+        shared = sum(t.colour == asked.colour for t in s.image.shapes) > 1
+        assert s.meta["qtype"] == ("colour shared" if shared else "colour alone"), s.image.key()
+    assert {s.meta["qtype"] for s in samples} == {"colour shared", "colour alone"}     # both cases drawn
+    result = evaluation.evaluate(model, tok, {"[identify]": data.VLMDataset(samples, tok, 4, 96, 16)}, 4, "cpu")
+    rows = result["metrics"]
+    assert rows["[identify] colour shared"]["n"] == sum(s.meta["qtype"] == "colour shared" for s in samples)
+    assert rows["[identify] colour shared"]["n"] + rows["[identify] colour alone"]["n"] == rows["[identify]"]["n"] == 60
+
+
 def own_style_vqa(folder: Path, n: int, seed: int) -> Path:
     """A VQA set in a style the built-in world never shows: dark backgrounds, one mark per picture in colours and
     with names of its own, 64 px, and questions worded differently. Written as a user would write their --data."""
