@@ -1341,7 +1341,7 @@ class ShapesWorld:
             # Where another shape has the asked one's colour, the colour does not single it out (its kind must come
             # from what the box points to), and models name the other's kind far more often there (docs/stage4.md,
             # section 20): the report gives these questions a row of their own.
-            case = "colour shared" if any(t.colour == s.colour for t in scene.shapes if t is not s) else "colour alone"
+            case = "colour shared" if s in self.shared_colour(scene) else "colour alone"
             return Sample(scene, [(f"what object is in this location {format_box(s.box)}", s.name)], task,
                           {"answers": [s.name], "qtype": case})
         if task == "[grounding]":
@@ -1436,6 +1436,12 @@ class ShapesWorld:
         kinds = [s.kind for s in scene.shapes]
         return [s for s in scene.shapes if kinds.count(s.kind) > 1]
 
+    @staticmethod
+    def shared_colour(scene: Scene) -> list[Shape]:
+        """The shapes of a scene that share their colour with another: only their kind (and box) tells them apart."""
+        colours = [s.colour for s in scene.shapes]
+        return [s for s in scene.shapes if colours.count(s.colour) > 1]
+
     def same_kind_sample(self, scene: Scene, rng: random.Random) -> Sample:
         """A [refer] or a position question (even odds) about a shape that shares its kind with another."""
         t = rng.choice(self.shared_kind(scene))
@@ -1467,6 +1473,17 @@ class ShapesWorld:
         if len(scenes) < n:
             raise ValueError(f"fewer than {n} scenes of split {split!r} have two shapes of one kind")
         return [self.same_kind_sample(scene, rng) for scene in scenes]
+
+    def shared_colour_questions(self, split: str, n: int, seed: int = 0) -> list[Sample]:
+        """n [identify] samples, each about a shape that shares its colour with another, one for each of the first
+        scenes of the split that have one (stage 0's read-out of the case stage 4 gets wrong most: docs/stage4.md,
+        section 20)."""
+        rng = random.Random(f"{self.seed}-shared-colour-questions-{split}-{seed}")
+        scenes = [s for s in self.scenes(split, 8 * n) if self.shared_colour(s)][:n]
+        if len(scenes) < n:
+            raise ValueError(f"fewer than {n} scenes of split {split!r} have two shapes of one colour")
+        return [self.task_sample(scene, "[identify]", rng, shape=rng.choice(self.shared_colour(scene)))
+                for scene in scenes]
 
     def typed_questions(self, qtype: str, split: str, n: int, seed: int = 0) -> list[Sample]:
         """n [vqa] samples of one question type, about the first scenes of the split that can be asked it."""

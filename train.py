@@ -1599,7 +1599,8 @@ def drill_questions(model: tv.TinyVLM, writer: SceneWriter | None, world: data.S
     train_in_slots(model, writer, draw, round(cfg.max_iters * QUESTIONS_ITERS), cfg, "drill", device, t0)
     report = {"by question type": question_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
               "tasks": curriculum_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
-              "same kind": same_kind_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
+              "same kind": same_kind_accuracy(model, writer, world, tok, device, n=cfg.eval_samples),
+              "shared colour": shared_colour_accuracy(model, writer, world, tok, device, n=cfg.eval_samples)}
     for part, row in report.items():
         print(f"held-out, scene as cells | {part}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return report
@@ -1858,6 +1859,18 @@ def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.Shape
         asked = s.task if s.task == "[refer]" else "position"          # its [vqa] questions are position ones
         scores[asked].append(evaluation.score(s, a)[HEADLINE_METRIC[s.task]])
     return {k: sum(v) / len(v) for k, v in scores.items() if v}
+
+
+def shared_colour_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.ShapesWorld, tok: data.Tokenizer,
+                           device, n: int = 200) -> dict[str, float]:
+    """[identify] accuracy on n held-out questions about a shape that shares its colour with another of its scene
+    (ShapesWorld.shared_colour_questions), where stage 4 names the other one's kind most (docs/stage4.md, section 20).
+    Read with the writer's random state put back after, so that the drills' draws are those they were before it."""
+    samples = world.shared_colour_questions("val", n)
+    state = writer.rng.getstate()
+    answers = greedy_answers(model, writer, samples, tok, device)
+    writer.rng.setstate(state)
+    return {"[identify]": sum(evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)) / len(samples)}
 
 
 @torch.no_grad()

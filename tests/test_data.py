@@ -691,6 +691,18 @@ def test_same_kind_drill_asks_about_shapes_told_apart_by_colour():
         assert s.task == "[refer]" and "box" in s.meta or s.meta["qtype"] == "position"
 
 
+def test_shared_colour_questions_ask_identify_about_a_shape_whose_colour_is_not_its_own():
+    """Stage 0's read-out of the [identify] case stage 4 gets wrong most: the box of a shape that another shape of
+    the scene matches in colour (docs/stage4.md, section 20), one question per such scene, the answer its name."""
+    world = data.ShapesWorld()
+    samples = world.shared_colour_questions("val", 40)
+    assert len(samples) == 40 and len({id(s.image) for s in samples}) == 40
+    for s in samples:
+        asked = next(t for t in s.image.shapes if data.format_box(t.box) in s.turns[0][0])
+        assert s.task == "[identify]" and s.turns[0][1] == asked.name and s.meta["qtype"] == "colour shared"
+        assert any(t is not asked and t.colour == asked.colour for t in s.image.shapes)
+
+
 def test_typed_questions_give_one_type_each_and_refuse_impossible_ones():
     world = data.ShapesWorld()
     for qtype in data.ShapesWorld.VQA_TYPES:

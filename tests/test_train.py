@@ -424,6 +424,7 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     for drill in ("questions", "same_kind"):             # the question drill, then its same-kind questions
         assert set(report[drill]["by question type"]) == set(data.ShapesWorld.VQA_TYPES)
     assert report["same_kind"]["same kind"] and set(report["same_kind"]["same kind"]) <= {"[refer]", "position"}
+    assert set(report["same_kind"]["shared colour"]) == {"[identify]"}
     from safetensors.torch import load_file
     keys = set(load_file(backbones))
     assert any(k.startswith("vit.") for k in keys) and any(k.startswith("qformer.") for k in keys)
@@ -470,6 +471,7 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
     assert json.loads(weights.read_metadata(out)[phase]) == report[phase]
     assert set(report[phase]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]", "[detection]"}
     assert report[phase]["same kind"] and set(report[phase]["same kind"]) <= {"[refer]", "position"}   # 2 questions
+    assert set(report[phase]["shared colour"]) == {"[identify]"}
 
 
 def test_scene_writer_box_map_random_zero_or_off():
