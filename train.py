@@ -752,8 +752,13 @@ def replace_earlier_run(stage_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed (torchrun): each rank takes its slice of every global batch; rank 0 writes
 
+def torchrun_world() -> int:
+    """How many ranks torchrun started this process among (1 when it was started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def dist_setup(device_type: str) -> tuple[int, int]:
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if torchrun_world() == 1:
         return 0, 1
     import torch.distributed as dist
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -1949,5 +1954,20 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cli.config_from_args(TrainConfig, parser.parse_args(argv)))
 
 
+def end_rank() -> None:
+    """A torchrun rank that has done its part (rank 0 has written the stage's files; the others left the group when
+    training ended) ends here, without the interpreter's teardown. gloo's worker threads free a finished collective's
+    tensors a moment after the rank has seen it finish, and freeing a tensor that Python has seen takes the GIL; a
+    worker that asks for it once the interpreter has begun to shut down aborts the process ("terminate called without
+    an active exception", a torch bug: pytorch/pytorch#190489), and torchrun then calls the run failed and stops the
+    other ranks, rank 0 in its evaluation (some 1 run in 50 of two ranks on a busy 2-core CPU). os._exit leaves with
+    no teardown for that to race."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     cli.run(main)
+    if torchrun_world() > 1:
+        end_rank()
