@@ -32,6 +32,7 @@ import random
 import re
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
@@ -1954,20 +1955,30 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cli.config_from_args(TrainConfig, parser.parse_args(argv)))
 
 
-def end_rank() -> None:
-    """A torchrun rank that has done its part (rank 0 has written the stage's files; the others left the group when
-    training ended) ends here, without the interpreter's teardown. gloo's worker threads free a finished collective's
-    tensors a moment after the rank has seen it finish, and freeing a tensor that Python has seen takes the GIL; a
-    worker that asks for it once the interpreter has begun to shut down aborts the process ("terminate called without
-    an active exception", a torch bug: pytorch/pytorch#190489), and torchrun then calls the run failed and stops the
-    other ranks, rank 0 in its evaluation (some 1 run in 50 of two ranks on a busy 2-core CPU). os._exit leaves with
-    no teardown for that to race."""
+def run_rank(main) -> None:
+    """A torchrun rank runs main as cli.run does (a user's mistake or a non-finite loss: one line, exit code 2), then
+    ends with its exit code but without the interpreter's teardown, whether its part went well or not. gloo's worker
+    threads free a finished collective's tensors a moment after the rank has seen it finish, and freeing a tensor
+    that Python has seen takes the GIL; a worker that asks for it once the interpreter has begun to shut down aborts
+    the process ("terminate called without an active exception", a torch bug: pytorch/pytorch#190489), and torchrun
+    then calls the run failed and stops the other ranks, rank 0 in its evaluation (some 1 run in 50 of two ranks on a
+    busy 2-core CPU), or reads a rank's clear error as a crash. os._exit leaves with no teardown for that to race.
+    Whatever the outcome, rank 0 is done with the stage's files by then (its saves are atomic; the stage's lock goes
+    with the process)."""
+    code = 0
+    try:
+        cli.run(main)
+    except SystemExit as e:          # cli.run's end on a user's mistake (2) or an interrupt (130), its words written
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:            # a bug: its traceback, as the interpreter would have printed it
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    cli.run(main)
     if torchrun_world() > 1:
-        end_rank()
+        run_rank(main)
+    cli.run(main)

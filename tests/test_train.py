@@ -390,6 +390,22 @@ def test_ranks_do_not_wait_for_rank_0s_evaluation(tmp_path, command_lines):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+def test_ranks_that_stop_on_an_error_say_so_and_exit_2(tmp_path, command_lines):
+    """Two ranks whose loss becomes non-finite (--lr 1e30: the first step makes the weights infinite) stop together at
+    the next iteration, as one process would: each with its one line and exit code 2, not a traceback or an abort at
+    its exit (train.run_rank ends a rank without the interpreter's teardown, whatever its outcome)."""
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    args = ["--stage", "1", "--max-iters", "4", "--train-scenes", "16", "--batch-size", "4", "--eval-samples", "2",
+            "--lr", "1e30", "--warmup-iters", "0", "--out-dir", str(tmp_path / "out")]
+    two = command_lines.run_all([("train.py", args, {**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)],
+                                tmp_path, threads=1, timeout=RANKS_TIMEOUT)
+    for rank in two:
+        assert rank.returncode == 2, rank.stderr[-2000:]
+        assert rank.stderr.startswith("error: stopped: the loss became nan at iteration 1 (stage 1)"), rank.stderr
+        assert "Traceback" not in rank.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
 def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     """torchrun --nproc_per_node=2 on the CPU (gloo): each rank takes half of every global batch; the losses are
     those of one process with the same global batch."""
