@@ -1089,6 +1089,7 @@ def load_trained(checkpoint: str, out_dir: str, device: torch.device, phi: str =
     config is in its metadata), or a TinyGPT-V stage .pth on the public weights (load_release)."""
     checkpoint = checkpoint or newest_checkpoint(out_dir)
     if Path(checkpoint).suffix in (".pth", ".pt"):
+        weights.refuse_training_state(checkpoint)        # our own state.pt: not a TinyGPT-V release
         return load_release(checkpoint, device, phi, blip2, vit, tokenizer, stage)
     if stage:
         raise cli.UserError("--stage is for a TinyGPT-V .pth; a model.safetensors of ours carries its stage")

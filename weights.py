@@ -60,6 +60,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n <= 0 or 8 + n > size:
+            if head.startswith(ZIP_MAGIC):
+                refuse_training_state(path)
+                raise CheckpointError(f"{path}: a torch pickle (torch.save), not a safetensors file")
             raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {size})")
         try:
             header = json.loads(f.read(n))
@@ -166,6 +169,32 @@ def reuse_freed_memory() -> None:
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
+ZIP_MAGIC = b"PK\x03\x04"             # how a file written by torch.save (a zip archive) begins
+TRAINING_STATE_KEYS = {"iter", "trained", "optimizer"}       # train.save_training_state's state.pt holds these
+
+
+def is_training_state(obj) -> bool:
+    return isinstance(obj, dict) and TRAINING_STATE_KEYS <= obj.keys()
+
+
+def training_state_error(path: str | os.PathLike) -> CheckpointError:
+    path = Path(path)
+    return CheckpointError(f"{path}: the training state that train.py --resume reads (what the stage trained, the "
+                           f"optimizer, the data's position), not a model; the model it goes with is "
+                           f"{path.with_name('model.safetensors')}")
+
+
+def refuse_training_state(path: str | os.PathLike) -> None:
+    """A state.pt of train.py's given where a model was asked for (it lies beside model.safetensors, and a .pt
+    looks like a model file) is named for what it is. Anything else passes, to be read and judged by its reader."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)    # mapped: its index read, not its data
+    except Exception:
+        return
+    if is_training_state(obj):
+        raise training_state_error(path)
+
+
 def read_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict (LAVIS, TinyGPT-V). weights_only=True: loading never runs code from the file.
     TinyGPT-V and LAVIS wrap the weights as {"model": state_dict, "optimizer": ...}; we take "model"."""
@@ -178,6 +207,8 @@ def read_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    if is_training_state(obj):
+        raise training_state_error(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -51,6 +51,9 @@ def place(tmp_path_factory):
 
 
 # (script, arguments, what the one line must say); {d} is the working folder
+STATE_NOT_A_MODEL = ("{d}/out/stage1/state.pt: the training state that train.py --resume reads (what the stage "
+                     "trained, the optimizer, the data's position), not a model; the model it goes with is "
+                     "{d}/out/stage1/model.safetensors")
 CASES = [
     ("train.py", ["--max-iter", "5"], "unrecognized arguments: --max-iter"),
     ("train.py", ["--stage", "5"], "argument --stage: 5 is not one of 0, 1, 2, 3, 4"),
@@ -128,6 +131,11 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--quantized", "{d}/out/stage1/model.safetensors", "q"],
      "not a quantized tinyvlm checkpoint"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--chat", "q"], "--chat reads the questions from the terminal"),
+    # the stage's training state, beside its model: each command that reads a model says which file to give
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/out/stage1/state.pt", "q"], STATE_NOT_A_MODEL),
+    ("train.py", ["--stage", "2", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
+    ("train.py", ["--stage", "1", "--eval-only", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
+    ("quantize.py", ["--checkpoint", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
     ("bench.py", ["--only", "llama.cpp"], "--only llama.cpp needs --llama-cpp PATH"),
     ("bench.py", ["--llama-cpp", "{d}/empty_dir"], "empty_dir/convert_hf_to_gguf.py"),
     ("quantize.py", ["--checkpoint", "{d}/nothing.safetensors"], "nothing.safetensors: not found"),
