@@ -238,24 +238,26 @@ def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser_for(ChatConfig, __doc__)
-    parser.add_argument("question", nargs="?", default="", help="the question or instruction (none with --chat)")
+    parser.add_argument("question", nargs="*", help="the question or instruction (none with --chat); its words may "
+                        "come unquoted, but quotes keep the shell off a ? or *")
     args = parser.parse_args(argv)
+    given = " ".join(args.question)                        # the question on the command line, its words rejoined
     cfg = cli.config_from_args(ChatConfig, args)
     if not cfg.image:
         raise cli.UserError("--image is required: the picture to ask about (python data.py --scene scene.png writes one)")
-    if cfg.chat and args.question:
+    if cfg.chat and given:
         raise cli.UserError("--chat reads the questions from the terminal: give no question on the command line")
     for flag, path in (("--draw", cfg.draw), ("--attention", cfg.attention)):
         if path:
             cli.writable_file(path, flag)
     device = cli.device(cfg.device)
-    check_question(args.question, cfg.task or None)      # a typo costs no waiting for the model (again at its stage)
+    check_question(given, cfg.task or None)              # a typo costs no waiting for the model (again at its stage)
     notices: list[str] = []
     image = data.open_image(cfg.image, notices)            # before the model: a wrong path costs no waiting
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    if cfg.model and (cfg.attention or not args.question):
-        raise cli.UserError("--model: give a question" if not args.question else
+    if cfg.model and (cfg.attention or not given):
+        raise cli.UserError("--model: give a question" if not given else
                             "--attention draws the Q-Former's queries; a --model family has none (its MLP shows "
                             "every patch)")
     loaded = load_model(cfg, device)
@@ -266,19 +268,19 @@ def main(argv: list[str] | None = None) -> None:
         pad = (127, 127, 127) if loaded.family.pad_to_square else None          # the mean colour, as LLaVA pads
         pixels = data.preprocess(image, loaded.image_size, data.SIGLIP_MEAN, data.SIGLIP_STD, pad)[None].to(device)
     else:
-        task = check_request(cfg, args.question, loaded.stage)
+        task = check_request(cfg, given, loaded.stage)
         print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
         if loaded.shapes_world_only and not looks_like_the_shapes_world(image):
             print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
     if not cfg.chat:
-        turns_that_fit(loaded, [], args.question, task, cfg)   # a question too long for the model: an error now
+        turns_that_fit(loaded, [], given, task, cfg)           # a question too long for the model: an error now
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []
     while True:
-        question = args.question
+        question = given
         if cfg.chat:
             try:
                 question = input("you> ").strip()

@@ -185,6 +185,21 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
     assert run.stdout.strip() == "4"
 
 
+def test_a_question_in_unquoted_words_is_the_same_question(tmp_path, capsys):
+    """`python tinyvlm.py --image scene.png how many shapes are there?`, the quotes forgotten, asks what the quoted
+    question asks (its words rejoined with single spaces)."""
+    import data
+    data.write_scene(tmp_path / "scene.png", seed=3)                     # four shapes
+    ask = ["--image", str(tmp_path / "scene.png"), "--checkpoint", str(train.ASSETS / "stage4.safetensors")]
+    answers = []
+    for words in (["how many shapes are there?"], ["how", "many", "shapes", "are", "there?"]):
+        chat.main(ask + words)
+        answers.append(capsys.readouterr().out.strip())
+    assert answers == ["4", "4"]
+    with pytest.raises(cli.UserError, match="--chat reads the questions from the terminal"):
+        chat.main(ask + ["--chat", "how", "many"])
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
     """The command-line server (tests/cli_processes.py) stops a command line that runs over its batch's time, with the
