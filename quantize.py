@@ -598,6 +598,21 @@ class QuantizeConfig:
     LIMITS: ClassVar[dict[str, tuple]] = {"outlier_threshold": (0.0, None), "eval_samples": (1, None)}
 
 
+def refuse_to_replace_a_model(out: Path, checkpoint: Path, mode: str) -> None:
+    """--out must not write over the model being quantized, nor over any other model train.py wrote: a quantized
+    file is for asking, and the trained weights under it would be lost (an earlier quantized file may be replaced)."""
+    if out.exists() and out.resolve() == checkpoint.resolve():
+        raise cli.UserError(f"--out {out} is the model being quantized (--checkpoint): the quantized file would replace "
+                            f"it; give another path, e.g. --out {out.with_suffix('')}.{mode}.safetensors")
+    try:
+        trained = out.exists() and weights.read_metadata(out).get("format") == "tinyvlm"
+    except weights.CheckpointError:       # not a safetensors file: nothing of train.py's
+        trained = False
+    if trained:
+        raise cli.UserError(f"--out {out} holds a model train.py wrote: the quantized file would replace it; give "
+                            f"another path")
+
+
 def main(argv: list[str] | None = None) -> None:
     import copy
     args = cli.config_from_args(QuantizeConfig, cli.parser_for(QuantizeConfig, __doc__).parse_args(argv))
@@ -616,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
             args.checkpoint = str(train.SHIPPED_STAGE4)
     if not Path(args.checkpoint).exists():
         raise cli.UserError(f"--checkpoint {args.checkpoint}: not found")
+    if args.out:
+        refuse_to_replace_a_model(Path(args.out), Path(args.checkpoint), args.mode)
     cfg = train.config_of_checkpoint(args.checkpoint, eval_samples=args.eval_samples, device="cpu")
     reference, _ = train.build_model(cfg, torch.device("cpu"))
     reference.eval()

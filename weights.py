@@ -791,12 +791,21 @@ def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[st
     return model
 
 
+def refuse_quantized(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """quantize.py's output given where train.py's model.safetensors was asked for is named for what it is."""
+    if meta.get("format") == "tinyvlm-quantized":
+        raise CheckpointError(f"{path}: a quantized model (quantize.py --out), for asking only: python tinyvlm.py "
+                              f"--quantized {path} ...; training, --init and --checkpoint take the model.safetensors "
+                              f"it was quantized from")
+
+
 def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple[str, ...] = ()) -> dict[str, str]:
     """One of our safetensors checkpoints, before it is loaded into a model with config cfg: written by
     save_checkpoint (our metadata), whole (every tensor its metadata lists is there), and (given cfg) of the same
     architecture: the same sizes, and for a trained stage (not the stage-0 backbones, whose norms an ablation may
     leave out through `ignore`) the same TinyGPT-V norms. Returns the metadata."""
     meta = read_metadata(path)
+    refuse_quantized(path, meta)
     if meta.get("format") != "tinyvlm" or "config" not in meta:
         raise CheckpointError(f"{path}: not a tinyvlm checkpoint (its metadata holds no tinyvlm config); expected a "
                               f"model.safetensors written by train.py")
@@ -886,6 +895,7 @@ def fault_point(name: str) -> None:
 def read_checkpoint_config(path: str | os.PathLike) -> tv.TinyVLMConfig:
     """The TinyVLMConfig stored in one of our safetensors checkpoints."""
     meta = read_metadata(path)
+    refuse_quantized(path, meta)
     if meta.get("format") != "tinyvlm":
         raise CheckpointError(f"{path}: not a tinyvlm checkpoint (no config in its metadata)")
     return tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import quantize
 import train
 import weights
 
@@ -47,10 +48,12 @@ def place(tmp_path_factory):
     (d / "nofield.json").write_text('[{"image": "scene.png"}]')
     (d / "ok.json").write_text(json.dumps([{"image": "scene.png", "caption": "a shape"}] * 4))
     (d / "empty_dir").mkdir()
+    quantize.main(["--checkpoint", str(stage1), "--out", str(d / "int8.safetensors"), "--eval-samples", "2"])
     return d
 
 
 # (script, arguments, what the one line must say); {d} is the working folder
+QUANTIZED_FOR_ASKING = "{d}/int8.safetensors: a quantized model (quantize.py --out), for asking only"
 STATE_NOT_A_MODEL = ("{d}/out/stage1/state.pt: the training state that train.py --resume reads (what the stage "
                      "trained, the optimizer, the data's position), not a model; the model it goes with is "
                      "{d}/out/stage1/model.safetensors")
@@ -136,6 +139,14 @@ CASES = [
     ("train.py", ["--stage", "2", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
     ("train.py", ["--stage", "1", "--eval-only", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
+    # quantize.py's output: asked with --quantized; and it never replaces a model train.py wrote
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/int8.safetensors", "q"], QUANTIZED_FOR_ASKING),
+    ("train.py", ["--stage", "2", "--init", "{d}/int8.safetensors"], QUANTIZED_FOR_ASKING),
+    ("quantize.py", ["--checkpoint", "{d}/int8.safetensors"], QUANTIZED_FOR_ASKING),
+    ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "{d}/out/stage1/model.safetensors"],
+     "is the model being quantized (--checkpoint): the quantized file would replace it"),
+    ("quantize.py", ["--checkpoint", "{d}/s3/stage3/model.safetensors", "--out", "{d}/out/stage1/model.safetensors"],
+     "--out {d}/out/stage1/model.safetensors holds a model train.py wrote"),
     ("bench.py", ["--only", "llama.cpp"], "--only llama.cpp needs --llama-cpp PATH"),
     ("bench.py", ["--llama-cpp", "{d}/empty_dir"], "empty_dir/convert_hf_to_gguf.py"),
     ("quantize.py", ["--checkpoint", "{d}/nothing.safetensors"], "nothing.safetensors: not found"),
