@@ -15,6 +15,7 @@ import math
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--draw", cfg.draw), ("--attention", cfg.attention)):
         if path:
             cli.writable_file(path, flag)
+            if Path(path).exists() and Path(path).resolve() == Path(cfg.image).resolve():
+                raise cli.UserError(f"{flag} {path} is the picture asked about (--image): the drawing would replace "
+                                    f"it; give another file")
     device = cli.device(cfg.device)
     check_question(given, cfg.task or None)              # a typo costs no waiting for the model (again at its stage)
     notices: list[str] = []

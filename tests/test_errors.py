@@ -128,6 +128,10 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--max-new-tokens", "0", "q"], "argument --max-new-tokens: 0 is below 1"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--task", "[vqaa]", "q"], "argument --task: '[vqaa]' is not one of [vqa], [caption]"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "/dev/null/boxes.png", "q"], "--draw /dev/null/boxes.png"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/scene.png", "q"], "--draw {d}/scene.png is the picture "
+     "asked about (--image): the drawing would replace it"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--attention", "{d}/scene.png", "q"], "--attention {d}/scene.png is the "
+     "picture asked about"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "what is <ImageHere>?"], "contains <ImageHere>"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/s3/stage3/model.safetensors"], "needs a question"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--out-dir", "{d}/empty_dir", "q"], "no trained model in"),
