@@ -1535,7 +1535,10 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int):
 
 
 def shapes_corpus(world: ShapesWorld) -> list[str]:
-    """The built-in world's text that its tokenizer is learnt from: every kind of sentence, and each stage's samples."""
+    """The built-in world's text that its tokenizer is learnt from: every kind of sentence, and each stage's samples.
+    Each answer follows its prompt's space here, where `encode` tokenizes it apart, so the tokenizer writes an
+    answer's first word in pieces ("blue" is b-lu-e; Phi-2's writes it whole). Adding the answers as encode writes
+    them would mend that, and retrain every shipped file (docs/stage4.md, section 22)."""
     corpus = world.text_corpus("train", 4000)
     for stage in (1, 3, 4):
         corpus += [" ".join(f"{q} {a}" for q, a in s.turns) for s in world.samples(stage, "train", 1000)]
