@@ -1872,21 +1872,21 @@ def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.Shape
 def shared_colour_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.ShapesWorld, tok: data.Tokenizer,
                            device, n: int = 200) -> dict[str, float]:
     """[identify] accuracy on n held-out questions about a shape that shares its colour with another of its scene
-    (ShapesWorld.shared_colour_questions), where stage 4 names the other one's kind most (docs/stage4.md, section 20).
-    Read with the writer's random state put back after, so that the drills' draws are those they were before it."""
+    (ShapesWorld.shared_colour_questions), where stage 4 names the other one's kind most (docs/stage4.md, section 20)."""
     samples = world.shared_colour_questions("val", n)
-    state = writer.rng.getstate()
     answers = greedy_answers(model, writer, samples, tok, device)
-    writer.rng.setstate(state)
     return {"[identify]": sum(evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)) / len(samples)}
 
 
 @torch.no_grad()
 def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, samples: list, tok: data.Tokenizer,
                    device) -> list[str]:
-    """Stage-4 answers to the samples' first questions, the scene in the image slots (writer) or written as text."""
+    """Stage-4 answers to the samples' first questions, the scene in the image slots (writer) or written as text.
+    The writer's random state is put back after: a read-out never changes the training after it (how many samples
+    are read, or how often, leaves stage 0's run the same)."""
     grid = math.isqrt(model.cfg.num_image_tokens)
     answers = []
+    state = writer.rng.getstate() if writer else None
     for i in range(0, len(samples), 100):
         chunk = samples[i:i + 100]
         prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
@@ -1901,6 +1901,8 @@ def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, samples: list,
                                                eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
                             len(chunk))
         answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
+    if writer:
+        writer.rng.setstate(state)
     return answers
 
 

@@ -507,6 +507,22 @@ def test_scene_writer_box_map_random_zero_or_off():
         assert all(any(torch.equal(x[j], e) for j in range(x.shape[0])) for e in model.phi.embed_tokens(ids).sum(1))
 
 
+def test_a_stage0_read_out_leaves_the_training_draws_as_they_were():
+    """The scene writer draws from its random state where a shape on a cell border goes, in a read-out as in
+    training; a read-out puts the state back, so how many answers are read, or how often, never changes stage 0's
+    run (--eval-samples leaves the trained weights the same)."""
+    model = train.tv.TinyVLM(train.model_config(train.resolve(train.TrainConfig(stage=0)))).eval()
+    tok, world = data.shapes_tokenizer(), data.ShapesWorld(seed=0)
+    writer = train.scene_writer(model, tok, "cpu", "zero").eval()
+    samples = world.task_samples("[identify]", "val", 12)
+    before = writer.rng.getstate()
+    writer([s.image for s in samples])
+    assert writer.rng.getstate() != before                    # writing these scenes draws ...
+    writer.rng.setstate(before)
+    answers = train.greedy_answers(model, writer, samples, tok, "cpu")
+    assert len(answers) == 12 and writer.rng.getstate() == before       # ... and reading answers about them does not
+
+
 @pytest.mark.parametrize("drill", ["questions", "same_kind"])
 def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch, drill):
     """--stage0-phases lookup,language,DRILL: the LM is built afresh (tried again while held-out colour stays
