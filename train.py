@@ -1984,5 +1984,6 @@ def run_rank(main) -> None:
 
 if __name__ == "__main__":
     if torchrun_world() > 1:
-        run_rank(main)
-    cli.run(main)
+        run_rank(main)              # does not return: the rank leaves with its exit code
+    else:
+        cli.run(main)
