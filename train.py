@@ -3,7 +3,7 @@ train.py: TinyGPT-V's four training stages (and a stage 0 that pretrains the tin
 
     python train.py --stage 1            # the built-in shapes world and the tiny preset, on a laptop CPU
     python train.py --stage 2            # ... each stage starts from the previous stage's output
-    python train.py --stage 0            # rebuild the shipped pretrained tiny backbones (assets/stage0.safetensors)
+    python train.py --stage 0            # pretrain the tiny backbones again (out/stage0/; the shipped: assets/)
     python train.py --stage 0 --stage0-phases same_kind    # only its last part: the LM's same-kind drill
     python train.py --stage 1 --phi phi-2/ --blip2 blip2-flan-t5-xxl/ --data captions.jsonl --image-root images/
     torchrun --nproc_per_node=2 train.py --stage 1      # DistributedDataParallel, one data shard per rank
@@ -296,11 +296,12 @@ SIBLING_STAGES = (1, 4)
 
 
 def with_backbones(cfg: TrainConfig) -> TrainConfig:
-    """Where stage 0 writes and stages 1-4 read the tiny backbones, when --backbones is not given: stage 0 on your
-    text writes OUT_DIR/stage0/model.safetensors and the stages after it read that; otherwise the shipped ones
-    (left empty: a checkpoint's config then keeps meaning the shipped file wherever the repo moves)."""
+    """Where stage 0 writes and stages 1-4 read the tiny backbones, when --backbones is not given: stage 0 writes
+    OUT_DIR/stage0/model.safetensors, never the shipped file (the shipped stage-3 and stage-4 models were trained on
+    it, and answer nonsense on other backbones), and the stages after it read that; with no stage 0 of yours, the
+    shipped ones (left empty: a checkpoint's config then keeps meaning the shipped file wherever the repo moves)."""
     own = Path(cfg.out_dir) / "stage0" / "model.safetensors"
-    if cfg.backbones or cfg.phi or not (cfg.text if cfg.stage == 0 else own.exists()):
+    if cfg.backbones or cfg.phi or (cfg.stage != 0 and not own.exists()):
         return cfg
     return dataclasses.replace(cfg, backbones=str(own))
 

@@ -427,10 +427,14 @@ def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
 
 
-def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
-    backbones = tmp_path / "backbones.safetensors"
-    report = train.train(train.TrainConfig(stage=0, backbones=str(backbones), max_iters=2, train_scenes=128,
+def test_stage0_pretrains_into_its_own_folder_and_stage1_reads_it(tmp_path):
+    """`python train.py --stage 0` writes OUT_DIR/stage0/model.safetensors, and stage 1 reads it from there; the
+    shipped backbones, on which the shipped stage-3 and stage-4 models were trained, are left as they are."""
+    shipped = train.STAGE0.read_bytes()
+    report = train.train(train.TrainConfig(stage=0, out_dir=str(tmp_path), max_iters=2, train_scenes=128,
                                            batch_size=8, log_interval=2, eval_samples=3))
+    backbones = tmp_path / "stage0" / "model.safetensors"
+    assert train.STAGE0.read_bytes() == shipped
     assert backbones.exists() and "slot kind @64" in report["vision"]
     assert set(report["lookup"]) == {"tries", "colour", "shape"} and 1 <= report["lookup"]["tries"] <= 3
     for way in ("scene as text", "scene as cells"):       # the language curriculum's held-out score, both ways
@@ -445,8 +449,10 @@ def test_stage0_pretrains_and_stage1_reads_its_output(tmp_path):
     keys = set(load_file(backbones))
     assert any(k.startswith("vit.") for k in keys) and any(k.startswith("qformer.") for k in keys)
     assert not any(k.startswith("llama_proj") or "lora_" in k for k in keys)
-    result = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, backbones=str(backbones)))
+    result = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2))
     assert len(result["history"]) == 2
+    saved = json.loads(weights.read_metadata(tmp_path / "stage1" / "model.safetensors")["train_config"])
+    assert saved["backbones"] == str(backbones)
 
 
 @pytest.mark.parametrize("phase", ["questions", "same_kind"])
