@@ -1883,8 +1883,8 @@ def shared_colour_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.S
 def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, samples: list, tok: data.Tokenizer,
                    device) -> list[str]:
     """Stage-4 answers to the samples' first questions, the scene in the image slots (writer) or written as text.
-    The writer's random state is put back after: a read-out never changes the training after it (how many samples
-    are read, or how often, leaves stage 0's run the same)."""
+    The writer's random state is put back after: how many samples a read-out reads, or how often, changes none of
+    the draws the training makes after it (only what a read-out decides, as the lookup phase's tries)."""
     grid = math.isqrt(model.cfg.num_image_tokens)
     answers = []
     state = writer.rng.getstate() if writer else None

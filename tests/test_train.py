@@ -515,8 +515,8 @@ def test_scene_writer_box_map_random_zero_or_off():
 
 def test_a_stage0_read_out_leaves_the_training_draws_as_they_were():
     """The scene writer draws from its random state where a shape on a cell border goes, in a read-out as in
-    training; a read-out puts the state back, so how many answers are read, or how often, never changes stage 0's
-    run (--eval-samples leaves the trained weights the same)."""
+    training; a read-out puts the state back, so how many answers are read, or how often, changes none of the
+    draws stage 0's training makes after it."""
     model = train.tv.TinyVLM(train.model_config(train.resolve(train.TrainConfig(stage=0)))).eval()
     tok, world = data.shapes_tokenizer(), data.ShapesWorld(seed=0)
     writer = train.scene_writer(model, tok, "cpu", "zero").eval()
