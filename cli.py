@@ -38,16 +38,21 @@ def field_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
     """{field: the comment after it} and {field: the comment line that heads its group}, read from the source."""
     helps, groups, group = {}, {}, ""
     tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline)
-    line_field = {}                       # line number -> the field declared on it
+    line_field = {}                       # line number -> the field declared on it (or whose comment goes on there)
     for tok in tokens:
         if tok.type == tokenize.NAME and tok.line.strip().startswith(tok.string + ":") and tok.start[1] == 4:
             line_field[tok.start[0]] = tok.string
             groups[tok.string] = group
         elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
             if tok.start[0] in line_field:
-                helps[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+                helps[line_field[tok.start[0]]] = text
             elif tok.line.strip().startswith("#") and tok.start[1] == 4:
-                group = tok.string.lstrip("#").strip()
+                group = text
+            elif tok.line.strip().startswith("#") and tok.start[0] - 1 in line_field:   # a field's comment goes on
+                field = line_field[tok.start[0] - 1]
+                helps[field] += " " + text
+                line_field[tok.start[0]] = field
     return helps, groups
 
 

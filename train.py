@@ -80,7 +80,8 @@ class TrainConfig:
     stage0_phases: str = "vit,qformer,lookup,language,questions,same_kind"  # stage 0's parts, in order
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
-                                    # stage 0: the backbones, default the shipped ones)
+                                    # stage 0: the parts it does not run, default OUT_DIR/stage0's
+                                    # where there is one, else the shipped)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
     eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
     benchmark: str = ""             # score a model on one of the paper's benchmarks, its file as --data FILE
@@ -300,7 +301,7 @@ def with_backbones(cfg: TrainConfig) -> TrainConfig:
     OUT_DIR/stage0/model.safetensors, never the shipped file (the shipped stage-3 and stage-4 models were trained on
     it, and answer nonsense on other backbones), and the stages after it read that; with no stage 0 of yours, the
     shipped ones (left empty: a checkpoint's config then keeps meaning the shipped file wherever the repo moves)."""
-    own = Path(cfg.out_dir) / "stage0" / "model.safetensors"
+    own = Path(cfg.out_dir).absolute() / "stage0" / "model.safetensors"  # a trained model records it: from any folder
     if cfg.backbones or cfg.phi or (cfg.stage != 0 and not own.exists()):
         return cfg
     return dataclasses.replace(cfg, backbones=str(own))
@@ -1339,6 +1340,15 @@ def stage0_reads_init(phases: list[str]) -> bool:
     return not {"vit", "qformer", "language"} <= set(phases)
 
 
+def stage0_source(cfg: TrainConfig) -> Path:
+    """The backbones a stage 0 of some parts goes on from: --init; else the file it writes, where it exists (your
+    own stage 0: going on from the shipped file instead would replace your run's other parts with the shipped
+    ones); else the shipped file."""
+    if cfg.init:
+        return Path(cfg.init)
+    return backbones_file(cfg) if backbones_file(cfg).exists() else STAGE0
+
+
 def pretrain_backbones(cfg: TrainConfig) -> dict:
     if cfg.phi or cfg.preset != "tiny":
         raise cli.UserError("--stage 0 pretrains the tiny backbones; real runs start from public weights (--phi, --blip2)")
@@ -1352,7 +1362,7 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     phases = cfg.stage0_phases.split(",")
     report = {}
     if stage0_reads_init(phases):             # the parts not run again keep the weights (and read-outs) of --init
-        source = Path(cfg.init) if cfg.init else STAGE0
+        source = stage0_source(cfg)
         weights.load_checkpoint(model, source)
         # a language part's read-out describes the LM as that part left it: a part before it run now changes that LM
         lm_from = min([STAGE0_PHASES.index(p) for p in phases if p in STAGE0_LM_PHASES], default=len(STAGE0_PHASES))

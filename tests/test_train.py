@@ -64,6 +64,19 @@ def test_cli_is_generated_from_the_config():
     assert (cfg.stage, cfg.qk_norm, cfg.lr, cfg.post_attn_norm) == (3, False, 0.5, True)
 
 
+def test_a_flag_whose_comment_takes_two_lines_is_helped_by_both():
+    """A flag's help is the comment after its field, and the comment lines under it that go on with it (--init's
+    second line, on stage 0, was dropped, and its help ended at an open bracket)."""
+    import bench, chat, quantize
+    for cls in (train.TrainConfig, chat.ChatConfig, quantize.QuantizeConfig, bench.BenchConfig, data.DataConfig):
+        helps, _ = cli.field_comments(cls)
+        assert helps and all(text.count("(") == text.count(")") for text in helps.values()), cls
+    init = cli.field_comments(train.TrainConfig)[0]["init"]
+    assert init.startswith("trainable weights to start from") and "stage 0: the parts it does not run" in init
+    assert "default OUT_DIR/stage0's where there is one, else the shipped)" in " ".join(
+        cli.parser_for(train.TrainConfig, "doc").format_help().split())
+
+
 def test_answer_normalisation_and_scores():
     assert evaluation.normalize_answer("Two.") == "2" and evaluation.normalize_answer("the Red Circle!") == "red circle"
     assert evaluation.vqa_score("2", ["two", "2", "2", "3"]) == pytest.approx(1.0)       # 3 annotators agree
@@ -494,6 +507,39 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
     assert set(report[phase]["tasks"]) == {"[vqa]", "[identify]", "[refer]", "[caption]", "[grounding]", "[detection]"}
     assert report[phase]["same kind"] and set(report[phase]["same kind"]) <= {"[refer]", "position"}   # 2 questions
     assert set(report[phase]["shared colour"]) == {"[identify]"}
+
+
+def test_your_stage0_is_recorded_by_a_path_that_holds_from_any_folder(tmp_path, monkeypatch):
+    """Stages 1-4 read OUT_DIR/stage0 and record it in their model's config: a relative --out-dir recorded as given
+    pointed, from another folder, at nothing (or at another run's backbones)."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "stage0").mkdir(parents=True)
+    shutil.copy(train.STAGE0, tmp_path / "out" / "stage0" / "model.safetensors")
+    for stage in (0, 1, 4):
+        cfg = train.with_backbones(train.TrainConfig(stage=stage, out_dir="out"))
+        assert cfg.backbones == str(tmp_path / "out" / "stage0" / "model.safetensors")
+    assert train.with_backbones(train.TrainConfig(stage=1, out_dir="elsewhere")).backbones == ""   # the shipped
+
+
+def test_stage0_of_some_parts_goes_on_from_your_own_stage0(tmp_path, capsys):
+    """--stage0-phases PART without --init, once OUT_DIR/stage0 holds a stage 0 of yours: the parts not run again
+    are your run's (from the shipped file, they replaced the rest of your run in OUT_DIR/stage0 without a word)."""
+    from safetensors.torch import load_file
+    run = lambda phase: train.train(train.TrainConfig(stage=0, stage0_phases=phase, out_dir=str(tmp_path),
+                                                      max_iters=1, train_scenes=32, log_interval=1, eval_samples=2))
+    own = tmp_path / "stage0" / "model.safetensors"
+    first = run("questions")                      # no stage 0 of yours yet: the shipped file's other parts
+    assert f"kept from {train.STAGE0}" in capsys.readouterr().out
+    assert first["questions"] != json.loads(weights.read_metadata(train.STAGE0)["questions"])
+    drilled = load_file(own)
+    second = run("same_kind")                     # now your file's
+    assert f"kept from {own}" in capsys.readouterr().out
+    assert second["questions"] == first["questions"] and second["same_kind"] != first.get("same_kind")
+    after = load_file(own)
+    assert all(torch.equal(drilled[k], after[k]) for k in drilled if k.startswith(("vit.", "qformer.")))
+    assert not torch.equal(drilled["phi.layers.0.mlp.fc1.weight"], after["phi.layers.0.mlp.fc1.weight"])
+    assert json.loads(weights.read_metadata(own)["questions"]) == first["questions"]
 
 
 def test_scene_writer_box_map_random_zero_or_off():
