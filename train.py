@@ -427,11 +427,7 @@ def config_of_checkpoint(path: str | os.PathLike, **overrides) -> TrainConfig:
     """The TrainConfig that a model.safetensors of ours was trained with (its metadata keeps it), pointed at that file
     as --init: build_model then makes the model that was trained (its ablation flags, its LoRA rank), whatever the
     defaults are now. overrides: e.g. device, or phi / blip2 folders that have moved."""
-    meta = weights.read_metadata(path)
-    weights.refuse_quantized(path, meta)
-    if meta.get("format") != "tinyvlm" or "stage" not in meta:
-        raise weights.CheckpointError(f"{path}: not a model.safetensors written by train.py (its metadata has no "
-                                      f"tinyvlm config and stage)")
+    meta = weights.own_metadata(path, "stage")
     stage = json.loads(meta["stage"])
     if stage == 0:
         raise cli.UserError(f"{path}: the stage-0 backbones have no projections to answer with; give a stage 1-4 "

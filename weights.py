@@ -791,12 +791,19 @@ def load_checkpoint(model: tv.TinyVLM, path: str | os.PathLike, ignore: tuple[st
     return model
 
 
-def refuse_quantized(path: str | os.PathLike, meta: dict[str, str]) -> None:
-    """quantize.py's output given where train.py's model.safetensors was asked for is named for what it is."""
+def own_metadata(path: str | os.PathLike, *required: str) -> dict[str, str]:
+    """The metadata of a model.safetensors that train.py wrote (save_checkpoint): its config, and the `required`
+    keys besides. Any other file is refused, quantize.py's output (a near miss: "for asking only") by name."""
+    meta = read_metadata(path)
     if meta.get("format") == "tinyvlm-quantized":
         raise CheckpointError(f"{path}: a quantized model (quantize.py --out), for asking only: python tinyvlm.py "
                               f"--quantized {path} ...; training, --init and --checkpoint take the model.safetensors "
                               f"it was quantized from")
+    keys = ("config", *required)
+    if meta.get("format") != "tinyvlm" or not all(k in meta for k in keys):
+        raise CheckpointError(f"{path}: not a model.safetensors written by train.py (its metadata holds no tinyvlm "
+                              f"{' and '.join(keys)})")
+    return meta
 
 
 def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple[str, ...] = ()) -> dict[str, str]:
@@ -804,11 +811,7 @@ def check_own_checkpoint(path: Path, cfg: tv.TinyVLMConfig | None, ignore: tuple
     save_checkpoint (our metadata), whole (every tensor its metadata lists is there), and (given cfg) of the same
     architecture: the same sizes, and for a trained stage (not the stage-0 backbones, whose norms an ablation may
     leave out through `ignore`) the same TinyGPT-V norms. Returns the metadata."""
-    meta = read_metadata(path)
-    refuse_quantized(path, meta)
-    if meta.get("format") != "tinyvlm" or "config" not in meta:
-        raise CheckpointError(f"{path}: not a tinyvlm checkpoint (its metadata holds no tinyvlm config); expected a "
-                              f"model.safetensors written by train.py")
+    meta = own_metadata(path)
     saved = tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
     for part in ("vit", "qformer", "phi") if cfg is not None else ():
         a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(cfg, part))
@@ -894,11 +897,7 @@ def fault_point(name: str) -> None:
 
 def read_checkpoint_config(path: str | os.PathLike) -> tv.TinyVLMConfig:
     """The TinyVLMConfig stored in one of our safetensors checkpoints."""
-    meta = read_metadata(path)
-    refuse_quantized(path, meta)
-    if meta.get("format") != "tinyvlm":
-        raise CheckpointError(f"{path}: not a tinyvlm checkpoint (no config in its metadata)")
-    return tv.TinyVLMConfig.from_dict(json.loads(meta["config"]))
+    return tv.TinyVLMConfig.from_dict(json.loads(own_metadata(path)["config"]))
 
 
 def load_tinyvlm(phi, blip2, vit=None, checkpoint=None, cfg: tv.TinyVLMConfig | None = None, dtype=None) -> tv.TinyVLM:

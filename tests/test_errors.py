@@ -88,7 +88,7 @@ CASES = [
     ("train.py", ["--stage", "2", "--init", "{d}/truncated.safetensors"], "not a safetensors file, or truncated"),
     ("train.py", ["--stage", "2", "--init", "{d}/missing.safetensors"], "'llama_proj.weight' is listed in its metadata"),
     ("train.py", ["--stage", "2", "--init", "{d}/nan.safetensors"], "'llama_proj.bias' holds NaN or infinite values"),
-    ("train.py", ["--stage", "2", "--init", "{d}/nometa.safetensors"], "not a tinyvlm checkpoint"),
+    ("train.py", ["--stage", "2", "--init", "{d}/nometa.safetensors"], "not a model.safetensors written by train.py"),
     ("train.py", ["--stage", "2", "--init", "{d}/noqk/stage1/model.safetensors"], "pass --no-qk-norm"),
     ("train.py", ["--stage", "3", "--init", "{d}/r8/stage2/model.safetensors"], "rank 8, but this model has rank 32: "
      "pass --lora-rank 8"),
