@@ -81,7 +81,7 @@ class TrainConfig:
     out_dir: str = "out"            # stage N writes OUT_DIR/stageN/
     init: str = ""                  # trainable weights to start from (default: OUT_DIR/stage{N-1}/model.safetensors;
                                     # stage 0: the parts it does not run, default OUT_DIR/stage0's
-                                    # where there is one, else the shipped)
+                                    # where there is one, else the shipped; with --text, the shipped)
     resume: bool = False            # continue OUT_DIR/stageN exactly where it stopped
     eval_only: bool = False         # evaluate --init (or the stage's own output) on the held-out data, write nothing
     benchmark: str = ""             # score a model on one of the paper's benchmarks, its file as --data FILE
@@ -340,8 +340,8 @@ def check_flags(cfg: TrainConfig) -> None:
         if unknown or len(set(phases)) != len(phases) or not phases:
             raise cli.UserError(f"--stage0-phases {cfg.stage0_phases}: give some of {','.join(STAGE0_PHASES)}, "
                                 f"each once, comma-separated")
-        if cfg.init:
-            inputs.append(("--init", cfg.init))
+    if cfg.stage == 0 and cfg.init:
+        inputs.append(("--init", cfg.init))
     if cfg.stage == 0 and cfg.init and not cfg.text and not stage0_reads_init(phases):
         raise cli.UserError("--init at --stage 0 gives the backbones for the parts that --stage0-phases leaves out; "
                             f"with {cfg.stage0_phases} run, nothing would be read from it")
@@ -357,6 +357,9 @@ def check_flags(cfg: TrainConfig) -> None:
     for flag, value in inputs:
         if value and not Path(value).exists():
             raise cli.UserError(f"{flag} {value}: no such file or folder")
+    if cfg.stage == 0 and cfg.init and json.loads(weights.own_metadata(cfg.init, "stage")["stage"]) != 0:
+        raise cli.UserError(f"--init {cfg.init}: a trained stage's model; stage 0 goes on from stage-0 backbones "
+                            f"(OUT_DIR/stage0/model.safetensors, or the shipped {STAGE0.relative_to(ASSETS.parent)})")
     patch = tv.PRESETS["tinygptv" if cfg.phi else cfg.preset]().vit.patch_size
     if cfg.image_size % patch:
         raise cli.UserError(f"--image-size {cfg.image_size}: must be a multiple of the ViT's patch size ({patch})")
@@ -1740,8 +1743,9 @@ def nats_per_character(phi: tv.Phi, tok: data.Tokenizer, texts: list[str], devic
 
 
 def pretrain_on_text(cfg: TrainConfig) -> dict:
-    """--stage 0 --text: the new tokenizer and the shipped backbones with the LM taught it; returns the held-out
-    figures (your text before and after, per character; the world's tasks on scenes written as text)."""
+    """--stage 0 --text: the new tokenizer and the backbones (--init, default the shipped ones) with the LM taught it;
+    returns the held-out figures (your text before and after, per character; the world's tasks on scenes written as
+    text)."""
     if cfg.preset != "tiny":
         raise cli.UserError("--stage 0 --text teaches the tiny LM; real runs start from public weights (--phi)")
     device = pick_device(cfg)
@@ -1752,11 +1756,11 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     held_out = texts[len(texts) - max(1, len(texts) // 20):]
     texts = texts[:len(texts) - len(held_out)] or texts
     world = data.ShapesWorld(seed=0)
-    old_tok, tok = data.shapes_tokenizer(), data.Tokenizer(data.train_tokenizer(texts + data.shapes_corpus(world),
-                                                                                 TEXT_VOCAB))
-    old = tv.TinyVLM(model_config(dataclasses.replace(cfg, backbones="", qk_norm=True, post_attn_norm=True,
-                                                      lora=False)))
-    weights.load_checkpoint(old, STAGE0)
+    source = Path(cfg.init) if cfg.init else STAGE0        # perhaps an earlier --text run's, with its own tokenizer
+    old_tok = build_tokenizer(dataclasses.replace(cfg, backbones=str(source)))
+    tok = data.Tokenizer(data.train_tokenizer(texts + data.shapes_corpus(world), TEXT_VOCAB))
+    old = tv.TinyVLM(weights.read_checkpoint_config(source))
+    weights.load_checkpoint(old, source)
     phi_cfg = dataclasses.replace(old.cfg.phi, vocab_size=-(-len(tok) // 64) * 64)    # a multiple of 64, as Phi-2
     model = tv.TinyVLM(dataclasses.replace(old.cfg, phi=phi_cfg))
     missing, unexpected = model.load_state_dict({k: v for k, v in old.state_dict().items()
@@ -1765,11 +1769,12 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     assert not unexpected and all(k.startswith(("phi.embed_tokens.", "phi.lm_head.")) for k in missing), missing
     kept = transplant_embeddings(old.phi, old_tok, model.phi, tok)
     model.to(device)
-    known = data.world_words() | {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+    met = known_words(dataclasses.replace(cfg, backbones=str(source)))          # the words the old LM met
+    known = met | {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
     before = {"nats per character": nats_per_character(old.phi.to(device), old_tok, held_out, device),
-              **data.vocabulary_check(held_out, old_tok, data.world_words())}
+              **data.vocabulary_check(held_out, old_tok, met)}
     print(f"stage 0 | your text: {len(texts):,} texts ({len(held_out)} held out), a tokenizer of {len(tok):,} tokens "
-          f"({kept} of them the shipped tokenizer's), the shipped LM's layers")
+          f"({kept} of them the old tokenizer's), the LM's layers of {source}")
     print("held-out text before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
 
     phi = model.phi
@@ -1797,10 +1802,10 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
              **data.vocabulary_check(held_out, tok, known)}
     print("held-out text after:  " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()))
     n = min(cfg.eval_samples, 100)
-    shipped = curriculum_accuracy(old.to(device).eval(), None, world, old_tok, device, n=n)    # the same samples
+    was = curriculum_accuracy(old.to(device).eval(), None, world, old_tok, device, n=n)    # the same samples
     world_report = curriculum_accuracy(model, None, world, tok, device, n=n)
-    print("the world's tasks, scene as text (shipped -> now): " + ", ".join(
-        f"{k} {shipped[k]:.3f} -> {v:.3f}" for k, v in world_report.items()))
+    print("the world's tasks, scene as text (before -> now): " + ", ".join(
+        f"{k} {was[k]:.3f} -> {v:.3f}" for k, v in world_report.items()))
     report = {"held-out text before": before, "held-out text after": after, "world tasks as text": world_report}
     save_backbones(model, cfg, {"text": cfg.text, "tokenizer": tok.to_str(), "words": sorted(known),
                                 "language": report}, t0)

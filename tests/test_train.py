@@ -73,7 +73,7 @@ def test_a_flag_whose_comment_takes_two_lines_is_helped_by_both():
         assert helps and all(text.count("(") == text.count(")") for text in helps.values()), cls
     init = cli.field_comments(train.TrainConfig)[0]["init"]
     assert init.startswith("trainable weights to start from") and "stage 0: the parts it does not run" in init
-    assert "default OUT_DIR/stage0's where there is one, else the shipped)" in " ".join(
+    assert "default OUT_DIR/stage0's where there is one, else the shipped; with --text, the shipped)" in " ".join(
         cli.parser_for(train.TrainConfig, "doc").format_help().split())
 
 
@@ -792,3 +792,14 @@ def test_stage0_on_your_text_then_stage1_and_chat_use_its_tokenizer(tmp_path, ca
     assert loaded.tok.to_str() == tok.to_str()
     rows = loaded.model.phi.embed_tokens.num_embeddings      # the tokenizer's size, padded to a multiple of 64
     assert rows % 64 == 0 and len(tok) <= rows < len(tok) + 64 and rows != 640
+
+    # more text on top (--init: the backbones that learnt the first text, with their tokenizer and words)
+    more = ["a violin beside a brass saxophone", "a saxophone in a velvet case"] * 30 + ["a violin"] * 3  # held out
+    (tmp_path / "more.txt").write_text("\n".join(more))
+    second = train.train(train.TrainConfig(stage=0, text=f"txt:{tmp_path / 'more.txt'}", init=str(backbones),
+                                           out_dir=str(tmp_path / "more"), max_iters=2, warmup_iters=1,
+                                           log_interval=1, eval_samples=3, train_scenes=40))
+    assert f"the LM's layers of {backbones}" in capsys.readouterr().out
+    assert second["held-out text before"]["unseen words"] == 0         # "violin": a word the first text taught
+    words = set(json.loads(weights.read_metadata(tmp_path / "more" / "stage0" / "model.safetensors")["words"]))
+    assert set(things) | {"saxophone", "violin"} <= words
