@@ -1345,7 +1345,8 @@ def stage0_source(cfg: TrainConfig) -> Path:
     ones); else the shipped file."""
     if cfg.init:
         return Path(cfg.init)
-    return backbones_file(cfg) if backbones_file(cfg).exists() else STAGE0
+    own = backbones_file(cfg)
+    return own if own.exists() else STAGE0
 
 
 def pretrain_backbones(cfg: TrainConfig) -> dict:
@@ -1757,7 +1758,8 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     texts = texts[:len(texts) - len(held_out)] or texts
     world = data.ShapesWorld(seed=0)
     source = Path(cfg.init) if cfg.init else STAGE0        # perhaps an earlier --text run's, with its own tokenizer
-    old_tok = build_tokenizer(dataclasses.replace(cfg, backbones=str(source)))
+    on_source = dataclasses.replace(cfg, backbones=str(source))        # its tokenizer and words, as stages 1-4 read them
+    old_tok = build_tokenizer(on_source)
     tok = data.Tokenizer(data.train_tokenizer(texts + data.shapes_corpus(world), TEXT_VOCAB))
     old = tv.TinyVLM(weights.read_checkpoint_config(source))
     weights.load_checkpoint(old, source)
@@ -1769,7 +1771,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     assert not unexpected and all(k.startswith(("phi.embed_tokens.", "phi.lm_head.")) for k in missing), missing
     kept = transplant_embeddings(old.phi, old_tok, model.phi, tok)
     model.to(device)
-    met = known_words(dataclasses.replace(cfg, backbones=str(source)))          # the words the old LM met
+    met = known_words(on_source)                                                # the words the old LM met
     known = met | {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
     before = {"nats per character": nats_per_character(old.phi.to(device), old_tok, held_out, device),
               **data.vocabulary_check(held_out, old_tok, met)}
