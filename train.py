@@ -1758,7 +1758,7 @@ def pretrain_on_text(cfg: TrainConfig) -> dict:
     texts = texts[:len(texts) - len(held_out)] or texts
     world = data.ShapesWorld(seed=0)
     source = Path(cfg.init) if cfg.init else STAGE0        # perhaps an earlier --text run's, with its own tokenizer
-    on_source = dataclasses.replace(cfg, backbones=str(source))        # its tokenizer and words, as stages 1-4 read them
+    on_source = dataclasses.replace(cfg, backbones=str(source))      # its tokenizer and words, as stages 1-4 read them
     old_tok = build_tokenizer(on_source)
     tok = data.Tokenizer(data.train_tokenizer(texts + data.shapes_corpus(world), TEXT_VOCAB))
     old = tv.TinyVLM(weights.read_checkpoint_config(source))
