@@ -519,7 +519,7 @@ def test_mlp_connector():
 @pytest.mark.parametrize("fastest", ["mv", "linear"])
 def test_one_bf16_row_takes_the_fastest_kernel_on_cpu(monkeypatch, fastest):
     """Decoding multiplies one row by each frozen bf16 weight: that goes to torch.mv's kernel or F.linear, whichever
-    this CPU streams faster (weights.bf16_row_kernel; each simulated here), equal to F.linear to one bf16 rounding,
+    this CPU streams faster (weights.bf16_row_kernel; each simulated here), equal to F.linear to two bf16 roundings,
     with the input's leading shape kept. Two rows, a weight being trained, autocast and fp16 weights keep F.linear."""
     monkeypatch.setattr(weights, "BF16_ROW_SECONDS", {"mv": 1.0, "linear": 2.0, "packed": 0.5} if fastest == "mv"
                         else {"mv": 2.0, "linear": 1.0})
