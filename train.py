@@ -1845,30 +1845,26 @@ HEADLINE_METRIC = {"[vqa]": "accuracy", "[identify]": "accuracy", "[refer]": "io
                    "[grounding]": "box recall", "[detection]": "box recall"}   # each task's figure in stage 0's read-outs
 
 
+def mean_score(samples: list, answers: list[str], metric: str) -> float:
+    return sum(evaluation.score(s, a)[metric] for s, a in zip(samples, answers)) / len(samples)
+
+
 @torch.no_grad()
 def curriculum_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
                         device, n: int = 200) -> dict[str, float]:
     """Greedy answers on held-out scenes, scored as stage 4's evaluation scores them: the headline metric per task."""
-    out = {}
-    for task, metric in HEADLINE_METRIC.items():
-        samples = world.task_samples(task, "val", n)
-        answers = greedy_answers(model, writer, samples, tok, device)
-        scores = [evaluation.score(s, a)[metric] for s, a in zip(samples, answers)]
-        out[task] = sum(scores) / len(scores)
-    return out
+    sets = {task: world.task_samples(task, "val", n) for task in HEADLINE_METRIC}
+    answers = greedy_answers(model, writer, list(sets.values()), tok, device)
+    return {task: mean_score(samples, a, HEADLINE_METRIC[task]) for (task, samples), a in zip(sets.items(), answers)}
 
 
 @torch.no_grad()
 def question_accuracy(model: tv.TinyVLM, writer: SceneWriter | None, world: data.ShapesWorld, tok: data.Tokenizer,
                       device, n: int = 200, qtypes: tuple = data.ShapesWorld.VQA_TYPES) -> dict[str, float]:
     """Greedy [vqa] accuracy per question type, n held-out questions of each."""
-    out = {}
-    for qtype in qtypes:
-        samples = world.typed_questions(qtype, "val", n)
-        answers = greedy_answers(model, writer, samples, tok, device)
-        scores = [evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)]
-        out[qtype] = sum(scores) / len(scores)
-    return out
+    sets = {qtype: world.typed_questions(qtype, "val", n) for qtype in qtypes}
+    answers = greedy_answers(model, writer, list(sets.values()), tok, device)
+    return {qtype: mean_score(samples, a, "accuracy") for (qtype, samples), a in zip(sets.items(), answers)}
 
 
 def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.ShapesWorld, tok: data.Tokenizer,
@@ -1877,7 +1873,7 @@ def same_kind_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.Shape
     another of its scene (ShapesWorld.same_kind_questions: about half of each)."""
     samples = world.same_kind_questions("val", n)
     scores = {"[refer]": [], "position": []}
-    for s, a in zip(samples, greedy_answers(model, writer, samples, tok, device)):
+    for s, a in zip(samples, greedy_answers(model, writer, [samples], tok, device)[0]):
         asked = s.task if s.task == "[refer]" else "position"          # its [vqa] questions are position ones
         scores[asked].append(evaluation.score(s, a)[HEADLINE_METRIC[s.task]])
     return {k: sum(v) / len(v) for k, v in scores.items() if v}
@@ -1888,36 +1884,52 @@ def shared_colour_accuracy(model: tv.TinyVLM, writer: SceneWriter, world: data.S
     """[identify] accuracy on n held-out questions about a shape that shares its colour with another of its scene
     (ShapesWorld.shared_colour_questions), where stage 4 names the other one's kind most (docs/stage4.md, section 20)."""
     samples = world.shared_colour_questions("val", n)
-    answers = greedy_answers(model, writer, samples, tok, device)
-    return {"[identify]": sum(evaluation.score(s, a)["accuracy"] for s, a in zip(samples, answers)) / len(samples)}
+    return {"[identify]": mean_score(samples, greedy_answers(model, writer, [samples], tok, device)[0], "accuracy")}
 
 
 @torch.no_grad()
-def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, samples: list, tok: data.Tokenizer,
-                   device) -> list[str]:
-    """Stage-4 answers to the samples' first questions, the scene in the image slots (writer) or written as text.
-    The writer's random state is put back after: how many samples a read-out reads, or how often, changes none of
-    the draws the training makes after it (only what a read-out decides, as the lookup phase's tries)."""
+def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, sets: list[list], tok: data.Tokenizer,
+                   device) -> list[list[str]]:
+    """Stage-4 answers to the first question of every sample of each set (a read-out's row: a task, a question
+    type), the scene in the image slots (writer) or written as text. The sets are answered together in batches of
+    up to 100 samples: a set of 100s has batches of its own, smaller sets share one (a tiny run's read-out then
+    decodes once, not once per row). The writer draws where a shape on a cell border goes; each set's scenes are
+    written from the random state the call found, as a read-out of that set alone would write them, and the state
+    is put back after: how many samples a read-out reads, or how often, changes none of the draws the training
+    makes after it (only what a read-out decides, as the lookup phase's tries)."""
     grid = math.isqrt(model.cfg.num_image_tokens)
-    answers = []
     state = writer.rng.getstate() if writer else None
-    for i in range(0, len(samples), 100):
-        chunk = samples[i:i + 100]
+    chunks = [(samples[i:i + 100], i == 0) for samples in sets for i in range(0, len(samples), 100)]
+    batches: list[list[tuple[list, bool]]] = []
+    for chunk, first in chunks:
+        if batches and sum(len(c) for c, _ in batches[-1]) + len(chunk) <= 100:
+            batches[-1].append((chunk, first))
+        else:
+            batches.append([(chunk, first)])
+    answers = []
+    for batch in batches:
+        slots = []
+        for chunk, first in batch if writer else ():
+            if first:
+                writer.rng.setstate(state)
+            slots.append(writer([s.image for s in chunk]))
+        samples = [s for chunk, _ in batch for s in chunk]
         prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
-                                      image_text=None if writer else s.image.text(grid)) for s in chunk]
+                                      image_text=None if writer else s.image.text(grid)) for s in samples]
         T = max(map(len, prompts))
-        ids = torch.full((len(chunk), T), tok.eos_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(samples), T, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-        x = model.embed(ids.to(device), writer([s.image for s in chunk]) if writer else None)
+        x = model.embed(ids.to(device), torch.cat(slots) if writer else None)
         tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
                                                eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
-                            len(chunk))
+                            len(samples))
         answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
     if writer:
         writer.rng.setstate(state)
-    return answers
+    starts = [sum(map(len, sets[:k])) for k in range(len(sets))]
+    return [answers[start:start + len(samples)] for start, samples in zip(starts, sets)]
 
 
 def set_lr(opt: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:

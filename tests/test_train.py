@@ -572,8 +572,12 @@ def test_a_stage0_read_out_leaves_the_training_draws_as_they_were():
     writer([s.image for s in samples])
     assert writer.rng.getstate() != before                    # writing these scenes draws ...
     writer.rng.setstate(before)
-    answers = train.greedy_answers(model, writer, samples, tok, "cpu")
-    assert len(answers) == 12 and writer.rng.getstate() == before       # ... and reading answers about them does not
+    starts, write = [], writer.forward
+    writer.forward = lambda scenes: starts.append(writer.rng.getstate()) or write(scenes)
+    answers = train.greedy_answers(model, writer, [samples[:5], samples[5:]], tok, "cpu")
+    assert list(map(len, answers)) == [5, 7] and writer.rng.getstate() == before   # ... and reading answers does not
+    # the two sets share a batch, and each is written from the state the read-out found, as if read alone
+    assert starts == [before, before]
 
 
 @pytest.mark.parametrize("drill", ["questions", "same_kind"])
