@@ -1908,11 +1908,14 @@ def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, sets: list[lis
             batches.append([(chunk, first)])
     answers = []
     for batch in batches:
-        slots = []
-        for chunk, first in batch if writer else ():
-            if first:
-                writer.rng.setstate(state)
-            slots.append(writer([s.image for s in chunk]))
+        slots = None
+        if writer:
+            slots = []
+            for chunk, first in batch:
+                if first:                                   # a set's scenes: from the state the call found
+                    writer.rng.setstate(state)
+                slots.append(writer([s.image for s in chunk]))
+            slots = torch.cat(slots)                        # (B, Q, C)
         samples = [s for chunk, _ in batch for s in chunk]
         prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
                                       image_text=None if writer else s.image.text(grid)) for s in samples]
@@ -1921,7 +1924,7 @@ def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, sets: list[lis
         mask = torch.zeros(len(samples), T, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
-        x = model.embed(ids.to(device), torch.cat(slots) if writer else None)
+        x = model.embed(ids.to(device), slots)
         tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
                                                eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
                             len(samples))
