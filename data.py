@@ -857,18 +857,28 @@ class VLMDataset(torch.utils.data.Dataset):
             ids, labels = self.tokens(sample, i)
             if sample.image is TEXT_ONLY:                 # a text-only instruction (stage 4)
                 return {"input_ids": ids, "labels": labels, "index": i}
-            seen = len(self.notices)
-            pixels = preprocess(load_image(sample, self.notices), self.image_size)
-            for notice in self.notices[seen:]:
-                if len(self.notices) <= self.SHOWN:
-                    print(f"note: {notice}" + (" (further notes are counted, not shown)"
-                                               if len(self.notices) == self.SHOWN else ""))
+            pixels = self.pixels(sample)
         except (ImageError, PromptError) as e:
             if not self.skip_bad:
                 raise
             self.skip(i, e)
             return None
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
+
+    def pixels(self, sample: Sample) -> torch.Tensor:
+        """The sample's picture, read and preprocessed: (3, size, size). Raises ImageError; the image library's
+        warnings are kept in .notices (the first few printed)."""
+        seen = len(self.notices)
+        pixels = preprocess(load_image(sample, self.notices), self.image_size)
+        for notice in self.notices[seen:]:
+            if len(self.notices) <= self.SHOWN:
+                print(f"note: {notice}" + (" (further notes are counted, not shown)"
+                                           if len(self.notices) == self.SHOWN else ""))
+        return pixels
+
+    def image_input(self, i: int) -> torch.Tensor:
+        """What the model reads of sample i's picture: its pixels (for evaluation; raises ImageError)."""
+        return preprocess(load_image(self.samples[i]), self.image_size)
 
     def tokens(self, sample: Sample, i: int) -> tuple[list[int], list[int]]:
         ids, labels = encode(sample, self.tokenizer, self.stage, self.num_image_tokens, self.max_len,
@@ -887,18 +897,36 @@ class VLMDataset(torch.utils.data.Dataset):
 
 class FeatureDataset(torch.utils.data.Dataset):
     """A VLMDataset whose images were replaced by their (frozen) visual features, computed once: the ViT and the
-    Q-Former are frozen in every stage, so a trainer may cache their output per image."""
+    Q-Former are frozen in every stage, so a trainer may cache their output per image. A sample whose picture could
+    not be read has no features (its message in `unreadable`) and is skipped or stops the run, as VLMDataset does."""
 
-    def __init__(self, base: VLMDataset, features: torch.Tensor, feature_index: list[int]):
+    def __init__(self, base: VLMDataset, features: torch.Tensor, feature_index: list[int],
+                 unreadable: dict[int, str] | None = None):
         self.base, self.features, self.feature_index = base, features, feature_index
+        self.unreadable = unreadable or {}         # sample number -> why its picture could not be read
         self.samples, self.image_size = base.samples, base.image_size
+        self.skipped, self.notices = base.skipped, base.notices
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> dict:
-        ids, labels = self.base.tokens(self.samples[i], i)
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            ids, labels = self.base.tokens(self.samples[i], i)
+            if i in self.unreadable:
+                raise ImageError(self.unreadable[i])
+        except (ImageError, PromptError) as e:
+            if not self.base.skip_bad:
+                raise
+            self.base.skip(i, e)
+            return None
         return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
+
+    def image_input(self, i: int) -> torch.Tensor:
+        """What the model reads of sample i's picture: its visual features (raises ImageError)."""
+        if i in self.unreadable:
+            raise ImageError(self.unreadable[i])
+        return self.features[self.feature_index[i]]
 
 
 class SampleStream:

@@ -181,9 +181,7 @@ def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int
                                             samples[j].task, layout=model.cfg.prompt_layout, image=not text_only)
                 if len(prompt) + max_new_tokens > model.cfg.phi.max_positions:
                     raise data.PromptError(f"sample {j}: a prompt of {len(prompt)} tokens leaves no room for an answer")
-                images.append(None if text_only else dataset.features[dataset.feature_index[j]]
-                              if isinstance(dataset, data.FeatureDataset)
-                              else data.preprocess(data.load_image(samples[j]), dataset.image_size))
+                images.append(None if text_only else dataset.image_input(j))    # pixels, or cached features
             except (data.ImageError, data.PromptError):
                 continue
             rows.append(j)

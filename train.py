@@ -35,7 +35,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 from pathlib import Path
 
 import torch
@@ -124,7 +124,7 @@ class TrainConfig:
     eval_interval: int = 200        # validation loss and a few generated answers every N iterations (0: at the end only)
     eval_samples: int = 200         # held-out samples per task in the final report
     ckpt_interval: int = 200        # save model.safetensors and state.pt every N iterations (and at the end)
-    cache_features: bool = True     # compute the frozen image path (ViT, Q-Former) once per image (built-in world)
+    cache_features: bool = True     # compute the frozen image path (ViT, Q-Former) once per image, not per draw
 
     CHOICES: ClassVar[dict[str, tuple]] = {
         "stage": (0, 1, 2, 3, 4), "preset": tuple(tv.PRESETS), "recipe": ("tinygptv", "tinyllava", "imp"),
@@ -559,17 +559,88 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
     path = cache_dir / f"features-{image_size}-{key}.pt" if cache_dir else None
     if path and path.exists():
         return torch.load(path, weights_only=True)
-    model.eval()
-    feats = []
-    tick = cli.Ticker(f"frozen visual features of {len(scenes):,} scenes at {image_size} px", len(scenes))
-    for i in range(0, len(scenes), 128):
-        pixels = data.pixels_of(scenes[i:i + 128], image_size)
-        feats.append(model.visual_features(pixels.to(device)).float().cpu())
-        tick(i + 128)
-    out = torch.cat(feats)
+    pixels = (data.pixels_of(scenes[i:i + FEATURE_BATCH], image_size) for i in range(0, len(scenes), FEATURE_BATCH))
+    out = frozen_features(model, pixels, len(scenes), f"scenes at {image_size} px", device).float()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(out, path)
+    return out
+
+
+FEATURE_BATCH = 128      # pictures per pass of the frozen image path, when their features are computed ahead
+
+
+@torch.no_grad()
+def frozen_features(model: tv.TinyVLM, pixel_batches: Iterable[torch.Tensor], n: int, what: str, device,
+                    cast=nullcontext, max_bytes: float = math.inf) -> torch.Tensor | None:
+    """The frozen image path (ViT, Q-Former) over up to n pictures that come as batches of pixels: (pictures, ...) on
+    the CPU. None when no picture came, or as soon as n pictures' features would take more than max_bytes."""
+    model.eval()
+    feats, done = [], 0
+    tick = cli.Ticker(f"frozen visual features of {n:,} {what}", n)
+    for pixels in pixel_batches:
+        with cast():
+            feats.append(model.visual_features(pixels.to(device)).cpu())
+        done += len(pixels)
+        if sum(f.nbytes for f in feats) / done * n > max_bytes:
+            return None
+        tick(done)
+    return torch.cat(feats) if feats else None
+
+
+FEATURE_CACHE_BYTES = 4 << 30    # a user's pictures' features held in memory by one run, at most (all sets together)
+
+
+def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, batch_sizes: int | dict, device,
+                         world: int, log) -> dict:
+    """A user's data sets with their pictures' frozen features computed once (data.FeatureDataset), as the built-in
+    world's are: the ViT and Q-Former are frozen and a picture is not augmented, so its features are the same at
+    every draw. Only where that saves work: a set the run draws at least as many samples from as it has pictures,
+    whose features fit in what is left of FEATURE_CACHE_BYTES. The others run the image path at every step, as
+    shard streams do (read once each). An unreadable picture stops the run here, before training, or with
+    --skip-bad is skipped at each draw, as before."""
+    total_ratio = sum(r for _, r in train_sets.values())
+    budget, out = FEATURE_CACHE_BYTES, dict(train_sets)
+    for name, (ds, ratio) in train_sets.items():
+        if not isinstance(ds, data.VLMDataset) or any(s.image is data.TEXT_ONLY for s in ds.samples):
+            continue
+        size = batch_sizes[name] if isinstance(batch_sizes, dict) else batch_sizes
+        draws = cfg.max_iters * cfg.grad_accum * size / world * ratio / total_ratio     # samples this rank reads
+        keys = [str(s.image) if isinstance(s.image, (str, Path)) else i for i, s in enumerate(ds.samples)]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}                        # a picture -> a sample of it
+        if len(first) > draws:
+            log(f"{name}: {len(first):,} pictures, some {draws:,.0f} draws: the image path runs at every step")
+            continue
+        t0, unreadable, rows = time.time(), {}, {}
+
+        def pixel_batches():
+            pictures = list(first)
+            for i in range(0, len(pictures), FEATURE_BATCH):
+                readable = []
+                for k in pictures[i:i + FEATURE_BATCH]:
+                    try:
+                        readable.append(ds.pixels(ds.samples[first[k]]))
+                        rows[k] = len(rows)
+                    except data.ImageError as e:
+                        if not ds.skip_bad:
+                            raise
+                        unreadable[k] = str(e)
+                if readable:
+                    yield torch.stack(readable)
+
+        features = frozen_features(model, pixel_batches(), len(first), f"pictures of {name}", device,
+                                   lambda: autocast(cfg, device), budget)
+        if features is None:
+            why = f"the features of its {len(first):,} pictures would not fit in memory" if rows else \
+                "none of its pictures could be read"
+            log(f"{name}: {why}: the image path runs at every step")
+            continue
+        budget -= features.nbytes
+        index = [rows.get(k, -1) for k in keys]
+        bad = {i: unreadable[k] for i, k in enumerate(keys) if k in unreadable}
+        out[name] = (data.FeatureDataset(ds, features, index, bad), ratio)
+        log(f"{name}: the frozen features of its {len(rows):,} pictures computed once ({time.time() - t0:.1f} s, "
+            f"{features.nbytes / 2**20:,.0f} MB)" + (f"; {len(unreadable):,} could not be read" if unreadable else ""))
     return out
 
 
@@ -886,6 +957,8 @@ def train(cfg: TrainConfig) -> dict:
         missing = sorted(set(MIXTURES[cfg.mixture]) - {data_format(k) for k in train_sets})
         log(f"mixture {cfg.mixture}: {len(train_sets)} of its {MIXTURE_ENTRIES[cfg.mixture]} data sets given, each "
             f"with its own batch size (--batch-size is not used)" + (f"; not given: {', '.join(missing)}" if missing else ""))
+    if user_data is not None and cfg.cache_features:
+        train_sets = with_cached_features(cfg, model, train_sets, batch_sizes, device, world, log)
     mixture = data.Mixture({k: v[0] for k, v in train_sets.items()}, {k: v[1] for k, v in train_sets.items()},
                            batch_sizes, seed=cfg.seed, pad_id=tok.eos_id, rank=rank, world=world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))

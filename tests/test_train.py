@@ -747,6 +747,37 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
     assert accuracy >= majority + 0.2, (accuracy, majority)
 
 
+def test_a_users_pictures_pass_the_frozen_image_path_once_and_train_as_before(tmp_path, capsys):
+    """A user's data set that the run draws more samples from than it has pictures gets their frozen features
+    computed once (the built-in world's way): the losses are those of a run that computes them at every draw, an
+    unreadable picture is skipped at each draw (or stops the run before it trains, without --skip-bad), and a set
+    with more pictures than the run draws is left to the image path at every step."""
+    shipped = ROOT / "assets" / "stage3.safetensors"
+    train_file, val_file = own_style_vqa(tmp_path / "images", 24, 1), own_style_vqa(tmp_path / "images", 4, 2)
+    cfg = tiny_cfg(tmp_path, stage=4, init=str(shipped), data=f"vqa:{train_file}", val_data=f"vqa:{val_file}",
+                   image_root=str(tmp_path / "images"), max_iters=4, batch_size=8, image_size=64, eval_samples=4,
+                   eval_interval=0, log_interval=1, ckpt_interval=4)
+    losses = {}
+    for cache in (True, False):
+        capsys.readouterr()
+        report = train.train(dataclasses.replace(cfg, cache_features=cache, out_dir=str(tmp_path / f"c{cache}")))
+        losses[cache] = [h["loss"] for h in report["history"]]
+        log = capsys.readouterr().out
+        assert ("vqa0: the frozen features of its 24 pictures computed once" in log) == cache, log
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+    (tmp_path / "images" / "1_5.png").write_bytes(b"not a picture")
+    report = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "bad")))
+    log = capsys.readouterr().out
+    assert "computed once" in log and "; 1 could not be read" in log and report["skipped_images"]["vqa0"] >= 1
+    with pytest.raises(data.ImageError, match="1_5.png"):
+        train.train(dataclasses.replace(cfg, skip_bad=False, out_dir=str(tmp_path / "strict")))
+    assert not (tmp_path / "strict" / "stage4").exists()
+
+    train.train(dataclasses.replace(cfg, max_iters=2, out_dir=str(tmp_path / "few")))    # 16 draws, 24 pictures
+    assert "vqa0: 24 pictures, some 16 draws: the image path runs at every step" in capsys.readouterr().out
+
+
 def test_stage0_on_your_text_then_stage1_and_chat_use_its_tokenizer(tmp_path, capsys):
     """--stage 0 --text: a tokenizer learnt from the text writes its words whole, the LM predicts held-out text of
     that kind far better than the shipped one (per character, so the two tokenizers compare), the backbones land in
