@@ -559,7 +559,7 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
     path = cache_dir / f"features-{image_size}-{key}.pt" if cache_dir else None
     if path and path.exists():
         return torch.load(path, weights_only=True)
-    pixels = (data.pixels_of(scenes[i:i + FEATURE_BATCH], image_size) for i in range(0, len(scenes), FEATURE_BATCH))
+    pixels = (data.pixels_of(scenes[i:i + 128], image_size) for i in range(0, len(scenes), 128))
     out = frozen_features(model, pixels, len(scenes), f"scenes at {image_size} px", device).float()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,28 +567,29 @@ def compute_features(model: tv.TinyVLM, scenes: list, image_size: int, device, c
     return out
 
 
-FEATURE_BATCH = 128      # pictures per pass of the frozen image path, when their features are computed ahead
-
-
 @torch.no_grad()
 def frozen_features(model: tv.TinyVLM, pixel_batches: Iterable[torch.Tensor], n: int, what: str, device,
                     cast=nullcontext, max_bytes: float = math.inf) -> torch.Tensor | None:
     """The frozen image path (ViT, Q-Former) over up to n pictures that come as batches of pixels: (pictures, ...) on
-    the CPU. None when no picture came, or as soon as n pictures' features would take more than max_bytes."""
+    the CPU. None when no picture came, or when n pictures' features would take more than max_bytes (known from the
+    first batch)."""
     model.eval()
-    feats, done = [], 0
+    out, done = None, 0
     tick = cli.Ticker(f"frozen visual features of {n:,} {what}", n)
     for pixels in pixel_batches:
         with cast():
-            feats.append(model.visual_features(pixels.to(device)).cpu())
-        done += len(pixels)
-        if sum(f.nbytes for f in feats) / done * n > max_bytes:
-            return None
+            feats = model.visual_features(pixels.to(device)).cpu()
+        if out is None:
+            if feats[0].nbytes * n > max_bytes:
+                return None
+            out = feats.new_empty((n, *feats.shape[1:]))       # filled in place: no second copy at the end
+        out[done:done + len(feats)] = feats
+        done += len(feats)
         tick(done)
-    return torch.cat(feats) if feats else None
+    return out[:done] if out is not None else None
 
 
-FEATURE_CACHE_BYTES = 4 << 30    # a user's pictures' features held in memory by one run, at most (all sets together)
+FEATURE_CACHE_BYTES = 2 << 30    # a user's pictures' features held in memory by one run, at most (all sets together)
 
 
 def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, batch_sizes: int | dict, device,
@@ -598,7 +599,8 @@ def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, 
     every draw. Only where that saves work: a set the run draws at least as many samples from as it has pictures,
     whose features fit in what is left of FEATURE_CACHE_BYTES. The others run the image path at every step, as
     shard streams do (read once each). An unreadable picture stops the run here, before training, or with
-    --skip-bad is skipped at each draw, as before."""
+    --skip-bad is skipped at each draw, as before. The pictures go through in the training step's batches: a
+    batch the step fits in memory (ViT-g at 448 px is 1,025 tokens a picture) fits here too."""
     total_ratio = sum(r for _, r in train_sets.values())
     budget, out = FEATURE_CACHE_BYTES, dict(train_sets)
     for name, (ds, ratio) in train_sets.items():
@@ -612,12 +614,13 @@ def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, 
             log(f"{name}: {len(first):,} pictures, some {draws:,.0f} draws: the image path runs at every step")
             continue
         t0, unreadable, rows = time.time(), {}, {}
+        per_batch = max(1, size // world)
 
         def pixel_batches():
             pictures = list(first)
-            for i in range(0, len(pictures), FEATURE_BATCH):
+            for i in range(0, len(pictures), per_batch):
                 readable = []
-                for k in pictures[i:i + FEATURE_BATCH]:
+                for k in pictures[i:i + per_batch]:
                     try:
                         readable.append(ds.pixels(ds.samples[first[k]]))
                         rows[k] = len(rows)

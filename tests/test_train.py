@@ -747,11 +747,12 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
     assert accuracy >= majority + 0.2, (accuracy, majority)
 
 
-def test_a_users_pictures_pass_the_frozen_image_path_once_and_train_as_before(tmp_path, capsys):
+def test_a_users_pictures_pass_the_frozen_image_path_once_and_train_as_before(tmp_path, capsys, monkeypatch):
     """A user's data set that the run draws more samples from than it has pictures gets their frozen features
     computed once (the built-in world's way): the losses are those of a run that computes them at every draw, an
     unreadable picture is skipped at each draw (or stops the run before it trains, without --skip-bad), and a set
-    with more pictures than the run draws is left to the image path at every step."""
+    with more pictures than the run draws, or whose features would not fit in memory, is left to the image path at
+    every step."""
     shipped = ROOT / "assets" / "stage3.safetensors"
     train_file, val_file = own_style_vqa(tmp_path / "images", 24, 1), own_style_vqa(tmp_path / "images", 4, 2)
     cfg = tiny_cfg(tmp_path, stage=4, init=str(shipped), data=f"vqa:{train_file}", val_data=f"vqa:{val_file}",
@@ -776,6 +777,10 @@ def test_a_users_pictures_pass_the_frozen_image_path_once_and_train_as_before(tm
 
     train.train(dataclasses.replace(cfg, max_iters=2, out_dir=str(tmp_path / "few")))    # 16 draws, 24 pictures
     assert "vqa0: 24 pictures, some 16 draws: the image path runs at every step" in capsys.readouterr().out
+    monkeypatch.setattr(train, "FEATURE_CACHE_BYTES", 1000)
+    train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "small")))
+    assert "vqa0: the features of its 24 pictures would not fit in memory: the image path runs at every step" in \
+        capsys.readouterr().out
 
 
 def test_stage0_on_your_text_then_stage1_and_chat_use_its_tokenizer(tmp_path, capsys):
