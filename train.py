@@ -609,7 +609,9 @@ def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, 
         size = batch_sizes[name] if isinstance(batch_sizes, dict) else batch_sizes
         draws = cfg.max_iters * cfg.grad_accum * size / world * ratio / total_ratio     # samples this rank reads
         keys = [str(s.image) if isinstance(s.image, (str, Path)) else i for i, s in enumerate(ds.samples)]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}                        # a picture -> a sample of it
+        first = {}                                    # a picture -> its first sample, in the file's order
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
         if len(first) > draws:
             log(f"{name}: {len(first):,} pictures, some {draws:,.0f} draws: the image path runs at every step")
             continue
