@@ -598,8 +598,8 @@ def with_cached_features(cfg: TrainConfig, model: tv.TinyVLM, train_sets: dict, 
     world's are: the ViT and Q-Former are frozen and a picture is not augmented, so its features are the same at
     every draw. Only where that saves work: a set the run draws at least as many samples from as it has pictures,
     whose features fit in what is left of FEATURE_CACHE_BYTES. The others run the image path at every step, as
-    shard streams do (read once each). An unreadable picture stops the run here, before training, or with
-    --skip-bad is skipped at each draw, as before. The pictures go through in the training step's batches: a
+    shard streams do (read once each). An unreadable picture is skipped at each draw, as before, or with
+    --no-skip-bad stops the run here, before training. The pictures go through in the training step's batches: a
     batch the step fits in memory (ViT-g at 448 px is 1,025 tokens a picture) fits here too."""
     total_ratio = sum(r for _, r in train_sets.values())
     budget, out = FEATURE_CACHE_BYTES, dict(train_sets)
