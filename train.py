@@ -2003,7 +2003,8 @@ def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, sets: list[lis
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
         x = model.embed(ids.to(device), slots)
-        tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=48,
+        longest = evaluation.EVAL_NEW_TOKENS[4]                        # an answer's tokens, as stage 4's evaluation
+        tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=longest,
                                                eos_token_id=tok.eos_id, stop_strings=("###",), decode=tok.decode),
                             len(samples))
         answers += [evaluation.answer_text(tok, t, 4) for t in tokens]
