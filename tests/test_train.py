@@ -750,7 +750,7 @@ def test_stage4_learns_a_users_own_vqa_data(tmp_path):
 def test_a_users_pictures_pass_the_frozen_image_path_once_and_train_as_before(tmp_path, capsys, monkeypatch):
     """A user's data set that the run draws more samples from than it has pictures gets their frozen features
     computed once (the built-in world's way): the losses are those of a run that computes them at every draw, an
-    unreadable picture is skipped at each draw (or stops the run before it trains, without --skip-bad), and a set
+    unreadable picture is skipped at each draw (or stops the run before it trains, with --no-skip-bad), and a set
     with more pictures than the run draws, or whose features would not fit in memory, is left to the image path at
     every step."""
     shipped = ROOT / "assets" / "stage3.safetensors"
