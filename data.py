@@ -859,8 +859,6 @@ class VLMDataset(torch.utils.data.Dataset):
                 return {"input_ids": ids, "labels": labels, "index": i}
             pixels = self.pixels(sample)
         except (ImageError, PromptError) as e:
-            if not self.skip_bad:
-                raise
             self.skip(i, e)
             return None
         return {"pixels": pixels, "input_ids": ids, "labels": labels, "index": i}
@@ -889,6 +887,10 @@ class VLMDataset(torch.utils.data.Dataset):
         return ids, labels
 
     def skip(self, i: int, e: Exception) -> None:
+        """Sample i cannot be used (e): counted in .skipped and shown (the first few), or without skip_bad, e stops
+        the run."""
+        if not self.skip_bad:
+            raise e
         self.skipped.append(str(e))
         if len(self.skipped) <= self.SHOWN:
             print(f"skipping sample {i}: {e}" + (" (further ones are counted, not shown)"
@@ -916,8 +918,6 @@ class FeatureDataset(torch.utils.data.Dataset):
             if i in self.unreadable:
                 raise ImageError(self.unreadable[i])
         except (ImageError, PromptError) as e:
-            if not self.base.skip_bad:
-                raise
             self.base.skip(i, e)
             return None
         return {"features": self.features[self.feature_index[i]], "input_ids": ids, "labels": labels, "index": i}
