@@ -13,7 +13,7 @@ def test_bench_runs_on_the_tiny_preset(tmp_path, capsys):
     out = tmp_path / "bench.md"
     bench.main(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(out), "--repeats", "1",
                 "--prompt-tokens", "16", "--new-tokens", "4", "--train-batch", "2", "--stages", "1",
-                "--stage-iters", "2", "--jobs", "2"])
+                "--stage-iters", "2", "--jobs", "2", "--paired-steps", "2"])
     report = out.read_text()
     results = json.loads((tmp_path / "cache" / "results.json").read_text())
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ours") or

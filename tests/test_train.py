@@ -440,6 +440,18 @@ def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
 
 
+@pytest.fixture
+def small_stage0_batches(monkeypatch):
+    """Stage 0's language parts on small batches: these tests check what each part trains, reads out, carries over
+    and writes, none of which depends on how many lessons an iteration holds (at the shipped sizes an iteration takes
+    a second on two cores, and a test of all the parts runs a dozen)."""
+    sizes = {"LOOKUP_BATCH": 16, "LANGUAGE_BATCH": 4, "QUESTIONS_BATCH": 4, "QUESTIONS_LESSONS": 2,
+             "LOOKUP_REHEARSAL": 4}
+    for name, size in sizes.items():
+        monkeypatch.setattr(train, name, size)
+
+
+@pytest.mark.usefixtures("small_stage0_batches")
 def test_stage0_pretrains_into_its_own_folder_and_stage1_reads_it(tmp_path):
     """`python train.py --stage 0` writes OUT_DIR/stage0/model.safetensors, and stage 1 reads it from there; the
     shipped backbones, on which the shipped stage-3 and stage-4 models were trained, are left as they are."""
@@ -468,6 +480,7 @@ def test_stage0_pretrains_into_its_own_folder_and_stage1_reads_it(tmp_path):
     assert saved["backbones"] == str(backbones)
 
 
+@pytest.mark.usefixtures("small_stage0_batches")
 @pytest.mark.parametrize("phase", ["questions", "same_kind"])
 def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_path, monkeypatch, phase):
     """--stage0-phases questions (or same_kind): the question drill alone, from --init's backbones. The ViT and
@@ -522,6 +535,7 @@ def test_your_stage0_is_recorded_by_a_path_that_holds_from_any_folder(tmp_path, 
     assert train.with_backbones(train.TrainConfig(stage=1, out_dir="elsewhere")).backbones == ""   # the shipped
 
 
+@pytest.mark.usefixtures("small_stage0_batches")
 def test_stage0_of_some_parts_goes_on_from_your_own_stage0(tmp_path, capsys):
     """--stage0-phases PART without --init, once OUT_DIR/stage0 holds a stage 0 of yours: the parts not run again
     are your run's (from the shipped file, they replaced the rest of your run in OUT_DIR/stage0 without a word)."""
@@ -580,6 +594,7 @@ def test_a_stage0_read_out_leaves_the_training_draws_as_they_were():
     assert starts == [before, before]
 
 
+@pytest.mark.usefixtures("small_stage0_batches")
 @pytest.mark.parametrize("drill", ["questions", "same_kind"])
 def test_stage0_lookup_phase_tries_fresh_lms_until_one_turns_then_the_rest_rehearses(tmp_path, monkeypatch, drill):
     """--stage0-phases lookup,language,DRILL: the LM is built afresh (tried again while held-out colour stays
