@@ -197,17 +197,24 @@ def generate_answers(model: tv.TinyVLM, tok: data.Tokenizer, dataset, stage: int
     return answers
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch, padded on the left so that every row's next token comes at the
+    same position: (ids, attention mask), each (B, T)."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
 def generate_batch(model: tv.TinyVLM, tok: data.Tokenizer, prompts: list[list[int]], images: torch.Tensor | None,
                    features: bool = False, max_new_tokens: int = 20, stop_strings: tuple[str, ...] = (),
                    device=None) -> list[list[int]]:
     """Greedy new tokens for prompts of different lengths (left-padded into one batch), one image each (pixels, or
     visual features when features=True; None for text-only prompts); each row stops at <|endoftext|>, at one of
     stop_strings, or after max_new_tokens."""
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), tok.eos_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+    ids, mask = left_padded(prompts, tok.eos_id)
     device = images.device if images is not None else device
     return model.generate(None if features else images, ids.to(device), mask.to(device),
                           features=images if features else None, max_new_tokens=max_new_tokens,

@@ -1997,11 +1997,7 @@ def greedy_answers(model: tv.TinyVLM, writer: SceneWriter | None, sets: list[lis
         samples = [s for chunk, _ in batch for s in chunk]
         prompts = [data.encode_prompt(s.turns[0][0], tok, 4, model.cfg.num_image_tokens, s.task,
                                       image_text=None if writer else s.image.text(grid)) for s in samples]
-        T = max(map(len, prompts))
-        ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
-        mask = torch.zeros(len(samples), T, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+        ids, mask = evaluation.left_padded(prompts, tok.eos_id)
         x = model.embed(ids.to(device), slots)
         longest = evaluation.EVAL_NEW_TOKENS[4]                        # an answer's tokens, as stage 4's evaluation
         tokens = tv.collect(tv.generate_stream(model.phi, x, mask.to(device), max_new_tokens=longest,
