@@ -251,6 +251,7 @@ class Exploit:
         return (print, ("this pickle ran code",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")       # torch's note on the raw pickle itself
 def test_pickle_never_runs_code(tmp_path, capsys):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": {"w": Exploit()}}, f)

@@ -427,7 +427,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, command_lines):
     import torch.distributed.run as torchrun
     # side by side: `python train.py ...` and `python -m torch.distributed.run ... train.py ...`, whose two ranks
     # it starts as fresh interpreters of their own
-    launch = ["--nproc_per_node=2", f"--master_port={free_port()}", str(ROOT / "train.py")]
+    # (--log-dir: torchrun's per-run folder lands in the test's, not in /tmp, where it would stay after the run)
+    launch = ["--nproc_per_node=2", f"--master_port={free_port()}", f"--log-dir={tmp_path / 'torchrun'}",
+              str(ROOT / "train.py")]
     runs = command_lines.run_all([("train.py", [*args, "--out-dir", str(tmp_path / "one")]),
                                   (torchrun.__file__, [*launch, *args, "--out-dir", str(tmp_path / "two")],
                                    {"OMP_NUM_THREADS": "1"})],
