@@ -444,16 +444,13 @@ def choice_losses(model: tv.TinyVLM, tok: data.Tokenizer, features: torch.Tensor
     """The model's mean next-token loss on each "choice\n" after the question's prompt, one image's visual
     features (1, ...) shared by all: (len(choices),)."""
     prompt = [tok.bos_id] + data.with_image_slots(CHOICE_PROMPT.format(question), tok, model.cfg.num_image_tokens)
-    rows = [prompt + tok.encode(c + CHOICE_END) for c in choices]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.eos_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), tv.IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, row in enumerate(rows):                                 # right padding: the answers start together
-        ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
-        labels[b, len(prompt):len(row)] = ids[b, len(prompt):len(row)]
+    answers = [tok.encode(c + CHOICE_END) for c in choices]
+    batch = data.collate([{"input_ids": prompt + a, "labels": [tv.IGNORE_INDEX] * len(prompt) + a, "index": b}
+                          for b, a in enumerate(answers)], tok.eos_id)  # right padding: the answers start together
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     device = features.device
-    logits, _ = model(None, ids.to(device), mask.to(device), features=features.expand(len(rows), *features.shape[1:]))
+    logits, _ = model(None, ids.to(device), mask.to(device),
+                      features=features.expand(len(choices), *features.shape[1:]))
     loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
                            ignore_index=tv.IGNORE_INDEX, reduction="none")           # (n, T - 1)
     return loss.sum(1).cpu() / (labels[:, 1:] != tv.IGNORE_INDEX).sum(1)

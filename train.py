@@ -2018,13 +2018,10 @@ def set_lr(opt: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:
 
 
 def lm_loss(phi: tv.Phi, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), tv.IGNORE_INDEX, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = labels[b, :len(s)] = torch.tensor(s)
-    logits = phi(ids.to(device))
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device), ignore_index=tv.IGNORE_INDEX)
+    batch = data.collate([{"input_ids": s, "labels": s, "index": b} for b, s in enumerate(seqs)], pad_id)
+    logits = phi(batch["input_ids"].to(device))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten().to(device),
+                           ignore_index=tv.IGNORE_INDEX)
 
 
 def step(opt, loss, params, clip):
