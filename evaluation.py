@@ -297,6 +297,78 @@ def print_report(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Looking inside: the language model's attention logits, what QK-norm holds down (train.py --attention-logits)
+
+ATTENTION_SAMPLES = 64          # held-out samples per task
+
+
+@torch.no_grad()
+def attention_logits(model: tv.TinyVLM, tok: data.Tokenizer, datasets: dict[str, torch.utils.data.Dataset], device,
+                     n: int = ATTENTION_SAMPLES, batch_size: int = 16) -> list[dict[str, float]]:
+    """Per layer of the language model, over the first n held-out samples of each set (prompt and answer, read as
+    in training): the attention logits q.k / sqrt(hs) of every head, at every position a real token attends to
+    (the largest |logit|, the mean |logit|), and the softmax rows they make (the mean weight of a row's top position;
+    the share of rows with more than 0.99 of their weight on one position: a near-hard choice, which a small change
+    in two logits can turn). A row that sees one position only (a sequence's first token) is left out.
+
+    QK-norm normalises each head's q and k before their product, so the logits stay near the size its weights set;
+    without it they grow as training makes q and k longer. SDPA does not return its logits, so each attention's
+    q and k are computed again from its input, by the layer's own projection, norms and rotation."""
+    model.eval()
+    layers = model.phi.layers
+    totals = [{"max": 0.0, "abs sum": 0.0, "logits": 0, "top sum": 0.0, "saturated": 0, "rows": 0} for _ in layers]
+    seen = torch.empty(0)            # (B, 1, T, T): which positions each real query attends to; set per batch
+
+    def read(t: dict):
+        def hook(attn, args, out):
+            x, cos, sin = args[:3]
+            q, k, _ = attn.queries_keys_values(x, cos, sin)
+            logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(attn.cfg.head_dim)  # (B, nh, T, T)
+            mask = seen.expand_as(logits)
+            rows = mask.sum(-1) > 1                                                            # (B, nh, T)
+            top = logits.masked_fill(~mask, float("-inf")).softmax(-1).amax(-1)[rows]
+            logits = logits.abs()[mask & rows[..., None]]
+            t["max"] = max(t["max"], float(logits.max()))
+            t["abs sum"] += float(logits.sum())
+            t["logits"] += logits.numel()
+            t["top sum"] += float(top.sum())
+            t["saturated"] += int((top > 0.99).sum())
+            t["rows"] += top.numel()
+        return hook
+
+    hooks = [layer.self_attn.register_forward_hook(read(t)) for layer, t in zip(layers, totals)]
+    try:
+        for ds in datasets.values():
+            items = [ds[j] for j in range(min(n, len(ds)))]
+            for i in range(0, len(items), batch_size):
+                batch = data.collate(items[i:i + batch_size], tok.eos_id)
+                if batch is None:
+                    continue
+                real = batch["attention_mask"].bool()                                          # (B, T)
+                T = real.shape[1]
+                causal = torch.ones(T, T, dtype=torch.bool).tril()
+                seen = (causal & real[:, None, :] & real[:, :, None])[:, None].to(device)
+                pixels, features = batch.get("pixels"), batch.get("features")
+                model(pixels.to(device) if pixels is not None else None, batch["input_ids"].to(device),
+                      batch["attention_mask"].to(device), features=features.to(device) if features is not None else None)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not totals[0]["rows"]:
+        raise ValueError("attention_logits: no held-out sample had two or more tokens to read")
+    return [{"max |logit|": t["max"], "mean |logit|": t["abs sum"] / t["logits"], "mean top weight":
+             t["top sum"] / t["rows"], "rows > 0.99": t["saturated"] / t["rows"]} for t in totals]
+
+
+def print_attention_logits(rows: list[dict[str, float]], n: int = ATTENTION_SAMPLES) -> None:
+    print(f"\nattention logits of the language model (q.k / sqrt(head_dim), every head; {n} held-out samples per task)")
+    print("  layer  max |logit|  mean |logit|  mean top weight  rows > 0.99")
+    for i, r in enumerate(rows):
+        print(f"  {i:5d}  {r['max |logit|']:11.2f}  {r['mean |logit|']:12.2f}  {r['mean top weight']:15.3f}  "
+              f"{r['rows > 0.99']:11.3f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The paper's benchmarks (its Table 2: GQA 38.9, VSR 54.7, IconQA 44.7, VizWiz 37.8, Hateful Memes 54.0), each read
 # from the files its publishers give and scored as TinyGPT-V's eval_vqa.py (the script its EVAL_README runs) scores
 # it, so that a released checkpoint can be held against the published figures. That script:

@@ -433,14 +433,20 @@ class PhiAttention(nn.Module):
             self.k_layernorm = LayerNorm(cfg.head_dim, eps=cfg.eps)
         self.dense = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def queries_keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q and k normed (QK-norm) and rotated (RoPE), and v: (B, nh, T, hs) each."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.cfg.num_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         qk, v = qkv[:2], qkv[2]                                               # (2, B, nh, T, hs), (B, nh, T, hs)
         if self.cfg.qk_norm:
             qk = torch.stack((self.q_layernorm(qk[0]), self.k_layernorm(qk[1])))
         q, k = apply_rope(qk, cos, sin)           # q and k in one pass: half the small ops of a decode step's rotation
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.queries_keys_values(x, cos, sin)
         if cache is not None:
             cached_k, cached_v = cache.update(self.layer, start, k, v)     # (B, nh, start + T, hs)
             if start > 0:     # a prompt (nothing cached before it) attends over its own k, v, in the model's dtype

@@ -115,6 +115,7 @@ class TrainConfig:
     input_norm: bool = True         # train the input LayerNorm's weight (off: it stays frozen)
     lora: bool = True               # low-rank adapters on the attention's qkv and dense (stages 2-4)
     lora_rank: int = 0              # the adapters' rank (0: the preset's, 64 for TinyGPT-V)
+    attention_logits: bool = False  # report the LM's attention logits per layer too (what QK-norm holds down)
     # running
     device: str = "auto"            # auto: CUDA when present, else the CPU
     dtype: str = "auto"             # autocast dtype (auto: bfloat16 on CUDA, float32 on a CPU)
@@ -352,6 +353,9 @@ def check_flags(cfg: TrainConfig) -> None:
     if cfg.mixture and not (cfg.data and cfg.stage == 4):
         raise cli.UserError(f"--mixture {cfg.mixture} mixes stage-4 data sets: give --stage 4 and their files as "
                             f"--data FORMAT:PATH,... (README, \"TinyGPT-V's stage-4 data\")")
+    if cfg.attention_logits and (cfg.stage == 0 or cfg.benchmark):
+        raise cli.UserError("--attention-logits reads a stage's model on its held-out data (stages 1-4, "
+                            "without --benchmark)")
     if cfg.stage == 0:                        # stage 0 writes the backbones
         cli.writable_file(backbones_file(cfg), "--backbones")
     for flag, value in inputs:
@@ -927,6 +931,7 @@ def train(cfg: TrainConfig) -> dict:
     stage_dir = Path(cfg.out_dir) / f"stage{cfg.stage}"
     user_data = read_user_data(cfg)                 # the inputs first: a mistake there costs no waiting
     check_init(cfg)
+    evaluated = evaluated_file(cfg, stage_dir) if cfg.eval_only else None
     tok = build_tokenizer(cfg)
     if user_data is not None and not (cfg.phi or cfg.tokenizer):
         warn_if_foreign(user_data, tok, known_words(cfg), log)
@@ -945,6 +950,12 @@ def train(cfg: TrainConfig) -> dict:
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
     t0 = time.time()
+    if cfg.eval_only:                               # held-out data only
+        val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
+                                                          user_data).items()}
+        log("held-out data: " + ", ".join(f"{k} {len(v):,}" for k, v in val_sets.items())
+            + f" ({time.time() - t0:.1f} s)")
+        return evaluate_checkpoint(model, tok, val_sets, cfg, device, evaluated)
     if user_data is None:
         log(f"data: drawing the shapes world ({cfg.train_scenes:,} training scenes) and its frozen features ...")
     train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data, rank, world)
@@ -953,8 +964,6 @@ def train(cfg: TrainConfig) -> dict:
     log("data: " + ", ".join(f"{k} {len(v[0]):,}" if hasattr(v[0], "__len__") else
                              f"{k} streamed from {len(v[0].shards):,} shard(s)" for k, v in train_sets.items())
         + f" ({time.time() - t0:.1f} s)")
-    if cfg.eval_only:
-        return evaluate_checkpoint(model, tok, val_sets, cfg, device, stage_dir)
 
     batch_sizes = cfg.batch_size
     if cfg.mixture:                                 # each set its own batch size, as the recipe has it
@@ -1097,6 +1106,7 @@ def finish_stage(model, tok, train_sets, val_sets, history: list, cfg: TrainConf
             f"{progress.seconds:.0f} s ({time.time() - t0:.0f} s with data and evaluation) | "
             f"val loss {result['val_loss']:.4f}")
         evaluation.print_report(result)
+        result.update(attention_report(model, tok, val_sets, cfg, device))
         written = write_logs(history, result, cfg, stage_dir)
         log(f"\nwrote {stage_dir}/: {', '.join(['model.safetensors', 'state.pt'] + written)}")
         log(next_steps(cfg, stage_dir))
@@ -1121,15 +1131,29 @@ def next_steps(cfg: TrainConfig, stage_dir: Path) -> str:
     return f"next: python train.py --stage {cfg.stage + 1}{more}   (or {also})"
 
 
-def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, stage_dir: Path) -> dict:
-    """--eval-only: the held-out report of --init, or of the stage's own output."""
+def evaluated_file(cfg: TrainConfig, stage_dir: Path) -> Path:
+    """--eval-only: the model to evaluate, --init or the stage's own output; checked before any data is drawn."""
     trained = Path(cfg.init) if cfg.init else stage_dir / "model.safetensors"
     if not trained.exists():
         raise cli.UserError(f"--eval-only: {trained} not found (pass --init)")
+    return trained
+
+
+def evaluate_checkpoint(model, tok, val_sets, cfg: TrainConfig, device, trained: Path) -> dict:
+    """--eval-only: the held-out report of the trained file."""
     weights.load_checkpoint(model, trained)
     result = evaluation.evaluate(model, tok, val_sets, cfg.stage, device)
     evaluation.print_report(result)
-    return result
+    return result | attention_report(model, tok, val_sets, cfg, device)
+
+
+def attention_report(model, tok, val_sets, cfg: TrainConfig, device) -> dict:
+    """--attention-logits: the language model's attention logits per layer, printed, for the stage's report."""
+    if not cfg.attention_logits:
+        return {}
+    rows = evaluation.attention_logits(model, tok, val_sets, device)
+    evaluation.print_attention_logits(rows)
+    return {"attention logits": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ CASES = [
      "pass --lora-rank 8"),
     ("train.py", ["--stage", "3", "--no-lora", "--init", "{d}/r8/stage2/model.safetensors"], "drop --no-lora"),
     ("train.py", ["--eval-only", "--init", "{d}/nothing.safetensors"], "nothing.safetensors not found"),
+    ("train.py", ["--eval-only", "--out-dir", "{d}/empty_dir"], "stage1/model.safetensors not found (pass --init)"),
+    ("train.py", ["--stage", "0", "--attention-logits"], "--attention-logits reads a stage's model"),
     ("train.py", ["--stage", "2", "--checkpoint", "{d}/ok.json"], "--checkpoint belongs to a run on the public weights"),
     ("train.py", ["--stage", "0", "--phi", "{d}"], "--stage 0 pretrains the tiny backbones"),
     ("train.py", ["--stage", "1", "--text", "txt:{d}/ok.json"], "--text belongs to --stage 0"),

@@ -196,3 +196,54 @@ def _shipped():
     import train
     loaded = train.load_trained(str(train.SHIPPED_STAGE4), "out", torch.device("cpu"))
     return loaded.model, loaded.tok, loaded.model.cfg.num_image_tokens, loaded.image_size
+
+
+def test_attention_logits_are_the_ones_each_layer_attends_with(tmp_path):
+    """train.py --attention-logits: each layer's logits are computed again from its input. Their softmax times v must
+    be the layer's own attention output (what SDPA gave), and their statistics over padded batches of mixed lengths
+    those of each sample read alone (padding and a sequence's first row left out)."""
+    import dataclasses
+    import train
+    cpu = torch.device("cpu")
+    model, tok, _, _ = _shipped()
+    cfg = dataclasses.replace(train.config_of_checkpoint(str(train.SHIPPED_STAGE4), device="cpu"),
+                              out_dir=str(tmp_path), cache_features=False)
+    sets = {k: ds for k, (ds, _) in train.make_datasets(cfg, model, tok, "val", 5, cpu).items()}
+    items = [ds[j] for ds in sets.values() for j in range(5)]
+    assert len(items) == 30 and len({len(it["input_ids"]) for it in items}) > 3       # six tasks, padding to do
+
+    layers = model.phi.layers
+    seen = {i: {"logits": [], "top": []} for i in range(len(layers))}
+    inputs = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(("y", i), args[0]))
+              for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for it in items:                                   # each sample alone: no padding, plain causal attention
+                batch = data.collate([it], tok.eos_id)
+                model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+                for i, layer in enumerate(layers):
+                    attn = layer.self_attn
+                    q, k, v = attn.queries_keys_values(*inputs[i])                     # (1, nh, T, hs)
+                    T = q.shape[2]
+                    logits = q @ k.transpose(-1, -2) / math.sqrt(attn.cfg.head_dim)
+                    causal = torch.ones(T, T, dtype=torch.bool).tril()
+                    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+                    own = inputs[("y", i)].view(1, T, attn.cfg.num_heads, attn.cfg.head_dim).transpose(1, 2)
+                    torch.testing.assert_close(p @ v, own, atol=1e-5, rtol=1e-5)     # the logits SDPA used
+                    seen[i]["logits"].append(logits[:, :, 1:][causal[1:].expand_as(logits[:, :, 1:])].abs())
+                    seen[i]["top"].append(p[:, :, 1:].amax(-1).flatten())
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = ev.attention_logits(model, tok, sets, cpu, n=5, batch_size=4)
+    assert len(rows) == len(layers)
+    for i, row in enumerate(rows):
+        logits, top = torch.cat(seen[i]["logits"]), torch.cat(seen[i]["top"])
+        expected = {"max |logit|": logits.max(), "mean |logit|": logits.mean(), "mean top weight": top.mean(),
+                    "rows > 0.99": (top > 0.99).float().mean()}
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(float(value), rel=1e-4, abs=1e-6), (i, key)
+    assert all(0 < r["mean |logit|"] < r["max |logit|"] and 0 < r["mean top weight"] <= 1 for r in rows)
