@@ -366,9 +366,13 @@ def test_real_weights_path_with_frozen_bf16(tmp_path, hf_blip2_dir):
                             image_root=str(tmp_path), out_dir=str(tmp_path / "out"), max_iters=3, batch_size=4,
                             image_size=56, lora_rank=4, eval_samples=2, log_interval=1)
     for stage in (1, 2):                  # stage 2 starts from stage 1's output and adds LoRA
-        cfg = dataclasses.replace(cfg, stage=stage)
+        cfg = dataclasses.replace(cfg, stage=stage, attention_logits=stage == 2)
         result = train.train(cfg)
         assert all(math.isfinite(h["loss"]) for h in result["history"])
+    # the attention logits read on the frozen bf16 layers too: one row per layer, each a finite figure
+    rows = result["attention logits"]
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), rows
+    assert all(r["max |logit|"] >= r["mean |logit|"] > 0 and 0 <= r["rows > 0.99"] <= 1 for r in rows), rows
     ckpt = tmp_path / "out" / "stage2" / "model.safetensors"
     model = weights.load_tinyvlm(tmp_path / "phi", hf_blip2_dir[1], cfg=weights.read_checkpoint_config(ckpt),
                                        checkpoint=ckpt)
