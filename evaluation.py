@@ -348,9 +348,9 @@ def attention_logits(model: tv.TinyVLM, tok: data.Tokenizer, datasets: dict[str,
                 T = real.shape[1]
                 causal = torch.ones(T, T, dtype=torch.bool).tril()
                 seen = (causal & real[:, None, :] & real[:, :, None])[:, None].to(device)
-                pixels, features = batch.get("pixels"), batch.get("features")
-                model(pixels.to(device) if pixels is not None else None, batch["input_ids"].to(device),
-                      batch["attention_mask"].to(device), features=features.to(device) if features is not None else None)
+                on_device = {k: batch[k].to(device) for k in ("pixels", "features") if k in batch}
+                model(on_device.get("pixels"), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                      features=on_device.get("features"))
     finally:
         for h in hooks:
             h.remove()

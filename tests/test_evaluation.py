@@ -214,10 +214,10 @@ def test_attention_logits_are_the_ones_each_layer_attends_with(tmp_path):
 
     layers = model.phi.layers
     seen = {i: {"logits": [], "top": []} for i in range(len(layers))}
-    inputs = {}
+    inputs, outputs = {}, {}       # each attention's (x, cos, sin), and what its SDPA gave (the input of its dense)
     hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
              for i, layer in enumerate(layers)]
-    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(("y", i), args[0]))
+    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: outputs.__setitem__(i, args[0]))
               for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
@@ -231,7 +231,7 @@ def test_attention_logits_are_the_ones_each_layer_attends_with(tmp_path):
                     logits = q @ k.transpose(-1, -2) / math.sqrt(attn.cfg.head_dim)
                     causal = torch.ones(T, T, dtype=torch.bool).tril()
                     p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-                    own = inputs[("y", i)].view(1, T, attn.cfg.num_heads, attn.cfg.head_dim).transpose(1, 2)
+                    own = outputs[i].view(1, T, attn.cfg.num_heads, attn.cfg.head_dim).transpose(1, 2)
                     torch.testing.assert_close(p @ v, own, atol=1e-5, rtol=1e-5)     # the logits SDPA used
                     seen[i]["logits"].append(logits[:, :, 1:][causal[1:].expand_as(logits[:, :, 1:])].abs())
                     seen[i]["top"].append(p[:, :, 1:].amax(-1).flatten())
