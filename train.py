@@ -950,17 +950,16 @@ def train(cfg: TrainConfig) -> dict:
     log(f"stage {cfg.stage} | {source} | device {device}" + (f" x {world} ranks" if world > 1 else ""))
     log("trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | total {sum(counts.values()):,}")
     t0 = time.time()
-    if cfg.eval_only:                               # held-out data only
-        val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
-                                                          user_data).items()}
+    if not cfg.eval_only:                           # --eval-only: the held-out data alone
+        if user_data is None:
+            log(f"data: drawing the shapes world ({cfg.train_scenes:,} training scenes) and its frozen features ...")
+        train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data, rank, world)
+    val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
+                                                      user_data).items()}
+    if cfg.eval_only:
         log("held-out data: " + ", ".join(f"{k} {len(v):,}" for k, v in val_sets.items())
             + f" ({time.time() - t0:.1f} s)")
         return evaluate_checkpoint(model, tok, val_sets, cfg, device, evaluated)
-    if user_data is None:
-        log(f"data: drawing the shapes world ({cfg.train_scenes:,} training scenes) and its frozen features ...")
-    train_sets = make_datasets(cfg, model, tok, "train", cfg.train_scenes, device, user_data, rank, world)
-    val_sets = {k: ds for k, (ds, _) in make_datasets(cfg, model, tok, "val", cfg.eval_samples, device,
-                                                      user_data).items()}
     log("data: " + ", ".join(f"{k} {len(v[0]):,}" if hasattr(v[0], "__len__") else
                              f"{k} streamed from {len(v[0].shards):,} shard(s)" for k, v in train_sets.items())
         + f" ({time.time() - t0:.1f} s)")
