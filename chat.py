@@ -55,6 +55,50 @@ def qformer_attention(model: tv.TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps).mean(0)
 
 
+def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Where the language model looks as it picks its answer's first token: the prompt read once more, and at its
+    last position (the one whose output is that token) each layer's attention weights of every head over the whole
+    prompt, (nh, T) per layer, and the next-token logits there (V,). The last position sees every earlier one, so no
+    mask is needed. The weights are computed again from each attention's input (PhiAttention.attention_logits)."""
+    rows = []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda attn, args, out: rows.append(attn.attention_logits(*args[:3])[0, :, -1]))    # (nh, T)
+        for layer in model.phi.layers]
+    try:
+        with torch.no_grad():
+            logits, _ = model(None, torch.tensor([ids], device=features.device), features=features)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [r.softmax(-1) for r in rows], logits[0, -1].float()
+
+
+def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int]) -> None:
+    """--lm-attention, on stderr: per layer, the share of the heads' mean weight on the picture's tokens, the one
+    position the most decided head chose (with its weight), and the three positions the heads weigh most together."""
+    weights, logits = lm_attention(loaded.model, features, ids)
+    p = logits.softmax(-1)
+    first = int(p.argmax())
+    image = torch.tensor(ids) == tv.IMAGE_TOKEN
+    slot = image.long().cumsum(0) - 1                      # image token k: the k-th of the picture's, from 0
+    name = lambda j: f"image token {int(slot[j])}" if image[j] else repr(loaded.tok.decode([ids[j]]))
+    reads = "the Q-Former's query k, which --attention draws" if loaded.model.cfg.connector == "qformer" else \
+        "the ViT's output token k"
+    say = lambda text: print(text, file=sys.stderr)
+    say(f"where the language model looks as it picks its answer's first token ({loaded.tok.decode([first])!r} the "
+        f"most likely, p {float(p[first]):.2f}),\nfrom the prompt's last position over its {len(ids)}, "
+        f"{int(image.sum())} of them the picture's (image token k: {reads}):")
+    say("  layer  on the picture  the most decided head  the three positions the heads weigh most (their mean weight)")
+    for i, w in enumerate(weights):
+        w = w.cpu()                                        # (nh, T)
+        mean = w.mean(0)
+        top = mean.topk(min(3, len(ids)))
+        where = ", ".join(f"{name(int(j))} {float(v):.2f}" for v, j in zip(top.values, top.indices))
+        head = int(w.amax(-1).argmax())
+        decided = f"{name(int(w[head].argmax()))} {float(w[head].max()):.2f}"
+        say(f"  {i:5d}  {float(mean[image].sum()):14.2f}  {decided:>21}  {where}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: ask the model about an image
 
@@ -84,9 +128,10 @@ class ChatConfig:
     top_p: float = 1.0              # sample from the smallest set of tokens whose probability reaches p
     repetition_penalty: float = 1.0  # above 1: tokens already generated become less likely
     seed: int = 0                   # of the sampling
-    # pictures
+    # pictures, and looking inside
     draw: str = ""                  # write the image with the answer's boxes drawn on it to this PNG
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
+    lm_attention: bool = False      # print where the language model looks as it picks each answer's first token
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "family": tuple(data.FAMILY_TEMPLATES),
@@ -303,7 +348,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"it forgets its first {len(turns) - len(kept)} turn(s)", file=sys.stderr)
                 turns = kept
             print("tinyvlm> ", end="", flush=True)
-        turns.append((question, ask(loaded, features, turns, question, task, cfg, device, generator)))
+        answer = ask(loaded, features, turns, question, task, cfg, device, generator)
+        if cfg.lm_attention:
+            print_lm_attention(loaded, features, prompt_ids(loaded, turns, question, task))
+        turns.append((question, answer))
         if not cfg.chat:
             break
     if cfg.draw:

@@ -321,9 +321,7 @@ def attention_logits(model: tv.TinyVLM, tok: data.Tokenizer, datasets: dict[str,
 
     def read(t: dict):
         def hook(attn, args, out):
-            x, cos, sin = args[:3]
-            q, k, _ = attn.queries_keys_values(x, cos, sin)
-            logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(attn.cfg.head_dim)  # (B, nh, T, T)
+            logits = attn.attention_logits(*args[:3])                                          # (B, nh, T, T)
             mask = seen.expand_as(logits)
             rows = mask.sum(-1) > 1                                                            # (B, nh, T)
             top = logits.masked_fill(~mask, float("-inf")).softmax(-1).amax(-1)[rows]

@@ -443,6 +443,13 @@ class PhiAttention(nn.Module):
         q, k = apply_rope(qk, cos, sin)           # q and k in one pass: half the small ops of a decode step's rotation
         return q, k, v
 
+    def attention_logits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q.k / sqrt(hs) of every head, (B, nh, T, T) in fp32, before any mask: what forward's SDPA turns into
+        weights without returning them. For reading a layer's attention (train.py --attention-logits, chat.py
+        --lm-attention), from the input a forward hook sees; forward itself never builds this T x T matrix."""
+        q, k, _ = self.queries_keys_values(x, cos, sin)
+        return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.cfg.head_dim)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         B, T, C = x.shape

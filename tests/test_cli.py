@@ -185,6 +185,47 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
     assert run.stdout.strip() == "4"
 
 
+def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys):
+    """--lm-attention: where the language model looks from the prompt's last position. Each layer's weights times
+    its v are its own attention output there (what SDPA gave, at the input of its dense), and the table names the
+    token the model then writes. (test_siblings holds the same weights against transformers' own, for a TinyLLaVA.)"""
+    import data
+    data.write_scene(tmp_path / "scene.png", seed=3)                     # four shapes
+    ask = ["--image", str(tmp_path / "scene.png"), "--checkpoint", str(train.ASSETS / "stage4.safetensors")]
+    loaded = chat.load_model(chat.ChatConfig(checkpoint=ask[3]), torch.device("cpu"))
+    question = "how many shapes are there?"
+    ids = chat.prompt_ids(loaded, [], question, "[vqa]")
+    pixels = data.preprocess(data.open_image(tmp_path / "scene.png"), loaded.image_size)[None]
+    layers = loaded.model.phi.layers
+    inputs, outputs = {}, {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: outputs.__setitem__(i, args[0]))
+              for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            weights, logits = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids)
+            values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}  # (nh, T, hs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(weights) == len(layers) == 4
+    for i, w in enumerate(weights):
+        nh, T = w.shape
+        assert T == len(ids) and torch.allclose(w.sum(-1), torch.ones(nh), atol=1e-5)
+        own = outputs[i][0, -1].view(nh, -1)                                                  # (nh, hs)
+        torch.testing.assert_close((w[:, None, :] @ values[i])[:, 0], own, atol=1e-5, rtol=1e-5)
+    chat.main(ask + ["--lm-attention", question])
+    out = capsys.readouterr()
+    assert out.out.strip() == "4" == loaded.tok.decode([int(logits.argmax())])
+    assert "picks its answer's first token ('4' the most likely" in out.err, out.err
+    table = out.err.split("the three positions the heads weigh most")[1].splitlines()[1:]
+    assert [row.split()[0] for row in table] == ["0", "1", "2", "3"], out.err
+    for row in table:
+        share = float(row.split()[1])                                   # the heads' mean weight on the picture
+        assert 0 <= share <= 1 and ("image token" in row or "'" in row), row
+
+
 def test_a_question_in_unquoted_words_is_the_same_question(tmp_path, capsys):
     """`python tinyvlm.py --image scene.png how many shapes are there?`, the quotes forgotten, asks what the quoted
     question asks (its words rejoined with single spaces)."""

@@ -252,6 +252,23 @@ def test_a_tinyllava_folder_answers_through_the_command_line(tmp_path, capsys, m
                "--quantize", "int8", "what is it?"])                       # int8 weights: it still answers
     assert capsys.readouterr().out.strip()
 
+    # --lm-attention: the weights it reads are the reference's own (its eager attention returns them)
+    ours, _ = weights.load_llava_family(folder)
+    prompt = data.family_prompt("tinyllava", "what is it?", tok, 15)
+    with torch.no_grad():
+        attention, logits = chat.lm_attention(ours, ours.visual_features(pixels), prompt)
+        ref.set_attn_implementation("eager")
+        want = ref(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    assert len(attention) == len(want.attentions) == 2
+    for got, reference in zip(attention, want.attentions):
+        torch.testing.assert_close(got, reference[0, :, -1], atol=1e-5, rtol=1e-5)       # (nh, T): the last position
+    torch.testing.assert_close(logits, want.logits[0, -1], atol=1e-4, rtol=1e-4)
+    chat.main(["--model", str(folder), "--image", str(tmp_path / "scene.png"), "--max-new-tokens", "8",
+               "--lm-attention", "what is it?"])
+    err = capsys.readouterr().err
+    table = err.split("the three positions the heads weigh most")[1].splitlines()[1:]
+    assert [row.split()[0] for row in table] == ["0", "1"] and "image token k: the ViT's output token k" in err, err
+
 
 def test_fp16_files_load_and_compute_in_fp32(tmp_path, monkeypatch):
     """TinyLLaVA's released weights are fp16: they load as they are (no fp32 copy), products in fp32 on a CPU and
