@@ -155,8 +155,12 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, 
 
     Image.new("RGB", (80, 60), (200, 40, 40)).save(tmp_path / "red.png")
     chat.main(["--image", str(tmp_path / "red.png"), "--checkpoint", str(release), "--phi", str(tmp_path / "phi"),
-               "--blip2", blip2, "--tokenizer", str(data.SHAPES_TOKENIZER), "--max-new-tokens", "4", "what is it?"])
-    assert capsys.readouterr().out.strip()                # answered, packed (as simulated above) where it can be
+               "--blip2", blip2, "--tokenizer", str(data.SHAPES_TOKENIZER), "--max-new-tokens", "4",
+               "--lm-attention", "what is it?"])
+    out = capsys.readouterr()
+    assert out.out.strip()                                # answered, packed (as simulated above) where it can be
+    table = out.err.split("the three positions the heads weigh most")[1].splitlines()[1:]    # and looked inside
+    assert [row.split()[0] for row in table] == ["0", "1"] and f", {loaded.model.cfg.num_image_tokens} of them the picture's" in out.err, out.err
     unnamed = tmp_path / "finetuned.pth"                  # the same file under a name that says no stage
     shutil.copy(release, unnamed)
     common = ["--image", str(tmp_path / "red.png"), "--phi", str(tmp_path / "phi"), "--tokenizer",
