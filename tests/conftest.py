@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random reference models built with transformers (test-only) and saved in the exact public
 layouts, so that our loaders read the same files a user downloads, and the reference outputs are the oracle."""
 
+import contextlib
 import logging
 import os
 import sys
@@ -31,6 +32,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 fan_in = p[0].numel() if p.dim() > 1 else 1
                 p.copy_(noise / fan_in ** 0.5)
     return model
+
+
+@contextlib.contextmanager
+def attention_inputs_and_outputs(layers):
+    """While inside: ({i: the (x, cos, sin) layer i's attention was given}, {i: what its SDPA gave, the input of its
+    dense}), refreshed by every forward: what a read-out of the attention is checked against."""
+    inputs, outputs = {}, {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: outputs.__setitem__(i, args[0]))
+              for i, layer in enumerate(layers)]
+    try:
+        yield inputs, outputs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def tiny_hf_phi(qk_layernorm: bool = False, seed: int = 0):

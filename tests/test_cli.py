@@ -16,6 +16,7 @@ import quantize
 import tinyvlm as tv
 import train
 import weights
+from conftest import attention_inputs_and_outputs
 
 
 @pytest.fixture(scope="module")
@@ -201,20 +202,11 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
     ids = chat.prompt_ids(loaded, [], question, "[vqa]")
     pixels = data.preprocess(data.open_image(tmp_path / "scene.png"), loaded.image_size)[None]
     layers = loaded.model.phi.layers
-    inputs, outputs = {}, {}
-    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
-             for i, layer in enumerate(layers)]
-    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: outputs.__setitem__(i, args[0]))
-              for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            weights, logits = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids)
-            values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}  # (nh, T, hs)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(weights) == len(layers) == 4
-    for i, w in enumerate(weights):
+    with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
+        attention, logits = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids)
+        values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}      # (nh, T, hs)
+    assert len(attention) == len(layers) == 4
+    for i, w in enumerate(attention):
         nh, T = w.shape
         assert T == len(ids) and torch.allclose(w.sum(-1), torch.ones(nh), atol=1e-5)
         own = outputs[i][0, -1].view(nh, -1)                                                  # (nh, hs)

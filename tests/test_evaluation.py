@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import evaluation as ev
+from conftest import attention_inputs_and_outputs
 from tinyvlm import IGNORE_INDEX, IMAGE_TOKEN
 
 
@@ -214,30 +215,21 @@ def test_attention_logits_are_the_ones_each_layer_attends_with(tmp_path):
 
     layers = model.phi.layers
     seen = {i: {"logits": [], "top": []} for i in range(len(layers))}
-    inputs, outputs = {}, {}       # each attention's (x, cos, sin), and what its SDPA gave (the input of its dense)
-    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[:3]))
-             for i, layer in enumerate(layers)]
-    hooks += [layer.self_attn.dense.register_forward_pre_hook(lambda m, args, i=i: outputs.__setitem__(i, args[0]))
-              for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for it in items:                                   # each sample alone: no padding, plain causal attention
-                batch = data.collate([it], tok.eos_id)
-                model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-                for i, layer in enumerate(layers):
-                    attn = layer.self_attn
-                    q, k, v = attn.queries_keys_values(*inputs[i])                     # (1, nh, T, hs)
-                    T = q.shape[2]
-                    logits = q @ k.transpose(-1, -2) / math.sqrt(attn.cfg.head_dim)
-                    causal = torch.ones(T, T, dtype=torch.bool).tril()
-                    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-                    own = outputs[i].view(1, T, attn.cfg.num_heads, attn.cfg.head_dim).transpose(1, 2)
-                    torch.testing.assert_close(p @ v, own, atol=1e-5, rtol=1e-5)     # the logits SDPA used
-                    seen[i]["logits"].append(logits[:, :, 1:][causal[1:].expand_as(logits[:, :, 1:])].abs())
-                    seen[i]["top"].append(p[:, :, 1:].amax(-1).flatten())
-    finally:
-        for h in hooks:
-            h.remove()
+    with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
+        for it in items:                                   # each sample alone: no padding, plain causal attention
+            batch = data.collate([it], tok.eos_id)
+            model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+            for i, layer in enumerate(layers):
+                attn = layer.self_attn
+                q, k, v = attn.queries_keys_values(*inputs[i])                     # (1, nh, T, hs)
+                T = q.shape[2]
+                logits = q @ k.transpose(-1, -2) / math.sqrt(attn.cfg.head_dim)
+                causal = torch.ones(T, T, dtype=torch.bool).tril()
+                p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+                own = outputs[i].view(1, T, attn.cfg.num_heads, attn.cfg.head_dim).transpose(1, 2)
+                torch.testing.assert_close(p @ v, own, atol=1e-5, rtol=1e-5)     # the logits SDPA used
+                seen[i]["logits"].append(logits[:, :, 1:][causal[1:].expand_as(logits[:, :, 1:])].abs())
+                seen[i]["top"].append(p[:, :, 1:].amax(-1).flatten())
     rows = ev.attention_logits(model, tok, sets, cpu, n=5, batch_size=4)
     assert len(rows) == len(layers)
     for i, row in enumerate(rows):
