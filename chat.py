@@ -76,7 +76,7 @@ def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int]) -> t
 def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int]) -> None:
     """--lm-attention, on stderr: per layer, the share of the heads' mean weight on the picture's tokens, the one
     position the most decided head chose (with its weight), and the three positions the heads weigh most together."""
-    weights, logits = lm_attention(loaded.model, features, ids)
+    rows, logits = lm_attention(loaded.model, features, ids)
     p = logits.softmax(-1)
     first = int(p.argmax())
     image = torch.tensor(ids) == tv.IMAGE_TOKEN
@@ -89,8 +89,8 @@ def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[i
         f"most likely, p {float(p[first]):.2f}),\nfrom the prompt's last position over its {len(ids)}, "
         f"{int(image.sum())} of them the picture's (image token k: {reads}):")
     say("  layer  on the picture  the most decided head  the three positions the heads weigh most (their mean weight)")
-    for i, w in enumerate(weights):
-        w = w.cpu()                                        # (nh, T)
+    for i, w in enumerate(rows):
+        w = w.cpu()                                        # (nh, T): each head's weights
         mean = w.mean(0)
         top = mean.topk(min(3, len(ids)))
         where = ", ".join(f"{name(int(j))} {float(v):.2f}" for v, j in zip(top.values, top.indices))
