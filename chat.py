@@ -62,7 +62,7 @@ def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int]) -> t
     mask is needed. The weights are computed again from each attention's input (PhiAttention.attention_logits)."""
     rows = []
     hooks = [layer.self_attn.register_forward_hook(
-        lambda attn, args, out: rows.append(attn.attention_logits(*args[:3])[0, :, -1]))    # (nh, T)
+        lambda attn, args, out: rows.append(attn.attention_logits(*args[:3], last_only=True)[0, :, 0]))  # (nh, T)
         for layer in model.phi.layers]
     try:
         with torch.no_grad():
