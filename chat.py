@@ -11,7 +11,10 @@ and asked with that stage's prompt template; `--help` lists every flag.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import re
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -55,14 +58,15 @@ def qformer_attention(model: tv.TinyVLM, pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps).mean(0)
 
 
-def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Where the language model looks as it picks its answer's first token: the prompt read once more, and at its
-    last position (the one whose output is that token) each layer's attention weights of every head over the whole
-    prompt, (nh, T) per layer, and the next-token logits there (V,). The last position sees every earlier one, so no
-    mask is needed. The weights are computed again from each attention's input (PhiAttention.attention_logits)."""
+def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int], position: int = -1
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Where the language model looks from one position of the prompt, read once more: each layer's attention
+    weights of every head over the positions it sees, (nh, position + 1) per layer, and the next-token logits there
+    (V,). The default, the last position, is the one whose output is the answer's first token. The weights are
+    computed again from each attention's input (PhiAttention.attention_logits)."""
     rows = []
     hooks = [layer.self_attn.register_forward_hook(
-        lambda attn, args, out: rows.append(attn.attention_logits(*args[:3], last_only=True)[0, :, 0]))  # (nh, T)
+        lambda attn, args, out: rows.append(attn.attention_logits(*args[:3], query=position)[0, :, 0]))  # (nh, t)
         for layer in model.phi.layers]
     try:
         with torch.no_grad():
@@ -70,29 +74,55 @@ def lm_attention(model: tv.TinyVLM, features: torch.Tensor, ids: list[int]) -> t
     finally:
         for h in hooks:
             h.remove()
-    return [r.softmax(-1) for r in rows], logits[0, -1].float()
+    return [r.softmax(-1) for r in rows], logits[0, position].float()
 
 
-def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int]) -> None:
+def word_ends(text: str, word: str) -> list[int]:
+    """Where each whole-word occurrence of `word` in `text` ends (none for an empty word)."""
+    return [m.end() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", text)] if word.strip() else []
+
+
+def word_position(tok: data.Tokenizer, ids: list[int], question: str, word: str) -> int:
+    """The prompt position of the last token of `word`'s last whole-word occurrence in the question (the question's
+    own text inside the prompt; where the template changed it, the prompt's last occurrence of the word)."""
+    pieces = ["\0" if t == tv.IMAGE_TOKEN else tok.decode([t]) for t in ids]
+    ends = list(itertools.accumulate(map(len, pieces)))               # where each token's text ends
+    text = "".join(pieces)
+    start = text.rfind(question.strip())
+    matches = word_ends(text, word)
+    inside = [end for end in matches if start >= 0 and start < end <= start + len(question.strip())]
+    if not (inside or matches):
+        raise cli.UserError(f"--lm-attention-at {word!r}: no such word in the prompt")
+    return bisect.bisect_left(ends, (inside or matches)[-1])            # the token that holds its last letter
+
+
+def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int], question: str = "",
+                       word: str = "") -> None:
     """--lm-attention, on stderr: per layer, the share of the heads' mean weight on the picture's tokens, the one
-    position the most decided head chose (with its weight), and the three positions the heads weigh most together."""
-    rows, logits = lm_attention(loaded.model, features, ids)
-    p = logits.softmax(-1)
-    first = int(p.argmax())
-    image = torch.tensor(ids) == tv.IMAGE_TOKEN
+    position the most decided head chose (with its weight), and the three positions the heads weigh most together;
+    from the prompt's last position (the answer's first token), or from a word of the question (--lm-attention-at)."""
+    position = word_position(loaded.tok, ids, question, word) if word else len(ids) - 1
+    rows, logits = lm_attention(loaded.model, features, ids, position)
+    image = torch.tensor(ids[:position + 1]) == tv.IMAGE_TOKEN
     slot = image.long().cumsum(0) - 1                      # image token k: the k-th of the picture's, from 0
     name = lambda j: f"image token {int(slot[j])}" if image[j] else repr(loaded.tok.decode([ids[j]]))
     reads = "the Q-Former's query k, which --attention draws" if loaded.model.cfg.connector == "qformer" else \
         "the ViT's output token k"
     say = lambda text: print(text, file=sys.stderr)
-    say(f"where the language model looks as it picks its answer's first token ({loaded.tok.decode([first])!r} the "
-        f"most likely, p {float(p[first]):.2f}),\nfrom the prompt's last position over its {len(ids)}, "
-        f"{int(image.sum())} of them the picture's (image token k: {reads}):")
+    if word:
+        say(f"where the language model looks at the question's word {word!r} ({name(position)}, position {position}),")
+    else:
+        p = logits.softmax(-1)
+        first = int(p.argmax())
+        say(f"where the language model looks as it picks its answer's first token ({loaded.tok.decode([first])!r} "
+            f"the most likely, p {float(p[first]):.2f}),\nfrom the prompt's last position ({position}),")
+    say(f"over the {position + 1} positions it sees; {int(image.sum())} of them are the picture's\n"
+        f"(image token k: {reads}):")
     say("  layer  on the picture  the most decided head  the three positions the heads weigh most (their mean weight)")
     for i, w in enumerate(rows):
-        w = w.cpu()                                        # (nh, T): each head's weights
+        w = w.cpu()                                        # (nh, t): each head's weights
         mean = w.mean(0)
-        top = mean.topk(min(3, len(ids)))
+        top = mean.topk(min(3, len(mean)))
         where = ", ".join(f"{name(int(j))} {float(v):.2f}" for v, j in zip(top.values, top.indices))
         head = int(w.amax(-1).argmax())
         decided = f"{name(int(w[head].argmax()))} {float(w[head].max()):.2f}"
@@ -132,6 +162,7 @@ class ChatConfig:
     draw: str = ""                  # write the image with the answer's boxes drawn on it to this PNG
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
     lm_attention: bool = False      # print where the language model looks as it picks each answer's first token
+    lm_attention_at: str = ""       # the same from a word of the question instead (e.g. triangle)
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "family": tuple(data.FAMILY_TEMPLATES),
@@ -301,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                                     f"it; give another file")
     device = cli.device(cfg.device)
     check_question(given, cfg.task or None)              # a typo costs no waiting for the model (again at its stage)
+    if cfg.lm_attention_at and not cfg.chat and not word_ends(given, cfg.lm_attention_at):
+        raise cli.UserError(f"--lm-attention-at {cfg.lm_attention_at!r}: not a word of the question {given!r}")
     notices: list[str] = []
     image = data.open_image(cfg.image, notices)            # before the model: a wrong path costs no waiting
     for notice in notices:
@@ -310,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
                             "--attention draws the Q-Former's queries; a --model family has none (its MLP shows "
                             "every patch)")
     loaded = load_model(cfg, device)
+    if cfg.lm_attention_at and not loaded.family and loaded.stage in (1, 2):
+        raise cli.UserError(f"--lm-attention-at: a stage-{loaded.stage} model's prompt holds no question (it was "
+                            f"trained on captions alone); --lm-attention shows where it looks as it starts one")
     if loaded.family:
         task = None
         print(f"model: {loaded.name} ({loaded.family.family}: SigLIP, MLP connector, Phi; "
@@ -349,8 +385,12 @@ def main(argv: list[str] | None = None) -> None:
                 turns = kept
             print("tinyvlm> ", end="", flush=True)
         answer = ask(loaded, features, turns, question, task, cfg, device, generator)
-        if cfg.lm_attention:
-            print_lm_attention(loaded, features, prompt_ids(loaded, turns, question, task))
+        if cfg.lm_attention or cfg.lm_attention_at:
+            at = cfg.lm_attention_at if word_ends(question, cfg.lm_attention_at) else ""
+            if cfg.lm_attention_at and not at:
+                print(f"note: --lm-attention-at {cfg.lm_attention_at!r}: not a word of this question; the view is "
+                      f"from the answer's first token", file=sys.stderr)
+            print_lm_attention(loaded, features, prompt_ids(loaded, turns, question, task), question, at)
         turns.append((question, answer))
         if not cfg.chat:
             break

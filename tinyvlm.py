@@ -444,14 +444,16 @@ class PhiAttention(nn.Module):
         return q, k, v
 
     def attention_logits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         last_only: bool = False) -> torch.Tensor:
+                         query: int | None = None) -> torch.Tensor:
         """q.k / sqrt(hs) of every head, (B, nh, T, T) in fp32, before any mask: what forward's SDPA turns into
         weights without returning them. For reading a layer's attention (train.py --attention-logits, chat.py
         --lm-attention), from the input a forward hook sees; forward itself never builds this T x T matrix.
-        last_only: the last query's row only, (B, nh, 1, T) (Phi-2's 32 heads over 2,048 positions: 512 MB whole)."""
+        query: one position's row only, over the positions it sees, (B, nh, 1, query + 1) (the whole matrix of
+        Phi-2's 32 heads over 2,048 positions would be 512 MB a layer)."""
         q, k, _ = self.queries_keys_values(x, cos, sin)
-        if last_only:
-            q = q[:, :, -1:]
+        if query is not None:
+            query %= x.shape[1]                                      # -1: the last position
+            q, k = q[:, :, query:query + 1], k[:, :, :query + 1]
         return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.cfg.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,

@@ -162,7 +162,7 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, 
     assert out.out.strip()                                # answered, packed (as simulated above) where it can be
     table = out.err.split("the three positions the heads weigh most")[1].splitlines()[1:]    # and looked inside
     assert [row.split()[0] for row in table] == ["0", "1"], out.err
-    assert f", {loaded.model.cfg.num_image_tokens} of them the picture's" in out.err, out.err
+    assert f"; {loaded.model.cfg.num_image_tokens} of them are the picture's" in out.err, out.err
     unnamed = tmp_path / "finetuned.pth"                  # the same file under a name that says no stage
     shutil.copy(release, unnamed)
     common = ["--image", str(tmp_path / "red.png"), "--phi", str(tmp_path / "phi"), "--tokenizer",
@@ -191,10 +191,11 @@ def test_before_any_training_the_shipped_stage4_model_answers(tmp_path):
     assert run.stdout.strip() == "4"
 
 
-def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys):
-    """--lm-attention: where the language model looks from the prompt's last position. Each layer's weights times
-    its v are its own attention output there (what SDPA gave, at the input of its dense), and the table names the
-    token the model then writes. (test_siblings holds the same weights against transformers' own, for a TinyLLaVA.)"""
+def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys, monkeypatch):
+    """--lm-attention: where the language model looks from the prompt's last position, or from a word of the
+    question (--lm-attention-at). Each layer's weights times its v are its own attention output at that position
+    (what SDPA gave, at the input of its dense), the table names the token the model then writes, and a --chat turn
+    without the word is viewed from its answer. (test_siblings holds the weights against transformers' own.)"""
     import data
     data.write_scene(tmp_path / "scene.png", seed=3)                     # four shapes
     ask = ["--image", str(tmp_path / "scene.png"), "--checkpoint", str(train.ASSETS / "stage4.safetensors")]
@@ -212,6 +213,15 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
         assert T == len(ids) and torch.allclose(w.sum(-1), torch.ones(nh), atol=1e-5)
         own = outputs[i][0, -1].view(nh, -1)                                                  # (nh, hs)
         torch.testing.assert_close((w[:, None, :] @ values[i])[:, 0], own, atol=1e-5, rtol=1e-5)
+    position = chat.word_position(loaded.tok, ids, question, "shapes")          # --lm-attention-at shapes
+    assert loaded.tok.decode([ids[position]]) == " shapes" and position < len(ids) - 1
+    with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
+        at_word, _ = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids, position)
+        values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}
+    for i, w in enumerate(at_word):                       # the row of that position, over the positions it sees
+        assert w.shape[1] == position + 1
+        own = outputs[i][0, position].view(w.shape[0], -1)
+        torch.testing.assert_close((w[:, None, :] @ values[i][:, :position + 1])[:, 0], own, atol=1e-5, rtol=1e-5)
     chat.main(ask + ["--lm-attention", question])
     out = capsys.readouterr()
     assert out.out.strip() == "4" == loaded.tok.decode([int(logits.argmax())])
@@ -221,6 +231,36 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
     image = torch.tensor(ids) == tv.IMAGE_TOKEN
     for row, w in zip(table, attention):                  # the heads' mean weight on the picture; the most decided head
         assert row.split()[1] == f"{float(w.mean(0)[image].sum()):.2f}" and f" {float(w.max()):.2f} " in row, row
+
+    # --chat with --lm-attention-at: from the word where a question has it, else from the answer's first token
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{question}\nwhat color is the triangle?\n"))
+    chat.main(ask + ["--chat", "--lm-attention-at", "shapes"])
+    err = capsys.readouterr().err
+    assert err.count("looks at the question's word 'shapes' (' shapes', position ") == 1, err
+    assert "--lm-attention-at 'shapes': not a word of this question; the view is from the answer's first token" in err
+    assert err.count("looks as it picks its answer's first token ('re' the most likely") == 1, err
+
+
+def test_lm_attention_at_a_word_of_the_question():
+    """--lm-attention-at WORD looks from the last token of the word's last whole-word occurrence in the question:
+    not from the template after it, nor from a longer word that holds it, and from the last piece of a word the
+    tokenizer splits."""
+    import data
+    tok = data.shapes_tokenizer()
+    loaded = train.Loaded(tv.TinyVLM.from_preset("tiny"), tok, 4, 96, "tiny")
+    question = "is INST the red circle left of the umbrella or of the red squares?"
+    ids = chat.prompt_ids(loaded, [("what color is the circle?", "red")], question, "[vqa]")
+    upto = lambda word: tok.decode([t for t in ids[:chat.word_position(tok, ids, question, word) + 1]
+                                    if t != tv.IMAGE_TOKEN])
+    assert upto("circle").endswith("is INST the red circle")
+    assert upto("red").endswith("or of the red")                        # its last occurrence
+    assert upto("INST").endswith("is INST")                             # not [/INST] after the question
+    assert upto("umbrella").endswith("umbrella") and len(tok.encode(" umbrella")) > 1          # its last piece
+    for missing in ("square", "triangle"):                                # part of a word; nowhere
+        with pytest.raises(cli.UserError, match=f"--lm-attention-at '{missing}': no such word in the prompt"):
+            chat.word_position(tok, ids, question, missing)
+    assert chat.word_ends(question, "red") == [question.index("red") + 3, question.rindex("red") + 3]
+    assert chat.word_ends(question, "squa") == [] == chat.word_ends(question, " ")
 
 
 def test_a_question_in_unquoted_words_is_the_same_question(tmp_path, capsys):

@@ -144,6 +144,10 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--quantized", "{d}/out/stage1/model.safetensors", "q"],
      "not a quantized tinyvlm checkpoint"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--chat", "q"], "--chat reads the questions from the terminal"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--lm-attention-at", "squre", "what shape is the square?"],
+     "--lm-attention-at 'squre': not a word of the question 'what shape is the square?'"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/out/stage1/model.safetensors", "--lm-attention-at",
+                    "shape", "what shape?"], "--lm-attention-at: a stage-1 model's prompt holds no question"),
     # the stage's training state, beside its model: each command that reads a model says which file to give
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/out/stage1/state.pt", "q"], STATE_NOT_A_MODEL),
     ("train.py", ["--stage", "2", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
