@@ -4,6 +4,7 @@ chat.py: ask tinyvlm about an image, from the command line (`python tinyvlm.py .
     python tinyvlm.py --image scene.png "what shape is the purple one?"
     python tinyvlm.py --image scene.png --chat
     python tinyvlm.py --image scene.png --attention attention.png "how many shapes are there?"
+    python tinyvlm.py --image scene.png --lm-attention-at triangle "what color is the triangle?"
 
 The newest out/stageN/model.safetensors is used by default, built as it was trained (its config is in its metadata)
 and asked with that stage's prompt template; `--help` lists every flag.
@@ -85,7 +86,7 @@ def word_ends(text: str, word: str) -> list[int]:
 def word_position(tok: data.Tokenizer, ids: list[int], question: str, word: str) -> int:
     """The prompt position of the last token of `word`'s last whole-word occurrence in the question (the question's
     own text inside the prompt; where the template changed it, the prompt's last occurrence of the word)."""
-    pieces = ["\0" if t == tv.IMAGE_TOKEN else tok.decode([t]) for t in ids]
+    pieces = ["\0" if t == tv.IMAGE_TOKEN else tok.decode([t]) for t in ids]      # an image slot: one character
     ends = list(itertools.accumulate(map(len, pieces)))               # where each token's text ends
     text = "".join(pieces)
     start = text.rfind(question.strip())
