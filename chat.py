@@ -88,10 +88,10 @@ def word_position(tok: data.Tokenizer, ids: list[int], question: str, word: str)
     own text inside the prompt; where the template changed it, the prompt's last occurrence of the word)."""
     pieces = ["\0" if t == tv.IMAGE_TOKEN else tok.decode([t]) for t in ids]      # an image slot: one character
     ends = list(itertools.accumulate(map(len, pieces)))               # where each token's text ends
-    text = "".join(pieces)
-    start = text.rfind(question.strip())
+    text, asked = "".join(pieces), question.strip()
+    start = text.rfind(asked)
     matches = word_ends(text, word)
-    inside = [end for end in matches if start >= 0 and start < end <= start + len(question.strip())]
+    inside = [end for end in matches if start >= 0 and start < end <= start + len(asked)]
     if not (inside or matches):
         raise cli.UserError(f"--lm-attention-at {word!r}: no such word in the prompt")
     return bisect.bisect_left(ends, (inside or matches)[-1])            # the token that holds its last letter

@@ -204,24 +204,20 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
     ids = chat.prompt_ids(loaded, [], question, "[vqa]")
     pixels = data.preprocess(data.open_image(tmp_path / "scene.png"), loaded.image_size)[None]
     layers = loaded.model.phi.layers
-    with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
-        attention, logits = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids)
-        values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}      # (nh, T, hs)
-    assert len(attention) == len(layers) == 4
-    for i, w in enumerate(attention):
-        nh, T = w.shape
-        assert T == len(ids) and torch.allclose(w.sum(-1), torch.ones(nh), atol=1e-5)
-        own = outputs[i][0, -1].view(nh, -1)                                                  # (nh, hs)
-        torch.testing.assert_close((w[:, None, :] @ values[i])[:, 0], own, atol=1e-5, rtol=1e-5)
-    position = chat.word_position(loaded.tok, ids, question, "shapes")          # --lm-attention-at shapes
-    assert loaded.tok.decode([ids[position]]) == " shapes" and position < len(ids) - 1
-    with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
-        at_word, _ = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids, position)
-        values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}
-    for i, w in enumerate(at_word):                       # the row of that position, over the positions it sees
-        assert w.shape[1] == position + 1
-        own = outputs[i][0, position].view(w.shape[0], -1)
-        torch.testing.assert_close((w[:, None, :] @ values[i][:, :position + 1])[:, 0], own, atol=1e-5, rtol=1e-5)
+    at_word = chat.word_position(loaded.tok, ids, question, "shapes")          # --lm-attention-at shapes
+    assert loaded.tok.decode([ids[at_word]]) == " shapes" and at_word < len(ids) - 1
+    for position in (len(ids) - 1, at_word):              # each layer's row there, over the positions it sees
+        with attention_inputs_and_outputs(layers) as (inputs, outputs), torch.no_grad():
+            rows, row_logits = chat.lm_attention(loaded.model, loaded.model.visual_features(pixels), ids, position)
+            values = {i: layers[i].self_attn.queries_keys_values(*inputs[i])[2][0] for i in inputs}  # (nh, T, hs)
+        assert len(rows) == len(layers) == 4
+        for i, w in enumerate(rows):
+            nh, seen = w.shape
+            assert seen == position + 1 and torch.allclose(w.sum(-1), torch.ones(nh), atol=1e-5)
+            own = outputs[i][0, position].view(nh, -1)                                            # (nh, hs)
+            torch.testing.assert_close((w[:, None, :] @ values[i][:, :seen])[:, 0], own, atol=1e-5, rtol=1e-5)
+        if position == len(ids) - 1:
+            attention, logits = rows, row_logits
     chat.main(ask + ["--lm-attention", question])
     out = capsys.readouterr()
     assert out.out.strip() == "4" == loaded.tok.decode([int(logits.argmax())])
