@@ -5,6 +5,7 @@ chat.py: ask tinyvlm about an image, from the command line (`python tinyvlm.py .
     python tinyvlm.py --image scene.png --chat
     python tinyvlm.py --image scene.png --attention attention.png "how many shapes are there?"
     python tinyvlm.py --image scene.png --lm-attention-at triangle "what color is the triangle?"
+    python tinyvlm.py --image scene.png --lm-attention-token 2 --task "[refer]" "give me the location of the triangle"
 
 The newest out/stageN/model.safetensors is used by default, built as it was trained (its config is in its metadata)
 and asked with that stage's prompt template; `--help` lists every flag.
@@ -98,10 +99,12 @@ def word_position(tok: data.Tokenizer, ids: list[int], question: str, word: str)
 
 
 def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int], question: str = "",
-                       word: str = "") -> None:
+                       word: str = "", answered: list[int] = ()) -> None:
     """--lm-attention, on stderr: per layer, the share of the heads' mean weight on the picture's tokens, the one
     position the most decided head chose (with its weight), and the three positions the heads weigh most together;
-    from the prompt's last position (the answer's first token), or from a word of the question (--lm-attention-at)."""
+    from the prompt's last position (the answer's first token), from a word of the question (--lm-attention-at), or
+    from the last of the answer's tokens `answered` read after the prompt (the next one's: --lm-attention-token)."""
+    ids = ids + list(answered)
     position = word_position(loaded.tok, ids, question, word) if word else len(ids) - 1
     rows, logits = lm_attention(loaded.model, features, ids, position)
     image = torch.tensor(ids[:position + 1]) == tv.IMAGE_TOKEN
@@ -114,9 +117,11 @@ def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[i
         say(f"where the language model looks at the question's word {word!r} ({name(position)}, position {position}),")
     else:
         p = logits.softmax(-1)
-        first = int(p.argmax())
-        say(f"where the language model looks as it picks its answer's first token ({loaded.tok.decode([first])!r} "
-            f"the most likely, p {float(p[first]):.2f}),\nfrom the prompt's last position ({position}),")
+        likely = int(p.argmax())
+        which = f"token {len(answered) + 1}" if answered else "first token"
+        where = f"its token {len(answered)}, {name(position)}" if answered else "the prompt's last"
+        say(f"where the language model looks as it picks its answer's {which} ({loaded.tok.decode([likely])!r} "
+            f"the most likely, p {float(p[likely]):.2f}),\nfrom position {position} ({where}),")
     say(f"over the {position + 1} positions it sees; {int(image.sum())} of them are the picture's\n"
         f"(image token k: {reads}):")
     say("  layer  on the picture  the most decided head  the three positions the heads weigh most (their mean weight)")
@@ -164,13 +169,14 @@ class ChatConfig:
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
     lm_attention: bool = False      # print where the language model looks as it picks each answer's first token
     lm_attention_at: str = ""       # the same from a word of the question instead (e.g. triangle)
+    lm_attention_token: int = 0     # the same as it picks the answer's K-th token (2: a box's first number)
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "family": tuple(data.FAMILY_TEMPLATES),
                                            "device": ("auto", "cpu", "cuda")}
     LIMITS: ClassVar[dict[str, tuple]] = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_k": (0, None),
                                           "top_p": (0.01, 1.0), "repetition_penalty": (0.01, None), "seed": (0, None),
-                                          "stage": (0, 4)}
+                                          "stage": (0, 4), "lm_attention_token": (0, None)}
 
 
 def load_model(cfg: ChatConfig, device: torch.device) -> train.Loaded:
@@ -291,9 +297,9 @@ def turns_that_fit(loaded: train.Loaded, turns: list[tuple[str, str]], question:
 
 
 def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
-        cfg: ChatConfig, device, generator: torch.Generator) -> str:
+        cfg: ChatConfig, device, generator: torch.Generator) -> tuple[str, list[int]]:
     """One answer to `question` after the earlier turns (turns_that_fit), printed as it is generated; returns its
-    text."""
+    text and the tokens generated (a stop string's or the end token among them)."""
     model, tok, stage = loaded.model, loaded.tok, loaded.stage
     stops = data.FAMILY_STOPS.get(loaded.family.family, ()) if loaded.family else (data.END[stage],)
     ids = prompt_ids(loaded, turns, question, task)
@@ -311,7 +317,7 @@ def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str
             print(text[len(shown):], end="", flush=True)
             shown = text
     print()
-    return shown.strip()
+    return shown.strip(), answer_ids
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
                                     f"it; give another file")
     device = cli.device(cfg.device)
     check_question(given, cfg.task or None)              # a typo costs no waiting for the model (again at its stage)
+    if cfg.lm_attention_at and cfg.lm_attention_token:
+        raise cli.UserError("--lm-attention-at and --lm-attention-token both set: the view is from one position; "
+                            "give one of them")
     if cfg.lm_attention_at and not cfg.chat and not word_ends(given, cfg.lm_attention_at):
         raise cli.UserError(f"--lm-attention-at {cfg.lm_attention_at!r}: not a word of the question {given!r}")
     notices: list[str] = []
@@ -385,13 +394,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"it forgets its first {len(turns) - len(kept)} turn(s)", file=sys.stderr)
                 turns = kept
             print("tinyvlm> ", end="", flush=True)
-        answer = ask(loaded, features, turns, question, task, cfg, device, generator)
-        if cfg.lm_attention or cfg.lm_attention_at:
+        answer, answer_ids = ask(loaded, features, turns, question, task, cfg, device, generator)
+        if cfg.lm_attention or cfg.lm_attention_at or cfg.lm_attention_token:
             at = cfg.lm_attention_at if word_ends(question, cfg.lm_attention_at) else ""
             if cfg.lm_attention_at and not at:
                 print(f"note: --lm-attention-at {cfg.lm_attention_at!r}: not a word of this question; the view is "
                       f"from the answer's first token", file=sys.stderr)
-            print_lm_attention(loaded, features, prompt_ids(loaded, turns, question, task), question, at)
+            k = min(cfg.lm_attention_token, len(answer_ids))
+            if k < cfg.lm_attention_token:
+                print(f"note: --lm-attention-token {cfg.lm_attention_token}: the answer has {len(answer_ids)} tokens; "
+                      f"the view is from where its last was picked", file=sys.stderr)
+            print_lm_attention(loaded, features, prompt_ids(loaded, turns, question, task), question, at,
+                               answer_ids[:max(k - 1, 0)])
         turns.append((question, answer))
         if not cfg.chat:
             break

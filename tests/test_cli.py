@@ -237,6 +237,35 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
     assert err.count("looks as it picks its answer's first token ('re' the most likely") == 1, err
 
 
+def test_lm_attention_token_views_where_a_later_answer_token_is_picked(tmp_path, capsys):
+    """--lm-attention-token K: the view from the position whose output is the answer's K-th token, the prompt and
+    the answer's first K - 1 tokens read (a greedy answer's token there is the most likely one); past the answer's
+    end, from where its last was picked, with a note."""
+    import data
+    data.write_scene(tmp_path / "scene.png", seed=3)
+    ask = ["--image", str(tmp_path / "scene.png"), "--checkpoint", str(train.ASSETS / "stage4.safetensors"),
+           "--task", "[refer]"]
+    cfg = chat.ChatConfig(checkpoint=ask[3], task="[refer]")
+    loaded = chat.load_model(cfg, torch.device("cpu"))
+    question = "give me the location of the red triangle"
+    ids = chat.prompt_ids(loaded, [], question, "[refer]")
+    pixels = data.preprocess(data.open_image(tmp_path / "scene.png"), loaded.image_size)[None]
+    answer, answer_ids = chat.ask(loaded, loaded.model.visual_features(pixels), [], question, "[refer]", cfg,
+                                  torch.device("cpu"), torch.Generator())
+    assert data.parse_boxes(answer) and len(answer_ids) > 4                   # {<x1><y1><x2><y2>}, in pieces
+    for k in (1, 2, 4, len(answer_ids) + 3):
+        capsys.readouterr()
+        chat.main(ask + ["--lm-attention-token", str(k), question])
+        out = capsys.readouterr()
+        seen = min(k, len(answer_ids))
+        which = "first token" if seen == 1 else f"token {seen}"
+        assert out.out.strip() == answer
+        assert f"picks its answer's {which} ({loaded.tok.decode([answer_ids[seen - 1]])!r} the most likely" in out.err
+        assert f"over the {len(ids) + seen - 1} positions it sees" in out.err, out.err
+        assert (f"the answer has {len(answer_ids)} tokens; the view is from where its last was picked" in out.err) \
+            == (k > len(answer_ids))
+
+
 def test_lm_attention_at_a_word_of_the_question():
     """--lm-attention-at WORD looks from the last token of the word's last whole-word occurrence in the question:
     not from the template after it, nor from a longer word that holds it, and from the last piece of a word the

@@ -148,6 +148,9 @@ CASES = [
      "--lm-attention-at 'squre': not a word of the question 'what shape is the square?'"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/out/stage1/model.safetensors", "--lm-attention-at",
                     "shape", "what shape?"], "--lm-attention-at: a stage-1 model's prompt holds no question"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--lm-attention-at", "shape", "--lm-attention-token", "2",
+                    "what shape?"],
+     "--lm-attention-at and --lm-attention-token both set"),
     # the stage's training state, beside its model: each command that reads a model says which file to give
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", "{d}/out/stage1/state.pt", "q"], STATE_NOT_A_MODEL),
     ("train.py", ["--stage", "2", "--init", "{d}/out/stage1/state.pt"], STATE_NOT_A_MODEL),
