@@ -153,9 +153,9 @@ def own_style_vqa(folder: Path, n: int, seed: int) -> Path:
     return path
 
 
-# The suite's one long run, stage 4 on a user's own VQA data (test_train.py), starts in a process of its own as soon
-# as the tests are collected, on one thread and at the lowest priority; its test waits for it and reads its report.
-# The other tests keep a 2-core machine only 1.5 cores busy on average, and the run gains little from a second thread
+# The suite's one long run, stage 4 on a user's own VQA data (test_train.py), starts in a process of its own as soon as
+# the tests are collected, on one thread and at the lowest priority; its test waits for it and reads its report. The
+# other tests keep a 2-core machine only 1.5 cores busy on average, and the run gains only 1.4x from a second thread
 # (500 iterations: 99 s on one, 71 s on two), so it runs in the half core they leave idle instead of 62-84 s of the
 # suite's own (docs/tests.md). The priority keeps it from taking turns with their two-thread products.
 OWN_STYLE_VQA_TEST = "test_stage4_learns_a_users_own_vqa_data"
