@@ -99,12 +99,13 @@ def word_position(tok: data.Tokenizer, ids: list[int], question: str, word: str)
 
 
 def print_lm_attention(loaded: train.Loaded, features: torch.Tensor, ids: list[int], question: str = "",
-                       word: str = "", answered: list[int] = ()) -> None:
+                       word: str = "", answered: list[int] | None = None) -> None:
     """--lm-attention, on stderr: per layer, the share of the heads' mean weight on the picture's tokens, the one
     position the most decided head chose (with its weight), and the three positions the heads weigh most together;
     from the prompt's last position (the answer's first token), from a word of the question (--lm-attention-at), or
     from the last of the answer's tokens `answered` read after the prompt (the next one's: --lm-attention-token)."""
-    ids = ids + list(answered)
+    answered = answered or []
+    ids = ids + answered
     position = word_position(loaded.tok, ids, question, word) if word else len(ids) - 1
     rows, logits = lm_attention(loaded.model, features, ids, position)
     image = torch.tensor(ids[:position + 1]) == tv.IMAGE_TOKEN
@@ -169,7 +170,7 @@ class ChatConfig:
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
     lm_attention: bool = False      # print where the language model looks as it picks each answer's first token
     lm_attention_at: str = ""       # the same from a word of the question instead (e.g. triangle)
-    lm_attention_token: int = 0     # the same as it picks the answer's K-th token (2: a box's first number)
+    lm_attention_token: int = 0     # the same as it picks the answer's K-th token (2: the tiny model's first box number)
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "family": tuple(data.FAMILY_TEMPLATES),
