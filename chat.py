@@ -170,7 +170,7 @@ class ChatConfig:
     attention: str = ""             # write where the Q-Former's queries look in the image to this PNG
     lm_attention: bool = False      # print where the language model looks as it picks each answer's first token
     lm_attention_at: str = ""       # the same from a word of the question instead (e.g. triangle)
-    lm_attention_token: int = 0     # the same as it picks the answer's K-th token (2: the tiny model's first box number)
+    lm_attention_token: int = 0     # the same as it picks the answer's K-th token (2: a tiny model's first box number)
 
     CHOICES: ClassVar[dict[str, tuple]] = {"task": data.TASKS, "quantize": ("int8", "int4", "fp16"),
                                            "family": tuple(data.FAMILY_TEMPLATES),
