@@ -1034,6 +1034,14 @@ def collate(items: Sequence[dict | None], pad_id: int) -> dict | None:
     return out
 
 
+def model_inputs(batch: dict, device) -> dict:
+    """A collated batch as TinyVLM's keyword arguments, on `device`: its tokens and mask, and its pixels or cached
+    visual features (None where it has none)."""
+    on_device = {k: batch[k].to(device) if k in batch else None for k in ("pixels", "features")}
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            **on_device}
+
+
 class Mixture:
     """Several datasets mixed by sample ratio: each iteration draws one dataset (probability proportional to its
     ratio) and a batch from it, as TinyGPT-V's runner does; each dataset is shuffled and cycled on its own. A

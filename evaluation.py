@@ -346,9 +346,7 @@ def attention_logits(model: tv.TinyVLM, tok: data.Tokenizer, datasets: dict[str,
                 T = real.shape[1]
                 causal = torch.ones(T, T, dtype=torch.bool).tril()
                 seen = (causal & real[:, None, :] & real[:, :, None])[:, None].to(device)
-                on_device = {k: batch[k].to(device) for k in ("pixels", "features") if k in batch}
-                model(on_device.get("pixels"), batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                      features=on_device.get("features"))
+                model(**data.model_inputs(batch, device))
     finally:
         for h in hooks:
             h.remove()

@@ -897,9 +897,7 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
     this is exactly the mean loss of the global batch, whatever the split."""
     labels = batch["labels"].to(device)
     with autocast(cfg, device):
-        pixels, features = batch.get("pixels"), batch.get("features")
-        logits, _ = model(pixels.to(device) if pixels is not None else None, batch["input_ids"].to(device),
-                          batch["attention_mask"].to(device), features=features.to(device) if features is not None else None)
+        logits, _ = model(**data.model_inputs(batch, device))
     loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=tv.IGNORE_INDEX, reduction="sum")
     return loss_sum * world / n_tokens
