@@ -55,6 +55,11 @@ def attention_inputs_and_outputs(layers):
             h.remove()
 
 
+def lm_attention_rows(err: str) -> list[str]:
+    """The per-layer rows of the table chat.py --lm-attention prints on stderr (the first one printed)."""
+    return err.split("the three positions the heads weigh most")[1].splitlines()[1:]
+
+
 def tiny_hf_phi(qk_layernorm: bool = False, seed: int = 0):
     from transformers import PhiConfig, PhiForCausalLM
     cfg = PhiConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,

@@ -16,7 +16,7 @@ import quantize
 import tinyvlm as tv
 import train
 import weights
-from conftest import attention_inputs_and_outputs
+from conftest import attention_inputs_and_outputs, lm_attention_rows
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_a_released_tinygptv_checkpoint_through_the_cli(tmp_path, hf_blip2_dir, 
                "--lm-attention", "what is it?"])
     out = capsys.readouterr()
     assert out.out.strip()                                # answered, packed (as simulated above) where it can be
-    table = out.err.split("the three positions the heads weigh most")[1].splitlines()[1:]    # and looked inside
+    table = lm_attention_rows(out.err)                # and looked inside
     assert [row.split()[0] for row in table] == ["0", "1"], out.err
     assert f"; {loaded.model.cfg.num_image_tokens} of them are the picture's" in out.err, out.err
     unnamed = tmp_path / "finetuned.pth"                  # the same file under a name that says no stage
@@ -222,7 +222,7 @@ def test_lm_attention_shows_the_weights_each_layer_attends_with(tmp_path, capsys
     out = capsys.readouterr()
     assert out.out.strip() == "4" == loaded.tok.decode([int(logits.argmax())])
     assert "picks its answer's first token ('4' the most likely" in out.err, out.err
-    table = out.err.split("the three positions the heads weigh most")[1].splitlines()[1:]
+    table = lm_attention_rows(out.err)
     assert [row.split()[0] for row in table] == ["0", "1", "2", "3"], out.err
     image = torch.tensor(ids) == tv.IMAGE_TOKEN
     for row, w in zip(table, attention):                  # the heads' mean weight on the picture; the most decided head

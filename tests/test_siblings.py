@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import data
 import weights
-from conftest import randomize_
+from conftest import lm_attention_rows, randomize_
 from test_model import msft_layout
 
 TOL = 1e-4
@@ -266,7 +266,7 @@ def test_a_tinyllava_folder_answers_through_the_command_line(tmp_path, capsys, m
     chat.main(["--model", str(folder), "--image", str(tmp_path / "scene.png"), "--max-new-tokens", "8",
                "--lm-attention", "what is it?"])
     err = capsys.readouterr().err
-    table = err.split("the three positions the heads weigh most")[1].splitlines()[1:]
+    table = lm_attention_rows(err)
     assert [row.split()[0] for row in table] == ["0", "1"] and "image token k: the ViT's output token k" in err, err
 
 
