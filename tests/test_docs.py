@@ -89,3 +89,14 @@ def test_a_shown_command_parses(doc, program, args, monkeypatch, capsys):
         if e.code == 0 and "--help" in args:
             return
     pytest.fail(f"{doc}: python {program} {' '.join(args)}: {capsys.readouterr().err.strip()}")
+
+
+def test_the_documents_give_stage_4_the_iterations_its_recipe_runs():
+    """The quick start's table and the workshop's expected output say how many iterations stage 4 runs, with and
+    without --quick; they are the recipe's (train.resolve), so a change of the recipe cannot leave them behind."""
+    readme, workshop = ((ROOT / doc).read_text(encoding="utf-8") for doc in DOCS)
+    said = {bool(quick): int(n) for quick, n in re.findall(r"^\| 4 (`--quick` )?\((\d+) iterations\)", readme, re.M)}
+    runs = {quick: train.resolve(train.TrainConfig(stage=4, quick=quick)).max_iters for quick in (False, True)}
+    assert said == runs
+    step7 = re.search(r"python train.py --stage 4 --quick\n```.*?stage 4 done: (\d+) iterations", workshop, re.S)
+    assert step7 and int(step7.group(1)) == runs[True]

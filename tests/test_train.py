@@ -59,6 +59,16 @@ def test_learning_rate_schedule():
     assert train.resolve(train.TrainConfig(stage=2, phi="phi-2")).warmup_iters == 5000     # stage2.yaml
 
 
+def test_quick_takes_a_quarter_or_the_recipes_own_length():
+    quick = lambda **kw: train.resolve(train.TrainConfig(quick=True, **kw))
+    stage1 = quick(stage=1)                                          # 600 iterations, 50 of warm-up
+    assert (stage1.max_iters, stage1.warmup_iters, stage1.eval_samples) == (150, 12, 100)
+    stage4 = train.RECIPES["tiny"][4]
+    assert 0 < stage4.quick_iters != stage4.max_iters // 4          # stage 4 keeps its own quick length
+    assert (quick(stage=4).max_iters, quick(stage=4).warmup_iters) == (stage4.quick_iters, stage4.warmup_iters // 4)
+    assert quick(stage=4, max_iters=800).max_iters == 200          # a length the user gives is quartered
+
+
 def test_cli_is_generated_from_the_config():
     parser = cli.parser_for(train.TrainConfig, "doc")
     cfg = cli.config_from_args(train.TrainConfig, parser.parse_args(["--stage", "3", "--no-qk-norm", "--lr", "0.5"]))
