@@ -209,7 +209,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.text and not cfg.max_iters:             # stage 0 on your text: the LM is trained already
         fill["max_iters"], fill["warmup_iters"] = TEXT_ITERS, min(fill.get("warmup_iters", cfg.warmup_iters), 20)
     if cfg.quick:
-        own = r.quick_iters if "max_iters" in fill else 0      # the recipe's quick length, unless --max-iters
+        own = r.quick_iters if fill.get("max_iters") == r.max_iters else 0    # for the recipe's own length only
         fill["max_iters"] = own or max(1, fill.get("max_iters", cfg.max_iters) // 4)
         fill["warmup_iters"] = fill.get("warmup_iters", cfg.warmup_iters) // 4
         fill["eval_samples"] = min(cfg.eval_samples, 100)
