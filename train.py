@@ -762,7 +762,17 @@ def save_training_state(model, optimizer, mixture_state: dict, it: int, history:
                                    metadata={"stage": cfg.stage, "iter": it, "train_config": dataclasses.asdict(cfg)})
 
 
-def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int, list]:
+SCHEDULE = ("batch_size", "max_iters", "warmup_iters", "lr", "min_lr", "warmup_lr")
+
+
+def schedule_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The recipe fields a resumed run has changed from those its state.pt was saved with (a longer --max-iters, or
+    a recipe whose default moved), as flags with the saved value first: `--max-iters 2500 -> 1500`."""
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in SCHEDULE
+            if k in saved and saved[k] != getattr(cfg, k)]
+
+
+def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int, list, dict]:
     path = stage_dir / "state.pt"
     if not path.exists():
         raise cli.UserError(f"--resume: no {path}: nothing to resume; run without --resume to start the stage")
@@ -782,7 +792,7 @@ def load_training_state(model, optimizer, mixture, stage_dir: Path) -> tuple[int
     optimizer.load_state_dict(state["optimizer"])
     mixture.load_state_dict(json.loads(state["mixture"]))
     torch.set_rng_state(state["torch_rng"])
-    return state["iter"], json.loads(state["history"])
+    return state["iter"], json.loads(state["history"]), json.loads(state["config"])
 
 
 @torch.no_grad()
@@ -983,7 +993,10 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start, history = 0, []
     if cfg.resume:
-        start, history = load_training_state(model, optimizer, mixture, stage_dir)
+        start, history, saved = load_training_state(model, optimizer, mixture, stage_dir)
+        if changes := schedule_changes(saved, cfg):
+            log(f"note: {stage_dir} began with other settings ({', '.join(changes)}); from iteration {start} this "
+                f"run's apply (give the first values to continue it exactly as it began)")
         if start >= cfg.max_iters:
             log(f"{stage_dir} has run its {start} iterations already: nothing to do (--max-iters to train longer)")
             return {"history": history}

@@ -151,7 +151,7 @@ def test_stage4_world_is_one_data_set_per_task(tmp_path):
     assert all(len(samples) == 5 for samples, _ in train.world_samples(cfg, "val", 5).values())
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     """Stage 2 (LoRA dropout draws random numbers): an interrupted and resumed run has the same losses."""
     train.train(tiny_cfg(tmp_path / "s1", stage=1, max_iters=2, eval_samples=2))
     init = str(tmp_path / "s1" / "stage1" / "model.safetensors")
@@ -172,6 +172,12 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     a = [h["loss"] for h in full["history"]]
     b = [h["loss"] for h in resumed["history"]]
     assert len(b) == 20 and b[10:] == a[10:]
+    assert "began with other settings" not in capsys.readouterr().out
+    # a longer run resumed from the finished one (or a recipe whose default moved since): said, then trained on
+    longer = train.train(tiny_cfg(tmp_path / "b", stage=2, init=init, max_iters=22, eval_samples=4, resume=True))
+    out = capsys.readouterr().out
+    assert "began with other settings (--max-iters 20 -> 22); from iteration 20" in out
+    assert len(longer["history"]) == 22 and longer["history"][:20] == resumed["history"]
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
