@@ -152,6 +152,11 @@ class Recipe:
     train_scenes: int = 0
     quick_iters: int = 0            # --quick's iterations (0: a quarter of max_iters)
 
+    @property
+    def quick_length(self) -> int:
+        """The iterations --quick runs: the recipe's own quick length, else a quarter of its iterations."""
+        return self.quick_iters or max(1, self.max_iters // 4)
+
 
 # TinyGPT-V's recipes (docs/tinygptv.md, section 4), and ours for the tiny preset on a CPU. The iteration counts of
 # the real recipe are epochs x iterations per epoch, the warm-up lengths those of the repo's train_configs (its
@@ -184,8 +189,7 @@ def recipe_table() -> str:
              "  preset    stage  batch  iters  quick  warmup  lr -> min (from)    image"]
     for preset, stages in RECIPES.items():
         for stage, r in stages.items():
-            quick = r.quick_iters or max(1, r.max_iters // 4)
-            lines.append(f"  {preset:<9} {stage:>5}  {r.batch_size:>5}  {r.max_iters:>5}  {quick:>5}  "
+            lines.append(f"  {preset:<9} {stage:>5}  {r.batch_size:>5}  {r.max_iters:>5}  {r.quick_length:>5}  "
                          f"{r.warmup_iters:>6}  {r.lr:.0e} -> {r.min_lr:.0e} ({r.warmup_lr:.0e})  {r.image_size:>5}")
     return "\n".join(lines)
 
@@ -209,8 +213,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.text and not cfg.max_iters:             # stage 0 on your text: the LM is trained already
         fill["max_iters"], fill["warmup_iters"] = TEXT_ITERS, min(fill.get("warmup_iters", cfg.warmup_iters), 20)
     if cfg.quick:
-        own = r.quick_iters if fill.get("max_iters") == r.max_iters else 0    # for the recipe's own length only
-        fill["max_iters"] = own or max(1, fill.get("max_iters", cfg.max_iters) // 4)
+        recipes_own = fill.get("max_iters") == r.max_iters      # not a length from --max-iters or --text
+        fill["max_iters"] = r.quick_length if recipes_own else max(1, fill.get("max_iters", cfg.max_iters) // 4)
         fill["warmup_iters"] = fill.get("warmup_iters", cfg.warmup_iters) // 4
         fill["eval_samples"] = min(cfg.eval_samples, 100)
     return dataclasses.replace(cfg, **fill)
