@@ -9,7 +9,7 @@ data.py: everything that turns files into batches for tinyvlm, and a built-in "s
     mixing      one dataset per iteration, chosen by sample ratio, as the original does
     world       ShapesWorld: procedurally drawn shapes with captions, descriptions, and all six tasks + free VQA
 
-Run `python data.py --preview` to see the built-in data (writes out/shapes_preview.png), and
+Run `python data.py --preview` to see the built-in data (writes out/shapes_stage4.png), and
 `python data.py --scene scene.png` for one picture to ask the model about.
 """
 
@@ -1716,7 +1716,7 @@ def preview(path: str | Path, n: int = 12, stage: int = 4, seed: int = 0, scale:
 @dataclass
 class DataConfig:
     preview: bool = False           # draw a sheet of 12 samples of --stage, with their texts and boxes (to --out)
-    out: str = "out/shapes_preview.png"   # where --preview writes its sheet
+    out: str = ""                   # where --preview writes its sheet (default out/shapes_stage{--stage}.png)
     stage: int = 4                  # the samples of which stage: 1-2 captions, 3 descriptions, 4 the six tasks
     scene: str = ""                 # write one held-out scene of the shapes world to this PNG and print what is in it
     seed: int = 0                   # which scene (--scene), or which samples (--preview)
@@ -1763,7 +1763,8 @@ def main(argv: list[str] | None = None) -> None:
         train_shapes_tokenizer(ShapesWorld()).save(str(SHAPES_TOKENIZER))
         print(f"wrote {SHAPES_TOKENIZER} ({len(shapes_tokenizer())} tokens)")
     if args.preview:
-        print(f"wrote {preview(cli.writable_file(args.out, '--out'), stage=args.stage, seed=args.seed)}")
+        out = args.out or f"out/shapes_stage{args.stage}.png"     # one file per stage: a sheet does not hide another
+        print(f"wrote {preview(cli.writable_file(out, '--out'), stage=args.stage, seed=args.seed)}")
     if args.scene:
         scene = write_scene(cli.writable_file(args.scene, "--scene"), args.seed)
         print(f"wrote {args.scene}: test scene {args.seed}\n{scene_truth(scene)}")

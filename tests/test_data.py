@@ -577,7 +577,7 @@ def test_preview_and_scene_commands(tmp_path, command_lines):
     what is in it), through the command line."""
     preview, scene = command_lines.run_all([("data.py", ["--preview", "--stage", "3"]),
                                             ("data.py", ["--scene", "scene.png", "--seed", "2"])], tmp_path)
-    assert preview.returncode == 0 and Image.open(tmp_path / "out" / "shapes_preview.png").size[0] > 700
+    assert preview.returncode == 0 and Image.open(tmp_path / "out" / "shapes_stage3.png").size[0] > 700
     assert scene.returncode == 0 and Image.open(tmp_path / "scene.png").size == (256, 256)
     truth = data.ShapesWorld().scenes("test", 3)[2]
     assert all(data.format_box(s.box) in scene.stdout and s.name in scene.stdout for s in truth.shapes)
