@@ -100,3 +100,15 @@ def test_the_documents_give_stage_4_the_iterations_its_recipe_runs():
     assert said == runs
     step7 = re.search(r"python train.py --stage 4 --quick\n```.*?stage 4 done: (\d+) iterations", workshop, re.S)
     assert step7 and int(step7.group(1)) == runs[True]
+
+
+def test_the_readme_counts_the_tests_there_are(request):
+    """The README says how many tests the suite has ("The N tests take about ..."); it is the number pytest collects
+    from tests/. Only a run of the whole suite knows that number, so a run of some tests skips the check."""
+    config, items = request.config, request.session.items
+    files = {Path(str(item.fspath)).name for item in items}
+    chosen = config.option.keyword or config.option.markexpr or config.option.deselect or config.option.lf
+    if chosen or files != {p.name for p in (ROOT / "tests").glob("test_*.py")}:
+        pytest.skip("a run of some of the tests does not know how many the suite has")
+    said = re.search(r"^The (\d+) tests take", (ROOT / "README.md").read_text(encoding="utf-8"), re.M)
+    assert said and int(said.group(1)) == len(items), f"the README says {said and said.group(1)}, pytest collected {len(items)}"
