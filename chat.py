@@ -292,9 +292,11 @@ def turns_that_fit(loaded: train.Loaded, turns: list[tuple[str, str]], question:
         n = len(prompt_ids(loaded, turns[first:], question, task))
         if n <= room:
             return turns[first:]
-    raise cli.UserError(f"the question ({n} tokens with the picture and the template) and --max-new-tokens "
-                        f"{cfg.max_new_tokens} do not fit in the model's {room + cfg.max_new_tokens} positions: ask a "
-                        f"shorter question")
+    positions, bare = room + cfg.max_new_tokens, len(prompt_ids(loaded, [], "", task))
+    fixes = [f"give --max-new-tokens {positions - n} or less"] * (n < positions)
+    fixes += ["ask a shorter question"] * (n > bare)              # a stage-1 or 2 prompt holds no question
+    raise cli.UserError(f"the picture, the template and the question ({n} tokens) and --max-new-tokens "
+                        f"{cfg.max_new_tokens} do not fit in the model's {positions} positions: {' or '.join(fixes)}")
 
 
 def ask(loaded: train.Loaded, features: torch.Tensor, turns: list[tuple[str, str]], question: str, task: str | None,
@@ -357,21 +359,19 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.lm_attention_at and not loaded.family and loaded.stage in (1, 2):
         raise cli.UserError(f"--lm-attention-at: a stage-{loaded.stage} model's prompt holds no question (it was "
                             f"trained on captions alone); --lm-attention shows where it looks as it starts one")
+    task = None if loaded.family else check_request(cfg, given, loaded.stage)
+    turns_that_fit(loaded, [], given, task, cfg)      # a question (or --chat's first) with no room left: an error now
     if loaded.family:
-        task = None
         print(f"model: {loaded.name} ({loaded.family.family}: SigLIP, MLP connector, Phi; "
               f"{loaded.model.cfg.num_image_tokens} image tokens)", file=sys.stderr)
         pad = (127, 127, 127) if loaded.family.pad_to_square else None          # the mean colour, as LLaVA pads
         pixels = data.preprocess(image, loaded.image_size, data.SIGLIP_MEAN, data.SIGLIP_STD, pad)[None].to(device)
     else:
-        task = check_request(cfg, given, loaded.stage)
         print(f"model: {loaded.name} (stage {loaded.stage}: {STAGE_CAN[loaded.stage]})", file=sys.stderr)
         if loaded.shapes_world_only and not looks_like_the_shapes_world(image):
             print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
-    if not cfg.chat:
-        turns_that_fit(loaded, [], given, task, cfg)           # a question too long for the model: an error now
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []

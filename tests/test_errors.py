@@ -132,6 +132,11 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--top-p", "2", "q"], "argument --top-p: 2.0 is above 1.0"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--repetition-penalty", "0", "q"], "--repetition-penalty: 0.0 is below"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--max-new-tokens", "0", "q"], "argument --max-new-tokens: 0 is below 1"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", str(ROOT / "assets" / "stage4.safetensors"),
+                    "--max-new-tokens", "100000", "q"], "do not fit in the model's 512 positions: give --max-new-tokens 477 or less or ask a shorter question"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", str(ROOT / "assets" / "stage4.safetensors"), "--chat",
+                    "--max-new-tokens", "100000"], "(34 tokens) and --max-new-tokens 100000 do not fit in the model's 512 "
+     "positions: give --max-new-tokens 478 or less"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--task", "[vqaa]", "q"], "argument --task: '[vqaa]' is not one of [vqa], [caption]"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "/dev/null/boxes.png", "q"], "--draw /dev/null/boxes.png"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/scene.png", "q"], "--draw {d}/scene.png is the picture "
