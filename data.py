@@ -1764,9 +1764,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {SHAPES_TOKENIZER} ({len(shapes_tokenizer())} tokens)")
     if args.preview:
         out = args.out or f"out/shapes_stage{args.stage}.png"     # one file per stage: a sheet does not hide another
-        print(f"wrote {preview(cli.writable_file(out, '--out'), stage=args.stage, seed=args.seed)}")
+        print(f"wrote {preview(cli.writable_file(out, '--out', 'picture'), stage=args.stage, seed=args.seed)}")
     if args.scene:
-        scene = write_scene(cli.writable_file(args.scene, "--scene"), args.seed)
+        scene = write_scene(cli.writable_file(args.scene, "--scene", "picture"), args.seed)
         print(f"wrote {args.scene}: test scene {args.seed}\n{scene_truth(scene)}")
 
 

@@ -330,3 +330,21 @@ def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
     command_lines.proc.wait()
     again, = command_lines.run_all([(str(tmp_path / "quick.py"), [])], tmp_path)
     assert again.returncode == 0 and again.stdout == "done\n"
+
+
+def test_an_output_file_replaces_only_its_own_kind(tmp_path):
+    """cli.writable_file: a picture or a safetensors file already at the path is an earlier output, replaced; any
+    other file (a typo naming the README) is the user's, and refused; an empty file is nothing to lose."""
+    import data
+    data.write_scene(tmp_path / "old.png")
+    weights.write_safetensors({"x": torch.zeros(2)}, tmp_path / "old.safetensors", {})
+    (tmp_path / "notes.md").write_text("# my notes\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert cli.writable_file(tmp_path / "old.png", "--draw", "picture") == tmp_path / "old.png"
+    assert cli.writable_file(tmp_path / "old.safetensors", "--out", "safetensors file") == tmp_path / "old.safetensors"
+    assert cli.writable_file(tmp_path / "empty.png", "--draw", "picture") == tmp_path / "empty.png"
+    for path, kind in ((tmp_path / "notes.md", "picture"), (tmp_path / "notes.md", "safetensors file"),
+                       (tmp_path / "old.png", "safetensors file"), (tmp_path / "old.safetensors", "picture")):
+        with pytest.raises(cli.UserError, match=f"already holds something other than a {kind}"):
+            cli.writable_file(path, "--out", kind)
+    assert (tmp_path / "notes.md").read_text() == "# my notes\n"

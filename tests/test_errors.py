@@ -175,6 +175,13 @@ CASES = [
     ("quantize.py", ["--group", "0"], "argument --group: 0 is not one of 32, 64, 128, 256"),
     ("quantize.py", ["--parts", "brain"], "--parts 'brain'"),
     ("quantize.py", ["--mode", "int3"], "argument --mode: 'int3' is not one of int8, int4, fp16, bf16"),
+    ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "{d}/ok.json"],
+     "--out {d}/ok.json: already holds something other than a safetensors file"),
+    ("train.py", ["--stage", "0", "--backbones", "{d}/ok.json"], "--backbones {d}/ok.json: already holds something other"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/ok.json", "q"], "--draw {d}/ok.json: already holds "
+     "something other than a picture"),
+    ("data.py", ["--scene", "{d}/malformed.json"], "--scene {d}/malformed.json: already holds something other than a"),
+    ("data.py", ["--preview", "--out", "{d}/broken.jpg"], "--out {d}/broken.jpg: already holds something other than a"),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "/dev/null/q.safetensors"],
      "--out /dev/null/q.safetensors"),
     ("data.py", ["--preview", "--stage", "5"], "argument --stage: 5 is not one of 1, 2, 3, 4"),
