@@ -725,7 +725,7 @@ def table(results: dict, bc: BenchConfig) -> str:
     threads = f"{torch.get_num_threads()} threads"
     if bc.jobs > 1:
         threads += f" (--jobs {bc.jobs}: workers side by side, {worker_threads(bc)} each)"
-    lines = [f"## bench: preset {bc.preset}, {time.strftime('%Y-%m-%d')}",
+    lines = [f"{cli.BENCH_REPORT_TITLE}{bc.preset}, {time.strftime('%Y-%m-%d')}",
              "",
              f"{cpu_description()}", "",
              f"{threads}, {mem:.0f} GiB RAM, torch {torch.__version__}, "
@@ -875,6 +875,8 @@ def main(argv: list[str] | None = None) -> None:
                                 f"preset's vocabulary is not Phi-2's tokenizer, which llama.cpp's converter needs")
     elif sections == ["llama.cpp"]:
         raise cli.UserError("--only llama.cpp needs --llama-cpp PATH (a llama.cpp tree built as docs/performance.md says)")
+    if bc.out:
+        cli.writable_file(bc.out, "--out", "bench report")       # now, not after the run
     cache = Path(bc.cache)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {}

@@ -175,6 +175,8 @@ CASES = [
     ("quantize.py", ["--group", "0"], "argument --group: 0 is not one of 32, 64, 128, 256"),
     ("quantize.py", ["--parts", "brain"], "--parts 'brain'"),
     ("quantize.py", ["--mode", "int3"], "argument --mode: 'int3' is not one of int8, int4, fp16, bf16"),
+    ("bench.py", ["--preset", "tiny", "--only", "bandwidth", "--out", "{d}/ok.json"], "--out {d}/ok.json: already "
+     "holds something other than a bench report"),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "{d}/ok.json"],
      "--out {d}/ok.json: already holds something other than a safetensors file"),
     ("train.py", ["--stage", "0", "--backbones", "{d}/ok.json"], "--backbones {d}/ok.json: already holds something other"),
