@@ -59,7 +59,12 @@ TRANSPARENT_SHOWN_ON = (255, 255, 255)      # the background the transparent par
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with the transparent parts of a picture (an alpha channel, or a transparent palette or colour entry)
     composited onto white, TRANSPARENT_SHOWN_ON: what a viewer shows, not whatever colour the file keeps under
-    them (often black)."""
+    them (often black); a 16-bit grey picture scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow opens 16-bit grey PNG and TIFF files so, and its convert() clips each value at 255, which turns
+        # all but the darkest 1/256 of the range white (BLIP-2's and LAVIS's pipelines do that too)
+        grey = np.asarray(img, dtype=np.float64) / 257                    # 0..65535 -> 0..255
+        return Image.fromarray(grey.clip(0, 255).round().astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
         rgba = img.convert("RGBA")                # from a palette, also the way that keeps partial transparency
         canvas = Image.new("RGBA", rgba.size, TRANSPARENT_SHOWN_ON + (255,))

@@ -78,6 +78,17 @@ def test_transparent_pictures_are_composited_on_white_without_warnings(tmp_path,
     assert len(notices) == 1 and "rgba.png" in notices[0] and "decompression bomb" in notices[0].lower()
 
 
+def test_a_16_bit_grey_picture_keeps_its_greys(tmp_path):
+    """A 16-bit grey PNG (Pillow's mode I;16) is scaled to 8 bits, where a plain convert("RGB") clips it to white."""
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))         # (8, 64), dark to light
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    img = np.asarray(data.open_image(tmp_path / "ramp16.png"))                          # (8, 64, 3)
+    assert img.dtype == np.uint8 and (img == img[..., :1]).all()
+    assert np.abs(img[0, :, 0].astype(int) - np.round(ramp[0] / 257)).max() == 0
+    assert img[0, 0, 0] == 0 and img[0, -1, 0] == 255 and 120 <= img[0, 32, 0] <= 135
+
+
 def test_loader_skips_bad_images_only_when_asked_and_counts_them(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
