@@ -245,8 +245,18 @@ def is_bench_report(path: Path) -> bool:
         return f.read(len(BENCH_REPORT_TITLE)) == BENCH_REPORT_TITLE.encode()
 
 
+def is_captions_file(path: Path) -> bool:
+    """A JSON list of {"image", "caption"} rows (data.py --emoji writes such)."""
+    import json
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"image", "caption"} <= set(r) for r in rows)
+
+
 KINDS: dict[str, Callable[[Path], bool]] = {"picture": is_picture, "safetensors file": is_safetensors,
-                                            "bench report": is_bench_report}
+                                            "bench report": is_bench_report, "captions file": is_captions_file}
 
 
 def writable_folder(path: str | os.PathLike, flag: str) -> Path:

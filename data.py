@@ -1760,6 +1760,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.build_tokenizer or args.preview or args.scene or args.emoji):
         raise UserError("nothing to do: pass --preview, --scene FILE, --emoji PACKAGE or --build-tokenizer (see --help)")
     if args.emoji:
+        for split in ("train", "test"):     # a folder of the user's own may hold files of these names
+            cli.writable_file(Path(args.emoji_out) / f"{split}.json", "--emoji-out", "captions file")
         counts = write_emoji_captions(args.emoji, cli.writable_folder(args.emoji_out, "--emoji-out"))
         print(f"wrote {args.emoji_out}/images ({sum(counts.values())} pictures), {args.emoji_out}/train.json "
               f"({counts['train']}) and {args.emoji_out}/test.json ({counts['test']})")

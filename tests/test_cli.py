@@ -344,10 +344,13 @@ def test_an_output_file_replaces_only_its_own_kind(tmp_path):
     assert cli.writable_file(tmp_path / "old.png", "--draw", "picture") == tmp_path / "old.png"
     assert cli.writable_file(tmp_path / "old.safetensors", "--out", "safetensors file") == tmp_path / "old.safetensors"
     assert cli.writable_file(tmp_path / "empty.png", "--draw", "picture") == tmp_path / "empty.png"
+    (tmp_path / "train.json").write_text('[{"image": "images/1f950.png", "caption": "a croissant"}]\n')
+    assert cli.writable_file(tmp_path / "train.json", "--emoji-out", "captions file") == tmp_path / "train.json"
     (tmp_path / "bench.md").write_text(f"{cli.BENCH_REPORT_TITLE}tiny, 2026-12-07\n")
     assert cli.writable_file(tmp_path / "bench.md", "--out", "bench report") == tmp_path / "bench.md"
     for path, kind in ((tmp_path / "notes.md", "picture"), (tmp_path / "notes.md", "safetensors file"),
-                       (tmp_path / "notes.md", "bench report"), (tmp_path / "old.png", "safetensors file"),
+                       (tmp_path / "notes.md", "bench report"), (tmp_path / "notes.md", "captions file"),
+                       (tmp_path / "old.png", "captions file"), (tmp_path / "old.png", "safetensors file"),
                        (tmp_path / "old.safetensors", "picture")):
         with pytest.raises(cli.UserError, match=f"already holds something other than a {kind}"):
             cli.writable_file(path, "--out", kind)

@@ -48,6 +48,8 @@ def place(tmp_path_factory):
     (d / "nofield.json").write_text('[{"image": "scene.png"}]')
     (d / "ok.json").write_text(json.dumps([{"image": "scene.png", "caption": "a shape"}] * 4))
     (d / "empty_dir").mkdir()
+    (d / "mine").mkdir()
+    (d / "mine" / "test.json").write_text('{"my": "own test settings"}')
     quantize.main(["--checkpoint", str(stage1), "--out", str(d / "int8.safetensors"), "--eval-samples", "2"])
     return d
 
@@ -183,6 +185,8 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/ok.json", "q"], "--draw {d}/ok.json: already holds "
      "something other than a picture"),
     ("data.py", ["--scene", "{d}/malformed.json"], "--scene {d}/malformed.json: already holds something other than a"),
+    ("data.py", ["--emoji", "{d}/empty_dir", "--emoji-out", "{d}/mine"], "--emoji-out {d}/mine/test.json: already "
+     "holds something other than a captions file"),
     ("data.py", ["--preview", "--out", "{d}/broken.jpg"], "--out {d}/broken.jpg: already holds something other than a"),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "/dev/null/q.safetensors"],
      "--out /dev/null/q.safetensors"),
