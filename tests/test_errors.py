@@ -135,10 +135,11 @@ CASES = [
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--repetition-penalty", "0", "q"], "--repetition-penalty: 0.0 is below"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--max-new-tokens", "0", "q"], "argument --max-new-tokens: 0 is below 1"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", str(ROOT / "assets" / "stage4.safetensors"),
-                    "--max-new-tokens", "100000", "q"], "do not fit in the model's 512 positions: give --max-new-tokens 477 or less or ask a shorter question"),
-    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", str(ROOT / "assets" / "stage4.safetensors"), "--chat",
-                    "--max-new-tokens", "100000"], "(34 tokens) and --max-new-tokens 100000 do not fit in the model's 512 "
-     "positions: give --max-new-tokens 478 or less"),
+                    "--max-new-tokens", "100000", "q"],
+     "do not fit in the model's 512 positions: give --max-new-tokens 477 or less or ask a shorter question"),
+    ("tinyvlm.py", ["--image", "{d}/scene.png", "--checkpoint", str(ROOT / "assets" / "stage4.safetensors"),
+                    "--chat", "--max-new-tokens", "100000"],
+     "(34 tokens) and --max-new-tokens 100000 do not fit in the model's 512 positions: give --max-new-tokens 478"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--task", "[vqaa]", "q"], "argument --task: '[vqaa]' is not one of [vqa], [caption]"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "/dev/null/boxes.png", "q"], "--draw /dev/null/boxes.png"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/scene.png", "q"], "--draw {d}/scene.png is the picture "
@@ -181,7 +182,7 @@ CASES = [
      "holds something other than a bench report"),
     ("quantize.py", ["--checkpoint", "{d}/out/stage1/model.safetensors", "--out", "{d}/ok.json"],
      "--out {d}/ok.json: already holds something other than a safetensors file"),
-    ("train.py", ["--stage", "0", "--backbones", "{d}/ok.json"], "--backbones {d}/ok.json: already holds something other"),
+    ("train.py", ["--stage", "0", "--backbones", "{d}/ok.json"], "--backbones {d}/ok.json: already holds something"),
     ("tinyvlm.py", ["--image", "{d}/scene.png", "--draw", "{d}/ok.json", "q"], "--draw {d}/ok.json: already holds "
      "something other than a picture"),
     ("data.py", ["--scene", "{d}/malformed.json"], "--scene {d}/malformed.json: already holds something other than a"),
