@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                             "--attention draws the Q-Former's queries; a --model family has none (its MLP shows "
                             "every patch)")
     loaded = load_model(cfg, device)
+    quantize.pack_for_decoding(loaded.model.phi)       # int8 layers: now, not as a stall after the first token
     if cfg.lm_attention_at and not loaded.family and loaded.stage in (1, 2):
         raise cli.UserError(f"--lm-attention-at: a stage-{loaded.stage} model's prompt holds no question (it was "
                             f"trained on captions alone); --lm-attention shows where it looks as it starts one")

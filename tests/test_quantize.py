@@ -220,6 +220,25 @@ def base_answer_loss(stage0_model):
     return answer_loss(stage0_model)          # 2.5 s: one forward of 16 long lessons
 
 
+@pytest.mark.skipif(not q.FAST_INT8_DYNAMIC, reason="FBGEMM's int8 product is not in this torch")
+def test_pack_for_decoding_makes_the_first_steps_copies_now(stage0_model):
+    """quantize.pack_for_decoding packs every int8 layer of the language model for FBGEMM (in two threads), so
+    that no decode step pays for it; a decode step then reads those copies, and gives what the lazy packing gives."""
+    import copy
+    lazy = q.quantize_model(copy.deepcopy(stage0_model), "int8", parts=("phi", "projections"))
+    eager = q.quantize_model(copy.deepcopy(stage0_model), "int8", parts=("phi", "projections"))
+    int8 = [m for m in eager.phi.modules() if isinstance(m, q.Int8Linear)]
+    assert q.pack_for_decoding(eager.phi) == len(int8) > 0
+    assert all(m._w8a8 is not None for m in int8)
+    assert all(m._w8a8 is None for m in eager.modules() if isinstance(m, q.Int8Linear) and m not in int8)
+    packed = [m._w8a8 for m in int8]
+    assert q.pack_for_decoding(eager.phi) == 0                        # once
+    ids = torch.randint(0, 600, (1, 12))
+    with torch.no_grad():
+        tokens = [tv.generate(model.phi, ids, max_new_tokens=4) for model in (lazy, eager)]
+    assert tokens[0] == tokens[1] and all(m._w8a8 is p for m, p in zip(int8, packed))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
 def test_quantized_model_quality_and_round_trip(stage0_model, base_answer_loss, tmp_path, mode):
     import copy
