@@ -237,6 +237,23 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def pack_for_decoding(model: nn.Module, threads: int | None = None) -> int:
+    """Make now the packed copies that decoding one sequence on a CPU would make at its first step (FBGEMM's int8
+    layout, Int8Linear.packed_w8a8), as many layers at a time as torch has threads: FBGEMM packs a weight on one
+    thread, 125-138 ms for a 10240 x 2560 matrix on a 2-core AVX2 EPYC, where the full-size model's first decode
+    step took 15.7 s, and packing it all beforehand in two threads 10.8 s. chat.py calls it once a model is
+    loaded, so that an answer does not stall after its first token. Returns how many layers it packed."""
+    from concurrent.futures import ThreadPoolExecutor
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
+              and m.path == "auto" and m._w8a8 is None]
+    if not (FAST_INT8_DYNAMIC and Int8Linear.DECODE_ACTIVATIONS == "int8" and layers):
+        return 0
+    # each layer's catch_warnings runs inside this one, which restores the process's filters when all are done
+    with warnings.catch_warnings(), ThreadPoolExecutor(threads or torch.get_num_threads()) as pool:
+        list(pool.map(Int8Linear.packed_w8a8, layers))
+    return len(layers)
+
+
 class PackedLinear(nn.Module):
     """What Int4Linear, Fp16Linear and Bf16Linear share: the weight is stored portable, and a CPU kernel's own
     layout of it is made at first use (forward_fast, on the rows flattened; Bf16Linear's kernels take it as it
@@ -262,23 +279,6 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-def pack_for_decoding(model: nn.Module, threads: int | None = None) -> int:
-    """Make now the packed copies that decoding one sequence on a CPU would make at its first step (FBGEMM's int8
-    layout, Int8Linear.packed_w8a8), as many layers at a time as torch has threads: FBGEMM packs a weight on one
-    thread, 125-138 ms for a 10240 x 2560 matrix on a 2-core AVX2 EPYC, where the full-size model's first decode
-    step took 15.7 s, and packing it all beforehand in two threads 10.8 s. chat.py calls it once a model is
-    loaded, so that an answer does not stall after its first token. Returns how many layers it packed."""
-    from concurrent.futures import ThreadPoolExecutor
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
-              and m.path == "auto" and m._w8a8 is None]
-    if not (FAST_INT8_DYNAMIC and Int8Linear.DECODE_ACTIVATIONS == "int8" and layers):
-        return 0
-    # each layer's catch_warnings runs inside this one, which restores the process's filters when all are done
-    with warnings.catch_warnings(), ThreadPoolExecutor(threads or torch.get_num_threads()) as pool:
-        list(pool.map(Int8Linear.packed_w8a8, layers))
-    return len(layers)
 
 
 class Int4Linear(PackedLinear):
