@@ -12,7 +12,8 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
     int8 decode   one row on a CPU (one sequence): FBGEMM's int8 product, torch.ops.quantized.linear_dynamic, the
                   activations quantized per token (as llama.cpp's Q8_0 does; Int8Linear.forward_w8a8 says why);
                   2 to 63 rows, or with DECODE_ACTIVATIONS = "bf16": torch.ops.aten._weight_int8pack_mm (bf16
-                  activations, the weights alone quantized)
+                  activations, the weights alone quantized). FBGEMM packs each weight into its own layout once;
+                  pack_for_decoding does it for a whole model before it answers (chat.py calls it)
     int8 prefill  CPU: the reference's product, the weight widened to fp32 (bf16 on CPUs with bf16 instructions) a
                   block at a time (weights.WidenedLinear), faster there than any int8 kernel;
                   GPU: torch._int_mm on per-token-quantized activations, with LLM.int8's outlier split: activation
