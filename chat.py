@@ -356,7 +356,6 @@ def main(argv: list[str] | None = None) -> None:
                             "--attention draws the Q-Former's queries; a --model family has none (its MLP shows "
                             "every patch)")
     loaded = load_model(cfg, device)
-    quantize.pack_for_decoding(loaded.model.phi)       # int8 layers: now, not as a stall after the first token
     if cfg.lm_attention_at and not loaded.family and loaded.stage in (1, 2):
         raise cli.UserError(f"--lm-attention-at: a stage-{loaded.stage} model's prompt holds no question (it was "
                             f"trained on captions alone); --lm-attention shows where it looks as it starts one")
@@ -373,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
+    quantize.pack_for_decoding(loaded.model.phi)        # int8 layers: now, not as a stall after the first token
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []
