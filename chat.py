@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             print("note: the tiny model knows only the built-in shapes world; about other pictures it will still talk "
                   "of shapes", file=sys.stderr)
         pixels = data.preprocess(image, loaded.image_size)[None].to(device)
-    quantize.pack_for_decoding(loaded.model.phi)        # int8 layers: now, not as a stall after the first token
+    quantize.pack_weights(loaded.model.phi)       # now, not as a stall after the first token
     features = loaded.model.visual_features(pixels)        # once: every turn asks about the same picture
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     turns: list[tuple[str, str]] = []

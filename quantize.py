@@ -12,8 +12,8 @@ matmul: obviously right) and, where this torch has them, fast private kernels:
     int8 decode   one row on a CPU (one sequence): FBGEMM's int8 product, torch.ops.quantized.linear_dynamic, the
                   activations quantized per token (as llama.cpp's Q8_0 does; Int8Linear.forward_w8a8 says why);
                   2 to 63 rows, or with DECODE_ACTIVATIONS = "bf16": torch.ops.aten._weight_int8pack_mm (bf16
-                  activations, the weights alone quantized). FBGEMM packs each weight into its own layout once;
-                  pack_for_decoding does it for a whole model before it answers (chat.py calls it)
+                  activations, the weights alone quantized). FBGEMM packs each weight into its own layout once, as
+                  the int4 and fp16 kernels do; pack_weights does it for a whole model before it answers (chat.py)
     int8 prefill  CPU: the reference's product, the weight widened to fp32 (bf16 on CPUs with bf16 instructions) a
                   block at a time (weights.WidenedLinear), faster there than any int8 kernel;
                   GPU: torch._int_mm on per-token-quantized activations, with LLM.int8's outlier split: activation
@@ -175,7 +175,7 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(aligned(x2.float()), self.packed_w8a8(), True)
 
     def packed_w8a8(self):
-        """FBGEMM's packed copy of the weight, made once (at the first one-row product, or by pack_for_decoding);
+        """FBGEMM's packed copy of the weight, made once (at the first one-row product, or by pack_weights);
         the file's pages of the plain weight are then handed back."""
         if self._w8a8 is None:
             zero = torch.zeros(self.out_features, dtype=torch.long)
@@ -238,21 +238,24 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_for_decoding(model: nn.Module, threads: int | None = None) -> int:
-    """Make now the packed copies that decoding one sequence on a CPU would make at its first step (FBGEMM's int8
-    layout, Int8Linear.packed_w8a8), as many layers at a time as torch has threads: FBGEMM packs a weight on one
-    thread, 125-138 ms for a 10240 x 2560 matrix on a 2-core AVX2 EPYC, where the full-size model's first decode
-    step took 15.7 s, and packing it all beforehand in two threads 10.8 s. chat.py calls it once a model is
-    loaded, so that an answer does not stall after its first token. Returns how many layers it packed."""
+def pack_weights(model: nn.Module, threads: int | None = None) -> int:
+    """Make now the packed copies that the quantized layers' CPU kernels would make at their first use (FBGEMM's
+    int8 layout for decoding, Int8Linear.packed_w8a8; the int4 and fp16 kernels' own, PackedLinear.pack), as many
+    layers at a time as torch has threads: each is packed on one thread. On a 2-core AVX2 EPYC, at full size, the
+    first int8 decode step took 15.7 s (FBGEMM packs a 10240 x 2560 matrix in 125-138 ms) and packing beforehand in
+    two threads 10.8 s; an fp16 matrix takes 0.38 s alone, 0.24 s a matrix two at a time. chat.py calls it once a
+    model is loaded, so that an answer does not stall after its first token. Returns how many layers it packed."""
     from concurrent.futures import ThreadPoolExecutor
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
-              and m.path == "auto" and m._w8a8 is None]
-    if not (FAST_INT8_DYNAMIC and Int8Linear.DECODE_ACTIVATIONS == "int8" and layers):
+    jobs = [m.pack for m in model.modules() if isinstance(m, PackedLinear) and m.packs_on_cpu()]
+    if FAST_INT8_DYNAMIC and Int8Linear.DECODE_ACTIVATIONS == "int8":
+        jobs += [m.packed_w8a8 for m in model.modules() if isinstance(m, Int8Linear) and m.path == "auto"
+                 and m.weight.device.type == "cpu" and m._w8a8 is None]
+    if not jobs:
         return 0
-    # each layer's catch_warnings runs inside this one, which restores the process's filters when all are done
+    # each int8 layer's catch_warnings runs inside this one, which restores the process's filters when all are done
     with warnings.catch_warnings(), ThreadPoolExecutor(threads or torch.get_num_threads()) as pool:
-        list(pool.map(Int8Linear.packed_w8a8, layers))
-    return len(layers)
+        list(pool.map(lambda pack: pack(), jobs))
+    return len(jobs)
 
 
 class PackedLinear(nn.Module):
@@ -272,6 +275,15 @@ class PackedLinear(nn.Module):
 
     def kernel_fits(self) -> bool:
         return True
+
+    def packs_on_cpu(self) -> bool:
+        """Whether a product on the CPU would make this layer's packed copy (pack), and it is not made yet."""
+        return (type(self).pack is not PackedLinear.pack and self._packed is None and self.path == "auto"
+                and self.FAST and self.weight.device.type == "cpu" and self.kernel_fits())
+
+    def pack(self) -> None:
+        """Make the CPU kernel's own layout of the weight (Int4Linear, Fp16Linear); Bf16Linear decides at its
+        first one-row product, having timed its kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "reference" or not self.FAST or x.device.type != "cpu" or not self.kernel_fits():
@@ -314,14 +326,17 @@ class Int4Linear(PackedLinear):
         w = dequantize_int4(self.codes(), self.scales, self.minima, self.group)
         return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
 
+    def pack(self) -> None:
+        # the kernel computes w = (q - 8) * scale + zero: our minimum m is zero - 8 * scale
+        self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            aligned(self.codes().to(torch.int32)), 1))
+        zero = self.minima + 8 * self.scales
+        self._scales_zeros = aligned(torch.stack((self.scales, zero), -1).transpose(0, 1).to(torch.bfloat16))
+        weights.release_pages(self.weight)    # memory-mapped codes, now packed: their pages need not stay resident
+
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
-            # the kernel computes w = (q - 8) * scale + zero: our minimum m is zero - 8 * scale
-            self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                aligned(self.codes().to(torch.int32)), 1))
-            zero = self.minima + 8 * self.scales
-            self._scales_zeros = aligned(torch.stack((self.scales, zero), -1).transpose(0, 1).to(torch.bfloat16))
-            weights.release_pages(self.weight)    # memory-mapped codes, now packed: their pages need not stay resident
+            self.pack()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2.to(torch.bfloat16)), self._packed, self.group,
                                                           self._scales_zeros).float()
 
@@ -365,10 +380,13 @@ class Fp16Linear(HalfLinear):
             raise ValueError(f"fp16: a weight of {tuple(linear.weight.shape)} exceeds fp16's range (65504); use int8")
         return layer
 
+    def pack(self) -> None:        # FBGEMM's own layout (same bytes), made at first use; the bias is added after
+        self._packed = torch.ops.quantized.linear_prepack_fp16(aligned(self.weight), None)
+        weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
+
     def forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:       # FBGEMM's own layout (same bytes), made at first use; the bias is added after
-            self._packed = torch.ops.quantized.linear_prepack_fp16(aligned(self.weight), None)
-            weights.release_pages(self.weight)    # memory-mapped weight, now packed: its pages need not stay resident
+        if self._packed is None:
+            self.pack()
         return torch.ops.quantized.linear_dynamic_fp16(aligned(x2.float()), self._packed)
 
 

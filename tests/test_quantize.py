@@ -220,23 +220,29 @@ def base_answer_loss(stage0_model):
     return answer_loss(stage0_model)          # 2.5 s: one forward of 16 long lessons
 
 
-@pytest.mark.skipif(not q.FAST_INT8_DYNAMIC, reason="FBGEMM's int8 product is not in this torch")
-def test_pack_for_decoding_makes_the_first_steps_copies_now(stage0_model):
-    """quantize.pack_for_decoding packs every int8 layer of the language model for FBGEMM (in two threads), so
-    that no decode step pays for it; a decode step then reads those copies, and gives what the lazy packing gives."""
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+def test_pack_weights_makes_the_first_uses_copies_now(stage0_model, mode):
+    """quantize.pack_weights packs every quantized layer of the language model for its CPU kernel (FBGEMM's int8
+    layout for decoding; the int4 and fp16 kernels' own), several at a time, so that no product pays for it later;
+    the products then read those copies, and give what packing at first use gives."""
     import copy
-    lazy = q.quantize_model(copy.deepcopy(stage0_model), "int8", parts=("phi", "projections"))
-    eager = q.quantize_model(copy.deepcopy(stage0_model), "int8", parts=("phi", "projections"))
-    int8 = [m for m in eager.phi.modules() if isinstance(m, q.Int8Linear)]
-    assert q.pack_for_decoding(eager.phi) == len(int8) > 0
-    assert all(m._w8a8 is not None for m in int8)
-    assert all(m._w8a8 is None for m in eager.modules() if isinstance(m, q.Int8Linear) and m not in int8)
-    packed = [m._w8a8 for m in int8]
-    assert q.pack_for_decoding(eager.phi) == 0                        # once
+    fast = {"int8": q.FAST_INT8_DYNAMIC, "int4": q.FAST_INT4, "fp16": q.FAST_FP16}[mode]
+    if not fast:
+        pytest.skip(f"this torch has no {mode} CPU kernel")
+    lazy, eager = (q.quantize_model(copy.deepcopy(stage0_model), mode, parts=("phi", "projections"), group=64)
+                   for _ in range(2))
+    kind = q.Int8Linear if mode == "int8" else q.PackedLinear
+    copy_of = (lambda m: m._w8a8) if mode == "int8" else (lambda m: m._packed)
+    in_phi = [m for m in eager.phi.modules() if isinstance(m, kind)]
+    assert q.pack_weights(eager.phi) == len(in_phi) > 0
+    packed = [copy_of(m) for m in in_phi]
+    assert all(p is not None for p in packed)
+    assert all(copy_of(m) is None for m in eager.modules() if isinstance(m, kind) and m not in in_phi)
+    assert q.pack_weights(eager.phi) == 0                                 # once
     ids = torch.randint(0, 600, (1, 12))
     with torch.no_grad():
         tokens = [tv.generate(model.phi, ids, max_new_tokens=4) for model in (lazy, eager)]
-    assert tokens[0] == tokens[1] and all(m._w8a8 is p for m, p in zip(int8, packed))
+    assert tokens[0] == tokens[1] and all(copy_of(m) is p for m, p in zip(in_phi, packed))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
