@@ -261,8 +261,8 @@ def pack_weights(model: nn.Module, threads: int | None = None) -> int:
 class PackedLinear(nn.Module):
     """What Int4Linear, Fp16Linear and Bf16Linear share: the weight is stored portable, and a CPU kernel's own
     layout of it is made at first use (forward_fast, on the rows flattened), or beforehand by pack_weights
-    (Bf16Linear's kernels take it as it lies); the readable forward_reference serves elsewhere, when this torch lacks the kernel (FAST), or on request
-    (path = "reference")."""
+    (Bf16Linear's kernels take it as it lies); the readable forward_reference serves elsewhere, when this torch
+    lacks the kernel (FAST), or on request (path = "reference")."""
 
     FAST = False
 
