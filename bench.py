@@ -719,13 +719,24 @@ def bf16_kernels(inf: dict) -> str:
             f"over 84 MB of weights: {times})")
 
 
+REPORT_TITLE = "## bench: preset "          # the first line of the table (--out)
+
+
+def holds_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(REPORT_TITLE)) == REPORT_TITLE.encode()
+
+
+REPORT = ("bench report", holds_report)       # what --out may replace (cli.writable_file)
+
+
 def table(results: dict, bc: BenchConfig) -> str:
     import transformers
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     threads = f"{torch.get_num_threads()} threads"
     if bc.jobs > 1:
         threads += f" (--jobs {bc.jobs}: workers side by side, {worker_threads(bc)} each)"
-    lines = [f"{cli.BENCH_REPORT_TITLE}{bc.preset}, {time.strftime('%Y-%m-%d')}",
+    lines = [f"{REPORT_TITLE}{bc.preset}, {time.strftime('%Y-%m-%d')}",
              "",
              f"{cpu_description()}", "",
              f"{threads}, {mem:.0f} GiB RAM, torch {torch.__version__}, "
@@ -876,7 +887,7 @@ def main(argv: list[str] | None = None) -> None:
     elif sections == ["llama.cpp"]:
         raise cli.UserError("--only llama.cpp needs --llama-cpp PATH (a llama.cpp tree built as docs/performance.md says)")
     if bc.out:
-        cli.writable_file(bc.out, "--out", "bench report")       # now, not after the run
+        cli.writable_file(bc.out, "--out", REPORT)       # now, not after the run
     cache = Path(bc.cache)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {}

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         raise cli.UserError("--chat reads the questions from the terminal: give no question on the command line")
     for flag, path in (("--draw", cfg.draw), ("--attention", cfg.attention)):
         if path:
-            cli.writable_file(path, flag, "picture")
+            cli.writable_file(path, flag, data.PICTURE)
             if Path(path).exists() and Path(path).resolve() == Path(cfg.image).resolve():
                 raise cli.UserError(f"{flag} {path} is the picture asked about (--image): the drawing would replace "
                                     f"it; give another file")

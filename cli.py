@@ -202,10 +202,12 @@ class Ticker:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks shared by the scripts
 
-def writable_file(path: str | os.PathLike, flag: str, kind: str = "") -> Path:
+def writable_file(path: str | os.PathLike, flag: str,
+                  kind: tuple[str, Callable[[Path], bool]] | None = None) -> Path:
     """path, once its folder exists (made if need be) and a file can be created in it: checked before the work, so a
-    bad --out is not found only when the result is ready to be written. kind (one of KINDS): what is written there;
-    a file of something else already at path is the user's, and a typo must not replace it."""
+    bad --out is not found only when the result is ready to be written. kind: the name of what is written there and
+    whether a file holds one (its owner's: weights.SAFETENSORS_FILE, data.PICTURE, ...); a file of something else
+    already at path is the user's, and a typo must not replace it."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file name")
@@ -215,48 +217,10 @@ def writable_file(path: str | os.PathLike, flag: str, kind: str = "") -> Path:
         raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: not writable; choose another place")
-    if kind and path.is_file() and path.stat().st_size and not KINDS[kind](path):
-        raise UserError(f"{flag} {path}: already holds something other than a {kind}, which this would replace; "
+    if kind and path.is_file() and path.stat().st_size and not kind[1](path):
+        raise UserError(f"{flag} {path}: already holds something other than a {kind[0]}, which this would replace; "
                         f"give another file name")
     return path
-
-
-def is_picture(path: Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path):
-            return True
-    except (UnidentifiedImageError, OSError):
-        return False
-
-
-def is_safetensors(path: Path) -> bool:
-    """The format's 8-byte header length, a header that fits in the file, and JSON."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size <= path.stat().st_size and f.read(1) == b"{"
-
-
-BENCH_REPORT_TITLE = "## bench: preset "         # the first line of bench.py's table (--out)
-
-
-def is_bench_report(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(BENCH_REPORT_TITLE)) == BENCH_REPORT_TITLE.encode()
-
-
-def is_captions_file(path: Path) -> bool:
-    """A JSON list of {"image", "caption"} rows (data.py --emoji writes such)."""
-    import json
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(rows, list) and all(isinstance(r, dict) and {"image", "caption"} <= set(r) for r in rows)
-
-
-KINDS: dict[str, Callable[[Path], bool]] = {"picture": is_picture, "safetensors file": is_safetensors,
-                                            "bench report": is_bench_report, "captions file": is_captions_file}
 
 
 def writable_folder(path: str | os.PathLike, flag: str) -> Path:

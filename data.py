@@ -96,6 +96,17 @@ def open_image(path: str | Path, notices: list[str] | None = None) -> Image.Imag
     return decode_image(path, str(path), notices)
 
 
+def holds_picture(path: Path) -> bool:
+    try:
+        decode_image(path, str(path))
+        return True
+    except ImageError:
+        return False
+
+
+PICTURE = ("picture", holds_picture)        # what an output path may replace (cli.writable_file)
+
+
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)          # SigLIP (TinyLLaVA, Imp): pixels to [-1, 1]
 
 
@@ -1649,6 +1660,18 @@ def emoji_caption(record: dict) -> str:
     return f"{kind}, {record['name']}".lower()
 
 
+def holds_captions(path: Path) -> bool:
+    """A JSON list of {"image", "caption"} rows, as write_emoji_captions writes."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"image", "caption"} <= set(r) for r in rows)
+
+
+CAPTIONS_FILE = ("captions file", holds_captions)
+
+
 def write_emoji_captions(package: str | Path, out: str | Path, test_every: int = 8) -> dict[str, int]:
     """Copy the pictures of everyday things (EMOJI_CATEGORIES, 857 in version 16.0.0) to OUT/images and write
     OUT/train.json and OUT/test.json in the captions format, every test_every-th picture held out."""
@@ -1761,7 +1784,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("nothing to do: pass --preview, --scene FILE, --emoji PACKAGE or --build-tokenizer (see --help)")
     if args.emoji:
         for split in ("train", "test"):     # a folder of the user's own may hold files of these names
-            cli.writable_file(Path(args.emoji_out) / f"{split}.json", "--emoji-out", "captions file")
+            cli.writable_file(Path(args.emoji_out) / f"{split}.json", "--emoji-out", CAPTIONS_FILE)
         counts = write_emoji_captions(args.emoji, cli.writable_folder(args.emoji_out, "--emoji-out"))
         print(f"wrote {args.emoji_out}/images ({sum(counts.values())} pictures), {args.emoji_out}/train.json "
               f"({counts['train']}) and {args.emoji_out}/test.json ({counts['test']})")
@@ -1771,9 +1794,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {SHAPES_TOKENIZER} ({len(shapes_tokenizer())} tokens)")
     if args.preview:
         out = args.out or f"out/shapes_stage{args.stage}.png"     # one file per stage: a sheet does not hide another
-        print(f"wrote {preview(cli.writable_file(out, '--out', 'picture'), stage=args.stage, seed=args.seed)}")
+        print(f"wrote {preview(cli.writable_file(out, '--out', PICTURE), stage=args.stage, seed=args.seed)}")
     if args.scene:
-        scene = write_scene(cli.writable_file(args.scene, "--scene", "picture"), args.seed)
+        scene = write_scene(cli.writable_file(args.scene, "--scene", PICTURE), args.seed)
         print(f"wrote {args.scene}: test scene {args.seed}\n{scene_truth(scene)}")
 
 

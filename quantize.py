@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     if "embeddings" in parts and args.mode != "int4":
         raise cli.UserError(f"--parts embeddings: the token embeddings are quantized to int4 only, not {args.mode}")
     if args.out:
-        cli.writable_file(args.out, "--out", "safetensors file")
+        cli.writable_file(args.out, "--out", weights.SAFETENSORS_FILE)
     if not args.checkpoint:
         args.checkpoint = str(TRAINED_STAGE4)
         if not TRAINED_STAGE4.exists():        # before stage 4 has run here: the shipped one, as tinyvlm.py asks it

@@ -369,7 +369,7 @@ def check_flags(cfg: TrainConfig) -> None:
         raise cli.UserError("--attention-logits reads a stage's model on its held-out data (stages 1-4, "
                             "without --benchmark)")
     if cfg.stage == 0:                        # stage 0 writes the backbones
-        cli.writable_file(backbones_file(cfg), "--backbones", "safetensors file")
+        cli.writable_file(backbones_file(cfg), "--backbones", weights.SAFETENSORS_FILE)
     for flag, value in inputs:
         if value and not Path(value).exists():
             raise cli.UserError(f"{flag} {value}: no such file or folder")

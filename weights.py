@@ -73,6 +73,17 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, n
 
 
+def holds_safetensors(path: str | os.PathLike) -> bool:
+    try:
+        read_safetensors_header(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+SAFETENSORS_FILE = ("safetensors file", holds_safetensors)      # what an output path may replace (cli.writable_file)
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The __metadata__ of a .safetensors file (our checkpoints keep their config and stage there)."""
     return read_safetensors_header(path)[0].get("__metadata__") or {}

@@ -333,25 +333,23 @@ def test_a_command_line_that_hangs_costs_its_test_only(tmp_path, command_lines):
 
 
 def test_an_output_file_replaces_only_its_own_kind(tmp_path):
-    """cli.writable_file: a picture, a safetensors file or a bench report already at the path is an earlier output,
-    replaced; any other file (a typo naming the README) is the user's, and refused; an empty file is nothing to
-    lose."""
+    """cli.writable_file: a picture, a safetensors file, a captions file or a bench report already at the path is
+    an earlier output, replaced; any other file (a typo naming the README) is the user's, and refused; an empty file
+    is nothing to lose."""
+    import bench
     import data
+    picture, safetensors, captions, report = data.PICTURE, weights.SAFETENSORS_FILE, data.CAPTIONS_FILE, bench.REPORT
     data.write_scene(tmp_path / "old.png")
     weights.write_safetensors({"x": torch.zeros(2)}, tmp_path / "old.safetensors", {})
     (tmp_path / "notes.md").write_text("# my notes\n")
     (tmp_path / "empty.png").write_bytes(b"")
-    assert cli.writable_file(tmp_path / "old.png", "--draw", "picture") == tmp_path / "old.png"
-    assert cli.writable_file(tmp_path / "old.safetensors", "--out", "safetensors file") == tmp_path / "old.safetensors"
-    assert cli.writable_file(tmp_path / "empty.png", "--draw", "picture") == tmp_path / "empty.png"
     (tmp_path / "train.json").write_text('[{"image": "images/1f950.png", "caption": "a croissant"}]\n')
-    assert cli.writable_file(tmp_path / "train.json", "--emoji-out", "captions file") == tmp_path / "train.json"
-    (tmp_path / "bench.md").write_text(f"{cli.BENCH_REPORT_TITLE}tiny, 2026-12-07\n")
-    assert cli.writable_file(tmp_path / "bench.md", "--out", "bench report") == tmp_path / "bench.md"
-    for path, kind in ((tmp_path / "notes.md", "picture"), (tmp_path / "notes.md", "safetensors file"),
-                       (tmp_path / "notes.md", "bench report"), (tmp_path / "notes.md", "captions file"),
-                       (tmp_path / "old.png", "captions file"), (tmp_path / "old.png", "safetensors file"),
-                       (tmp_path / "old.safetensors", "picture")):
-        with pytest.raises(cli.UserError, match=f"already holds something other than a {kind}"):
-            cli.writable_file(path, "--out", kind)
+    (tmp_path / "bench.md").write_text(f"{bench.REPORT_TITLE}tiny, 2026-12-07\n")
+    for name, kind in (("old.png", picture), ("old.safetensors", safetensors), ("empty.png", picture),
+                       ("train.json", captions), ("bench.md", report)):
+        assert cli.writable_file(tmp_path / name, "--out", kind) == tmp_path / name
+    for name, kind in (("notes.md", picture), ("notes.md", safetensors), ("notes.md", report), ("notes.md", captions),
+                       ("old.png", captions), ("old.png", safetensors), ("old.safetensors", picture)):
+        with pytest.raises(cli.UserError, match=f"already holds something other than a {kind[0]}"):
+            cli.writable_file(tmp_path / name, "--out", kind)
     assert (tmp_path / "notes.md").read_text() == "# my notes\n"
