@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -99,7 +100,7 @@ class TrainConfig:
     skip_bad: bool = True           # skip and count unusable samples (unreadable image, text too long) instead of stopping
     # recipe (0 and -1: the stage's own, listed below)
     batch_size: int = 0             # samples per iteration
-    grad_accum: int = 1             # micro-batches per iteration (the batch is split, the gradient summed)
+    grad_accum: int = 1             # batches per iteration, their gradients summed (a larger batch in the same memory)
     max_iters: int = 0              # iterations
     warmup_iters: int = -1          # iterations of linear warm-up from --warmup-lr to --lr
     lr: float = 0.0                 # the peak learning rate, reached after the warm-up
@@ -925,6 +926,60 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
     return loss_sum * world / n_tokens
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take: the GPU's free memory, or Linux's MemAvailable (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
+    return int(found[1]) * 1024 if found else None
+
+
+def saved_activation_bytes(model, batch: dict, device, cfg: TrainConfig) -> int:
+    """Bytes that the forward pass of `batch` keeps for the backward pass (each storage once): what a training step
+    holds on top of the model and its gradients. Measured by hooks on the tensors autograd saves; no backward runs."""
+    storages = {}
+
+    def keep(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        micro_step(model, batch, device, cfg, 1, 1)
+    return sum(storages.values())
+
+
+def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) -> None:
+    """Refuse a batch whose activations alone could not fit in free memory, before its first step: an oversized
+    --batch-size would otherwise end in the operating system's out-of-memory killer, which prints nothing, minutes
+    into the run (or in a CUDA error). A step's activations grow with its rows, so two probes of the micro-batch's
+    one and two longest rows give the bytes of a row (the weights both save cancel out). A lower bound of what the
+    step needs: a batch let through can still be too big, but one refused is too big."""
+    longest = micro["attention_mask"].sum(1).argsort(descending=True)
+    free, per_row = free_memory(device), 1
+    if free is not None and len(longest) >= 2:
+        model.train()                                 # as the step runs (dropout saves its masks)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the run's draws untouched
+            one, two = (saved_activation_bytes(model, {k: v[longest[:n]] for k, v in micro.items()
+                                                       if torch.is_tensor(v)}, device, cfg) for n in (1, 2))
+        per_row = max(two - one, 1) * (world if device.type == "cpu" else 1)  # ranks on one CPU share its memory
+    need = per_row * len(longest)
+    if not all_reduce_sum(torch.tensor(float(free is not None and need > free)), world):  # every rank alike
+        return
+    # The rest of the step (the activations' gradients, temporaries) took 1.1-1.4x as much again in stage 1 on a
+    # CPU, so the size suggested leaves half the free memory to it.
+    fits = int(free / 2 // per_row) * world                                    # rows of the whole batch
+    size = f"the mixture {cfg.mixture}'s batch sizes" if cfg.mixture else f"--batch-size {cfg.batch_size}"
+    remedy = ("not one sample fits" if not fits else f"without --mixture, give --batch-size {fits} or less"
+              if cfg.mixture else f"give --batch-size {fits} or less (--grad-accum N trains on N such batches a step)")
+    raise cli.UserError(f"{size}: a training step would hold some {need / 2**20:,.0f} MB of activations, and this "
+                        f"{'GPU' if device.type == 'cuda' else 'machine'} has {free / 2**20:,.0f} MB free; {remedy}")
+
+
 def train(cfg: TrainConfig) -> dict:
     """One stage: the model and its data, the loop, then the held-out evaluation and the stage's files."""
     cli.check_config(cfg)
@@ -1008,6 +1063,10 @@ def train(cfg: TrainConfig) -> dict:
     ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = iter(mixture)
+    if start < cfg.max_iters:                     # the first step's batch, measured before it is taken
+        first = [next(batches) for _ in range(cfg.grad_accum)]
+        check_step_fits(model, max((b for _, b in first), key=lambda b: b["input_ids"].numel()), device, cfg, world)
+        batches = itertools.chain(first, batches)
     progress = Progress(cfg, start, world, log)
     last_saved = f"{stage_dir / 'model.safetensors'} (iteration {start})" if cfg.resume else None
     for it in range(start, cfg.max_iters):

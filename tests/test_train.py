@@ -180,6 +180,34 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     assert len(longer["history"]) == 22 and longer["history"][:20] == resumed["history"]
 
 
+def test_a_batch_too_big_for_memory_is_refused_before_its_first_step(tmp_path, monkeypatch):
+    """An oversized --batch-size is told, with the size that fits, before its first step (not left to the operating
+    system's out-of-memory killer, which prints nothing); the earlier run in the folder is untouched."""
+    first = train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, eval_samples=2))
+    saved = (tmp_path / "stage1" / "model.safetensors").read_bytes()
+    probes = []
+    real_bytes = train.saved_activation_bytes
+
+    def measured(model, batch, *a):
+        probes.append((len(batch["input_ids"]), batch["input_ids"].shape[1], real_bytes(model, batch, *a)))
+        return probes[-1][2]
+
+    monkeypatch.setattr(train, "saved_activation_bytes", measured)
+    monkeypatch.setattr(train, "free_memory", lambda device: 1)
+    with pytest.raises(cli.UserError, match=r"^--batch-size 16: a training step would hold some [\d,]+ MB of "
+                                            r"activations, and this machine has 0 MB free; not one sample fits$"):
+        train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, eval_samples=2, batch_size=16))
+    (rows_a, length, one), (rows_b, length_b, two) = probes[:2]      # the one and the two longest rows
+    assert (rows_a, rows_b) == (1, 2) and length == length_b
+    row = two - one
+    assert row > 0 and one > row                 # one row's probe saves weights too, which the difference drops
+    monkeypatch.setattr(train, "free_memory", lambda device: int(row * 8.5))
+    with pytest.raises(cli.UserError, match=r"^--batch-size 16: .* give --batch-size 4 or less \(--grad-accum N "):
+        train.train(tiny_cfg(tmp_path, stage=1, max_iters=2, eval_samples=2, batch_size=16))
+    assert (tmp_path / "stage1" / "model.safetensors").read_bytes() == saved and first["history"]
+    assert train.train(tiny_cfg(tmp_path / "told", stage=1, max_iters=2, eval_samples=2, batch_size=4))["history"]
+
+
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
     real = train.train_step
 
