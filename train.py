@@ -968,7 +968,8 @@ def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) ->
                                                        if torch.is_tensor(v)}, device, cfg) for n in (1, 2))
         per_row = max(two - one, 1) * (world if device.type == "cpu" else 1)  # ranks on one CPU share its memory
     need = per_row * len(longest)
-    if not all_reduce_sum(torch.tensor(float(free is not None and need > free)), world):  # every rank alike
+    too_big = torch.tensor(float(free is not None and need > free), device=device)
+    if not all_reduce_sum(too_big, world):            # every rank decides alike (NCCL: on the GPU)
         return
     # The rest of the step (the activations' gradients, temporaries) took 1.1-1.4x as much again in stage 1 on a
     # CPU, so the size suggested leaves half the free memory to it.
@@ -976,8 +977,8 @@ def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) ->
     size = f"the mixture {cfg.mixture}'s batch sizes" if cfg.mixture else f"--batch-size {cfg.batch_size}"
     remedy = ("not one sample fits" if not fits else f"without --mixture, give --batch-size {fits} or less"
               if cfg.mixture else f"give --batch-size {fits} or less (--grad-accum N trains on N such batches a step)")
-    raise cli.UserError(f"{size}: a training step would hold some {need / 2**20:,.0f} MB of activations, and this "
-                        f"{'GPU' if device.type == 'cuda' else 'machine'} has {free / 2**20:,.0f} MB free; {remedy}")
+    raise cli.UserError(f"{size}: a training step would hold some {need / 1e6:,.0f} MB of activations, and this "
+                        f"{'GPU' if device.type == 'cuda' else 'machine'} has {free / 1e6:,.0f} MB free; {remedy}")
 
 
 def train(cfg: TrainConfig) -> dict:
