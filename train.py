@@ -927,7 +927,9 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes a new allocation can take: the GPU's free memory, or Linux's MemAvailable (None where unknown)."""
+    """Bytes a new allocation can take: the GPU's free memory, or Linux's MemAvailable (None where unknown). A
+    container's own memory limit is not read: its usage counts the page cache, which would make a fitting batch
+    look too big."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
