@@ -359,6 +359,10 @@ def check_flags(cfg: TrainConfig) -> None:
     if cfg.stage == 0 and cfg.init and not cfg.text and not stage0_reads_init(phases):
         raise cli.UserError("--init at --stage 0 gives the backbones for the parts that --stage0-phases leaves out; "
                             f"with {cfg.stage0_phases} run, nothing would be read from it")
+    width = tv.PRESETS["tinygptv" if cfg.phi else cfg.preset]().phi.hidden
+    if cfg.lora_rank > width:                       # past the layer's width the adapter is no longer low-rank
+        raise cli.UserError(f"--lora-rank {cfg.lora_rank}: an adapter's rank is at most the width of the layers it "
+                            f"adapts ({width} here; TinyGPT-V's rank is 64 on 2,560)")
     if cfg.recipe != "tinygptv" and (cfg.phi or cfg.stage not in SIBLING_STAGES):
         raise cli.UserError(f"--recipe {cfg.recipe} trains the tiny model in two stages, --stage 1 (the connector, on "
                             f"captions) then --stage 4 (the language side, on the six tasks)"

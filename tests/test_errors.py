@@ -64,6 +64,8 @@ CASES = [
     ("train.py", ["--stage", "5"], "argument --stage: 5 is not one of 0, 1, 2, 3, 4"),
     ("train.py", ["--batch-size", "-1"], "argument --batch-size: -1 is below 0"),
     ("train.py", ["--grad-accum", "0"], "argument --grad-accum: 0 is below 1"),
+    ("train.py", ["--stage", "2", "--lora-rank", "100000"], "--lora-rank 100000: an adapter's rank is at most the "
+     "width of the layers it adapts (192 here"),
     ("train.py", ["--max-iters", "-1"], "argument --max-iters: -1 is below 0"),
     ("train.py", ["--log-interval", "0"], "argument --log-interval: 0 is below 1"),
     ("train.py", ["--min-lr", "nan"], "argument --min-lr: nan is not a finite number"),
