@@ -961,8 +961,8 @@ def saved_activation_bytes(model, batch: dict, device, cfg: TrainConfig) -> int:
 
 def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) -> None:
     """Refuse a batch whose activations alone could not fit in free memory, before its first step: an oversized
-    --batch-size would otherwise end in the operating system's out-of-memory killer, which prints nothing, minutes
-    into the run (or in a CUDA error). A step's activations grow with its rows, so two probes of the micro-batch's
+    --batch-size would otherwise end in that step, killed by the operating system's out-of-memory killer, which
+    prints nothing (or in a CUDA error). A step's activations grow with its rows, so two probes of the micro-batch's
     one and two longest rows give the bytes of a row (the weights both save cancel out). A lower bound of what the
     step needs: a batch let through can still be too big, but one refused is too big."""
     longest = micro["attention_mask"].sum(1).argsort(descending=True)
