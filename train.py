@@ -977,8 +977,8 @@ def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) ->
     too_big = torch.tensor(float(free is not None and need > free), device=device)
     if not all_reduce_sum(too_big, world):            # every rank decides alike (NCCL: on the GPU)
         return
-    # The rest of the step (the activations' gradients, temporaries) took 1.1-1.4x as much again in stage 1 on a
-    # CPU, so the size suggested leaves half the free memory to it.
+    # A whole step held 1.1-1.6x these activations over the model (stage 1 on a CPU, batches of 3,072 and 1,024: the
+    # activations' gradients, temporaries), so the size suggested leaves half the free memory to the rest.
     fits = int(free / 2 // per_row) * world                                    # rows of the whole batch
     size = f"the mixture {cfg.mixture}'s batch sizes" if cfg.mixture else f"--batch-size {cfg.batch_size}"
     remedy = ("not one sample fits" if not fits else f"without --mixture, give --batch-size {fits} or less"
