@@ -944,9 +944,9 @@ def free_memory(device: torch.device) -> int | None:
     return int(found[1]) * 1024 if found else None
 
 
-def saved_activation_bytes(model, batch: dict, device, cfg: TrainConfig) -> int:
-    """Bytes that the forward pass of `batch` keeps for the backward pass (each storage once): what a training step
-    holds on top of the model and its gradients. Measured by hooks on the tensors autograd saves; no backward runs."""
+def saved_activation_bytes(forward) -> int:
+    """Bytes that `forward()` keeps for the backward pass (each storage once): what a training step holds on top of
+    the model and its gradients. Measured by hooks on the tensors autograd saves; no backward runs."""
     storages = {}
 
     def keep(t: torch.Tensor):
@@ -955,25 +955,23 @@ def saved_activation_bytes(model, batch: dict, device, cfg: TrainConfig) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        micro_step(model, batch, device, cfg, 1, 1)
+        forward()
     return sum(storages.values())
 
 
-def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) -> None:
+def check_batch_fits(forward_rows, rows: int, device, cfg: TrainConfig, world: int = 1) -> None:
     """Refuse a batch whose activations alone could not fit in free memory, before its first step: an oversized
     --batch-size would otherwise end in that step, killed by the operating system's out-of-memory killer, which
-    prints nothing (or in a CUDA error). A step's activations grow with its rows, so two probes of the micro-batch's
-    one and two longest rows give the bytes of a row (the weights both save cancel out). A lower bound of what the
-    step needs: a batch let through can still be too big, but one refused is too big."""
-    longest = micro["attention_mask"].sum(1).argsort(descending=True)
+    prints nothing (or in a CUDA error). A step's activations grow with its rows, so two probes, forward_rows(1)
+    and forward_rows(2) (the forward pass of the batch's first one and two rows), give the bytes of a row (the
+    weights both save cancel out). A lower bound of what the step needs: a batch let through can still be too big,
+    but one refused is too big. `rows`: this rank's rows in a step."""
     free, per_row = free_memory(device), 1
-    if free is not None and len(longest) >= 2:
-        model.train()                                 # as the step runs (dropout saves its masks)
+    if free is not None and rows >= 2:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the run's draws untouched
-            one, two = (saved_activation_bytes(model, {k: v[longest[:n]] for k, v in micro.items()
-                                                       if torch.is_tensor(v)}, device, cfg) for n in (1, 2))
+            one, two = (saved_activation_bytes(lambda: forward_rows(n)) for n in (1, 2))
         per_row = max(two - one, 1) * (world if device.type == "cpu" else 1)  # ranks on one CPU share its memory
-    need = per_row * len(longest)
+    need = per_row * rows
     too_big = torch.tensor(float(free is not None and need > free), device=device)
     if not all_reduce_sum(too_big, world):            # every rank decides alike (NCCL: on the GPU)
         return
@@ -982,7 +980,8 @@ def check_step_fits(model, micro: dict, device, cfg: TrainConfig, world: int) ->
     fits = int(free / 2 // per_row) * world                                    # rows of the whole batch
     size = f"the mixture {cfg.mixture}'s batch sizes" if cfg.mixture else f"--batch-size {cfg.batch_size}"
     remedy = ("not one sample fits" if not fits else f"without --mixture, give --batch-size {fits} or less"
-              if cfg.mixture else f"give --batch-size {fits} or less (--grad-accum N trains on N such batches a step)")
+              if cfg.mixture else f"give --batch-size {fits} or less (--grad-accum N trains on N such batches a step)"
+              if cfg.stage else f"give --batch-size {fits} or less")
     raise cli.UserError(f"{size}: a training step would hold some {need / 1e6:,.0f} MB of activations, and this "
                         f"{'GPU' if device.type == 'cuda' else 'machine'} has {free / 1e6:,.0f} MB free; {remedy}")
 
@@ -1072,7 +1071,12 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(mixture)
     if start < cfg.max_iters:                     # the first step's batch, measured before it is taken
         first = [next(batches) for _ in range(cfg.grad_accum)]
-        check_step_fits(model, max((b for _, b in first), key=lambda b: b["input_ids"].numel()), device, cfg, world)
+        micro = max((b for _, b in first), key=lambda b: b["input_ids"].numel())
+        longest = micro["attention_mask"].sum(1).argsort(descending=True)
+        model.train()                             # as the step runs (dropout saves its masks)
+        check_batch_fits(lambda n: micro_step(model, {k: v[longest[:n]] for k, v in micro.items()
+                                                      if torch.is_tensor(v)}, device, cfg, 1, 1),
+                         len(longest), device, cfg, world)
         batches = itertools.chain(first, batches)
     progress = Progress(cfg, start, world, log)
     last_saved = f"{stage_dir / 'model.safetensors'} (iteration {start})" if cfg.resume else None
@@ -1608,12 +1612,14 @@ def pretrain_vit(vit: tv.ViT, heads: VisionPretrainHeads, scenes: list, cfg: Tra
     iters = cfg.max_iters // 2
     print(f"stage 0 | ViT: {sum(p.numel() for p in vit.parameters()):,} parameters, {len(scenes):,} scenes")
     schedule = dataclasses.replace(cfg, max_iters=iters)
+    patch_loss = lambda batch, size: heads.patch_loss(
+        vit(data.pixels_of(batch, size).to(device)),
+        {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()})
+    check_batch_fits(lambda n: patch_loss(scenes[:n], 96)[0], cfg.batch_size, device, cfg)    # the larger size
     for it in range(iters):
         lr = set_lr(opt, it, schedule)
         batch = rng.sample(scenes, cfg.batch_size)
-        size = 96 if it % 4 == 3 else 64
-        targets = {k: v.to(device) for k, v in heads.targets(batch, size // patch).items()}
-        loss, metrics = heads.patch_loss(vit(data.pixels_of(batch, size).to(device)), targets)
+        loss, metrics = patch_loss(batch, 96 if it % 4 == 3 else 64)
         step(opt, loss, params, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == iters - 1:
             print(f"vit iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
@@ -1639,11 +1645,16 @@ def pretrain_qformer(model: tv.TinyVLM, heads: VisionPretrainHeads, scenes: list
     print(f"stage 0 | Q-Former: {sum(p.numel() for p in model.qformer.parameters()):,} parameters, "
           f"ViT tokens cached ({time.time() - t0:.0f} s)")
     schedule = dataclasses.replace(cfg, max_iters=iters)
+    slot_loss = lambda tokens, targets: heads.slot_loss(model.qformer(tokens),
+                                                        {k: v.to(device) for k, v in targets.items()})
+    tokens, targets = cached[96]                  # the larger size
+    check_batch_fits(lambda n: slot_loss(tokens[:n], {k: v[:n] for k, v in targets.items()})[0], cfg.batch_size,
+                     device, cfg)
     for it in range(iters):
         lr = set_lr(opt, it, schedule)
         tokens, targets = cached[96 if it % 2 else 64]
         idx = torch.tensor(rng.sample(range(len(tokens)), cfg.batch_size))
-        loss, metrics = heads.slot_loss(model.qformer(tokens[idx]), {k: v[idx].to(device) for k, v in targets.items()})
+        loss, metrics = slot_loss(tokens[idx], {k: v[idx] for k, v in targets.items()})
         step(opt, loss, params, cfg.grad_clip)
         if it % (4 * cfg.log_interval) == 0 or it == iters - 1:
             print(f"q-former iter {it:5d} | loss {loss.item():.4f} | lr {lr:.2e} | "
