@@ -979,9 +979,13 @@ def check_batch_fits(forward_rows, rows: int, device, cfg: TrainConfig, world: i
     # activations' gradients, temporaries), so the size suggested leaves half the free memory to the rest.
     fits = int(free / 2 // per_row) * world                                    # rows of the whole batch
     size = f"the mixture {cfg.mixture}'s batch sizes" if cfg.mixture else f"--batch-size {cfg.batch_size}"
-    remedy = ("not one sample fits" if not fits else f"without --mixture, give --batch-size {fits} or less"
-              if cfg.mixture else f"give --batch-size {fits} or less (--grad-accum N trains on N such batches a step)"
-              if cfg.stage else f"give --batch-size {fits} or less")
+    if not fits:
+        remedy = "not one sample fits"
+    elif cfg.mixture:
+        remedy = f"without --mixture, give --batch-size {fits} or less"
+    else:                                             # stage 0's ViT and Q-Former take no --grad-accum
+        remedy = f"give --batch-size {fits} or less" + (" (--grad-accum N trains on N such batches a step)"
+                                                          if cfg.stage else "")
     raise cli.UserError(f"{size}: a training step would hold some {need / 1e6:,.0f} MB of activations, and this "
                         f"{'GPU' if device.type == 'cuda' else 'machine'} has {free / 1e6:,.0f} MB free; {remedy}")
 
