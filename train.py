@@ -931,9 +931,8 @@ def micro_step(model, batch: dict, device, cfg: TrainConfig, world: int, n_token
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes a new allocation can take: the GPU's free memory, or Linux's MemAvailable (None where unknown). A
-    container's own memory limit is not read: its usage counts the page cache, which would make a fitting batch
-    look too big."""
+    """Bytes a new allocation can take: the GPU's free memory; on the CPU, Linux's MemAvailable, or less where a
+    memory limit of this process's cgroup (a container's, a batch job's) leaves less (None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -941,7 +940,45 @@ def free_memory(device: torch.device) -> int | None:
     except OSError:
         return None
     found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
-    return int(found[1]) * 1024 if found else None
+    free = [int(found[1]) * 1024] if found else []
+    return min(free + cgroup_memory_free(), default=None)
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A cgroup's files: (limit, usage, the line of memory.stat that counts the page cache it can drop) in cgroup v2 and v1
+CGROUP_MEMORY_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                       "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_memory_free() -> list[int]:
+    """Bytes left under each memory limit on this process's cgroup and the cgroups above it, where one is set. A
+    cgroup's usage counts the page cache (files read lately), which the kernel drops before it kills anything, so
+    its inactive part counts as free, as `docker stats` reckons. Inside a container the cgroup folder is often
+    mounted as the root itself, so the path /proc/self/cgroup names is tried and then each folder above it."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:                          # "0::/path" (v2), "4:memory:/path" (v1)
+        _, controllers, path = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        mount = CGROUP_ROOT if version == "v2" else CGROUP_ROOT / "memory"
+        limit_file, usage_file, cache_line = CGROUP_MEMORY_FILES[version]
+        folder = Path(path)
+        for d in (mount / f.relative_to("/") for f in (folder, *folder.parents)):
+            try:
+                limit, usage = ((d / f).read_text().strip() for f in (limit_file, usage_file))
+                stat = (d / "memory.stat").read_text()
+            except OSError:                     # not mounted here, or no memory controller on this folder
+                continue
+            if limit == "max" or int(limit) >= 1 << 60:       # no limit (v1 writes "none" as a huge number)
+                continue
+            cache = re.search(rf"^{cache_line} (\d+)$", stat, re.M)
+            out.append(max(int(limit) - int(usage) + (int(cache[1]) if cache else 0), 0))
+    return out
 
 
 def saved_activation_bytes(forward) -> int:

@@ -207,6 +207,43 @@ def test_a_batch_too_big_for_memory_is_refused_before_its_first_step(tmp_path, m
     assert train.train(tiny_cfg(tmp_path / "told", stage=1, max_iters=2, eval_samples=2, batch_size=4))["history"]
 
 
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_free_memory_reads_a_containers_memory_limit(tmp_path, monkeypatch, version):
+    """In a container (or a batch job) the out-of-memory killer enforces the cgroup's memory limit, not the host's
+    MemAvailable: free memory is the tightest limit's room, on this cgroup or one above it, the page cache it can
+    drop counted as free. A cgroup without a limit changes nothing, nor does a path not mounted here (a container
+    sees its own cgroup as the root)."""
+    proc = {"/proc/meminfo": "MemTotal: 99999999 kB\nMemAvailable: 8388608 kB\n",       # 8 GiB
+            "/proc/self/cgroup": {"v2": "0::/jobs/workshop/run\n",
+                                  "v1": "7:cpu,cpuacct:/jobs\n4:memory:/jobs/workshop/run\n"}[version]}
+    real_read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: proc[str(self)] if str(self) in proc
+                        else real_read_text(self, *a, **k))
+    monkeypatch.setattr(train, "CGROUP_ROOT", tmp_path)
+    mount = tmp_path if version == "v2" else tmp_path / "memory"
+    limit_file, usage_file, cache_line = train.CGROUP_MEMORY_FILES[version]
+
+    def cgroup(folder, limit, usage, cache):
+        (mount / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in [(limit_file, limit), (usage_file, usage), ("memory.stat", f"anon 5\n{cache_line} {cache}")]:
+            (mount / folder / name).write_text(f"{text}\n")
+
+    cpu, unlimited = torch.device("cpu"), "max" if version == "v2" else 2 ** 63 - 4096
+    cgroup("jobs/workshop/run", unlimited, 3 << 30, 0)
+    assert train.cgroup_memory_free() == [] and train.free_memory(cpu) == 8 << 30
+    cgroup("jobs/workshop", 4 << 30, 3 << 30, 512 << 20)            # 1.5 GiB left: the tightest
+    cgroup("jobs", 6 << 30, 5 << 30, 1 << 30)                        # 2 GiB left
+    assert train.cgroup_memory_free() == [1536 << 20, 2 << 30]      # the folder, then those above it
+    assert train.free_memory(cpu) == 1536 << 20
+    cgroup("jobs/workshop", 40 << 30, 3 << 30, 0)                    # limits above MemAvailable: MemAvailable
+    cgroup("jobs", 60 << 30, 5 << 30, 0)
+    assert train.free_memory(cpu) == 8 << 30
+    proc["/proc/self/cgroup"] = proc["/proc/self/cgroup"].replace("/jobs/workshop/run", "/docker/4f2a")
+    cgroup(".", 2 << 30, 1 << 30, 0)                                # a container's own cgroup, mounted as the root
+    assert train.cgroup_memory_free() == [1 << 30] and train.free_memory(cpu) == 1 << 30
+
+
 @pytest.mark.parametrize("phase", ["vit", "qformer"])
 def test_stage0_vision_batch_too_big_for_memory_is_refused(tmp_path, monkeypatch, phase):
     """Stage 0's ViT and Q-Former take --batch-size too: measured the same way, before their first step."""
