@@ -1569,8 +1569,9 @@ class VisionPretrainHeads(nn.Module):
 
 
 def stage0_reads_init(phases: list[str]) -> bool:
-    """Whether stage 0 starts from --init's backbones (the shipped ones by default): unless it builds all three
-    afresh (the ViT, the Q-Former and the language model's curriculum, with or without the lookup phase before it)."""
+    """Whether stage 0 reads --init's backbones (the shipped ones by default) for the parts it does not run: unless
+    it builds all three afresh (the ViT, the Q-Former and the language model's curriculum, with or without the
+    lookup phase before it)."""
     return not {"vit", "qformer", "language"} <= set(phases)
 
 
@@ -1598,7 +1599,13 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
     report = {}
     if stage0_reads_init(phases):             # the parts not run again keep the weights (and read-outs) of --init
         source = stage0_source(cfg)
+        # a vision part run again starts from the fresh weights a whole stage 0 of this seed starts from, not from
+        # --init's trained ones (the LM's parts say for themselves where they start: the lookup phase on a fresh LM)
+        fresh = {part: {k: v.clone() for k, v in getattr(model, part).state_dict().items()}
+                 for part in ("vit", "qformer") if part in phases}
         weights.load_checkpoint(model, source)
+        for part, state in fresh.items():
+            getattr(model, part).load_state_dict(state)
         # a language part's read-out describes the LM as that part left it: a part before it run now changes that LM
         lm_from = min([STAGE0_PHASES.index(p) for p in phases if p in STAGE0_LM_PHASES], default=len(STAGE0_PHASES))
         kept = [p for i, p in enumerate(STAGE0_PHASES)

@@ -622,6 +622,32 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
     assert set(report[phase]["shared colour"]) == {"[identify]"}
 
 
+
+@pytest.mark.parametrize("phase", ["vit", "qformer", "vit,qformer"])
+def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, phase):
+    """--stage0-phases vit (or qformer): that part is pretrained from the fresh weights a whole stage 0 of the same
+    seed starts from, not from --init's trained ones (it once went on training the shipped ViT and Q-Former, which
+    read better than a rebuild: docs/stage4.md, section 39); the parts not run are --init's, bit for bit."""
+    from safetensors.torch import load_file
+    started = {}
+    for part in ("vit", "qformer"):
+        monkeypatch.setattr(train, f"pretrain_{part}", lambda module, *a, part=part: started.update(
+            {part: {k: v.clone() for k, v in (module if part == "vit" else module.qformer).state_dict().items()}}))
+    monkeypatch.setattr(train, "evaluate_vision", lambda *a, **k: {"shapes once @96": 0.0})
+    cfg = train.TrainConfig(stage=0, stage0_phases=phase, init=str(train.STAGE0), backbones=str(tmp_path / "b.st"),
+                            max_iters=2, train_scenes=32, batch_size=8, eval_samples=2, seed=3)
+    train.train(cfg)
+    torch.manual_seed(3)
+    fresh = train.tv.TinyVLM(train.model_config(dataclasses.replace(train.resolve(cfg), qk_norm=True,
+                                                                     post_attn_norm=True, lora=False)))
+    shipped, out = load_file(train.STAGE0), load_file(tmp_path / "b.st")
+    assert sorted(started) == sorted(phase.split(","))
+    for part, state in started.items():
+        assert all(torch.equal(v, getattr(fresh, part).state_dict()[k]) for k, v in state.items())
+        assert not any(torch.equal(v, shipped[f"{part}.{k}"]) for k, v in state.items() if v.dim() == 2)
+    kept = [k for k in shipped if not k.startswith(tuple(f"{p}." for p in started))]
+    assert kept and all(torch.equal(shipped[k], out[k]) for k in kept)
+
 def test_your_stage0_is_recorded_by_a_path_that_holds_from_any_folder(tmp_path, monkeypatch):
     """Stages 1-4 read OUT_DIR/stage0 and record it in their model's config: a relative --out-dir recorded as given
     pointed, from another folder, at nothing (or at another run's backbones)."""
