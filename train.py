@@ -1606,6 +1606,9 @@ def pretrain_backbones(cfg: TrainConfig) -> dict:
         weights.load_checkpoint(model, source)
         for part, state in fresh.items():
             getattr(model, part).load_state_dict(state)
+        if "vit" in phases and "qformer" not in phases:       # the Q-Former is frozen in stages 1-4: nothing mends it
+            print(f"note: the ViT is trained afresh, and the Q-Former kept from {source} was trained on another ViT's "
+                  f"tokens; --stage0-phases vit,qformer trains both", file=sys.stderr)
         # a language part's read-out describes the LM as that part left it: a part before it run now changes that LM
         lm_from = min([STAGE0_PHASES.index(p) for p in phases if p in STAGE0_LM_PHASES], default=len(STAGE0_PHASES))
         kept = [p for i, p in enumerate(STAGE0_PHASES)

@@ -624,10 +624,11 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
 
 
 @pytest.mark.parametrize("phase", ["vit", "qformer", "vit,qformer"])
-def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, phase):
+def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, capsys, phase):
     """--stage0-phases vit (or qformer): that part is pretrained from the fresh weights a whole stage 0 of the same
     seed starts from, not from --init's trained ones (it once went on training the shipped ViT and Q-Former, which
-    read better than a rebuild: docs/stage4.md, section 39); the parts not run are --init's, bit for bit."""
+    read better than a rebuild: docs/stage4.md, section 39); the parts not run are --init's, bit for bit, and a
+    fresh ViT under a kept Q-Former gets a note."""
     from safetensors.torch import load_file
     started = {}
     for part in ("vit", "qformer"):
@@ -637,6 +638,8 @@ def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, phase
     cfg = train.TrainConfig(stage=0, stage0_phases=phase, init=str(train.STAGE0), backbones=str(tmp_path / "b.st"),
                             max_iters=2, train_scenes=32, batch_size=8, eval_samples=2, seed=3)
     train.train(cfg)
+    # a fresh ViT under --init's Q-Former: the Q-Former read another ViT's tokens, and stages 1-4 keep it frozen
+    assert ("note: the ViT is trained afresh" in capsys.readouterr().err) == (phase == "vit")
     torch.manual_seed(3)
     fresh = train.tv.TinyVLM(train.model_config(dataclasses.replace(train.resolve(cfg), qk_norm=True,
                                                                      post_attn_norm=True, lora=False)))
