@@ -622,7 +622,6 @@ def test_stage0_phases_retrain_only_the_language_model_and_keep_the_rest(tmp_pat
     assert set(report[phase]["shared colour"]) == {"[identify]"}
 
 
-
 @pytest.mark.parametrize("phase", ["vit", "qformer", "vit,qformer"])
 def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, capsys, phase):
     """--stage0-phases vit (or qformer): that part is pretrained from the fresh weights a whole stage 0 of the same
@@ -650,6 +649,7 @@ def test_stage0_vision_parts_run_again_start_afresh(tmp_path, monkeypatch, capsy
         assert not any(torch.equal(v, shipped[f"{part}.{k}"]) for k, v in state.items() if v.dim() == 2)
     kept = [k for k in shipped if not k.startswith(tuple(f"{p}." for p in started))]
     assert kept and all(torch.equal(shipped[k], out[k]) for k in kept)
+
 
 def test_your_stage0_is_recorded_by_a_path_that_holds_from_any_folder(tmp_path, monkeypatch):
     """Stages 1-4 read OUT_DIR/stage0 and record it in their model's config: a relative --out-dir recorded as given
